@@ -1,0 +1,75 @@
+// Command rayvmm is a virtual machine monitor for microVMs on Linux KVM.
+//
+// This package holds only the command line: flags and specs are parsed into
+// config structs and handed to the packages that do the work. Each
+// subcommand lives in its own file and registers itself on rootCmd in init.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// exitError carries a specific exit status out of a command (a guest that
+// crashed, say) without printing cobra's usage text.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+var rootCmd = &cobra.Command{
+	Use:   "rayvmm",
+	Short: "rayvmm runs microVMs on Linux KVM",
+	Long: `rayvmm is a virtual machine monitor for microVMs on Linux KVM.
+
+With no kernel given, "rayvmm boot" runs rayguest, a tiny guest kernel built
+into the binary, so a first run needs nothing but /dev/kvm:
+
+    sudo rayvmm boot
+
+It can also boot a Linux kernel (an ELF vmlinux or a bzImage) with an initrd,
+and attaches virtio-blk disks and virtio-net NICs behind which live volumes
+(raw and qcow2, snapshots, QoS) and networks (bridges, VLANs, NAT).`,
+	SilenceUsage:  true,
+	SilenceErrors: true,
+}
+
+// stateDir is the directory for everything rayvmm keeps between runs.
+var stateDir string
+
+func defaultStateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/rayvmm"
+	}
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
+		return d + "/rayvmm"
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return h + "/.local/share/rayvmm"
+	}
+	return ".rayvmm"
+}
+
+func init() {
+	rootCmd.PersistentFlags().StringVar(&stateDir, "state-dir", defaultStateDir(),
+		"directory for volumes, networks and other state rayvmm keeps between runs")
+}
+
+func main() {
+	err := rootCmd.Execute()
+	if err == nil {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "rayvmm: %v\n", err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		os.Exit(ee.code)
+	}
+	os.Exit(1)
+}
