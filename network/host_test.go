@@ -1,0 +1,351 @@
+package network
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rayvmm/rayvmm/network/nettest"
+)
+
+// These tests make real bridges, TAPs, VXLAN devices and nftables rules,
+// each inside a network namespace of its own, and move real frames through
+// them. They need root.
+
+// do runs fn inside ns and fails the test on error.
+func do(t *testing.T, ns *nettest.NS, fn func() error) {
+	t.Helper()
+	if err := ns.Do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// links lists the interface names in ns.
+func links(t *testing.T, ns *nettest.NS) []string {
+	t.Helper()
+	var names []string
+	for _, line := range strings.Split(strings.TrimSpace(ns.MustRun(t, "ip", "-o", "link")), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 {
+			names = append(names, strings.SplitN(strings.TrimSuffix(f[1], ":"), "@", 2)[0])
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+func records(t *testing.T, stateDir string) []string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(stateDir, "networks", "*.json"))
+	return m
+}
+
+func TestCreateInspectRemove(t *testing.T) {
+	tests := []struct {
+		name      string
+		opts      CreateOptions
+		wantLinks []string
+		wantAddr  string // on the bridge, "" for none
+		wantNAT   bool
+	}{
+		{name: "plain", opts: CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}, wantLinks: []string{"rv-lan"}, wantAddr: "192.0.2.1/24"},
+		{name: "isolated", opts: CreateOptions{Name: "iso", Subnet: "198.51.100.0/24", Isolated: true}, wantLinks: []string{"rv-iso"}},
+		{name: "nat", opts: CreateOptions{Name: "out", Subnet: "203.0.113.0/25", NAT: true}, wantLinks: []string{"rv-out"}, wantAddr: "203.0.113.1/25", wantNAT: true},
+		{name: "overlay", opts: CreateOptions{Name: "ov", Subnet: "192.0.2.0/24", Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"}, wantLinks: []string{"rv-ov", "rvx-ov"}, wantAddr: "192.0.2.1/24"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ns := nettest.New(t)
+			dir := t.TempDir()
+			before := links(t, ns)
+			do(t, ns, func() error { _, err := Create(context.Background(), dir, tt.opts); return err })
+			got := links(t, ns)
+			for _, l := range tt.wantLinks {
+				if !slices.Contains(got, l) {
+					t.Fatalf("links after create = %v, want %s", got, l)
+				}
+			}
+			addrs := ns.MustRun(t, "ip", "-o", "-4", "addr", "show", "dev", BridgeName(tt.opts.Name))
+			if tt.wantAddr != "" && !strings.Contains(addrs, "inet "+tt.wantAddr+" ") || tt.wantAddr == "" && strings.Contains(addrs, "inet ") {
+				t.Fatalf("bridge addresses %q, want %q", addrs, tt.wantAddr)
+			}
+			if tt.opts.Overlay != "" {
+				vx := ns.MustRun(t, "ip", "-d", "-o", "link", "show", "rvx-ov")
+				for _, w := range []string{"master rv-ov", "vxlan id 42", "remote 203.0.113.2", "local 203.0.113.1", "dstport 4789"} {
+					if !strings.Contains(vx, w) {
+						t.Fatalf("VXLAN device %q lacks %q", vx, w)
+					}
+				}
+			}
+			nft, _ := ns.Run("nft", "list", "table", "ip", "rayvmm-"+tt.opts.Name)
+			if hasRule := strings.Contains(nft, "ip saddr "+tt.opts.Subnet+" ip daddr != "+tt.opts.Subnet) && strings.Contains(nft, "masquerade"); hasRule != tt.wantNAT {
+				t.Fatalf("nft table: %q; want masquerade rule: %v", nft, tt.wantNAT)
+			}
+			var st *Status
+			do(t, ns, func() (err error) { st, err = Inspect(dir, tt.opts.Name); return err })
+			if st.Attached || st.NATRule != tt.wantNAT || len(st.Bridges) != 1 || !st.Bridges[0].Up {
+				t.Fatalf("Inspect = %+v", st)
+			}
+			var list []*Network
+			do(t, ns, func() (err error) { list, err = List(dir); return err })
+			if len(list) != 1 || list[0].Name != tt.opts.Name {
+				t.Fatalf("List = %v", list)
+			}
+			do(t, ns, func() error { return Remove(context.Background(), dir, tt.opts.Name) })
+			if after := links(t, ns); !slices.Equal(after, before) {
+				t.Fatalf("links after rm = %v, want %v", after, before)
+			}
+			if out, _ := ns.Run("nft", "list", "ruleset"); strings.Contains(out, "rayvmm") {
+				t.Fatalf("ruleset after rm still has rayvmm: %q", out)
+			}
+			if r := records(t, dir); len(r) != 0 {
+				t.Fatalf("records after rm: %v", r)
+			}
+		})
+	}
+}
+
+func TestCreateRefused(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	do(t, ns, func() error {
+		_, err := Create(context.Background(), dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
+	ns.MustRun(t, "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum1")
+	ns.MustRun(t, "ip", "addr", "add", "198.51.100.1/24", "dev", "dum0")
+	ns.MustRun(t, "ip", "link", "set", "dum0", "up")
+	ns.MustRun(t, "ip", "link", "add", "rv-taken", "type", "veth", "peer", "name", "taken1")
+	tests := []struct {
+		name    string
+		opts    CreateOptions
+		wantErr error
+		msg     string
+	}{
+		{name: "duplicate", opts: CreateOptions{Name: "lan", Subnet: "203.0.113.0/24"}, wantErr: ErrExists, msg: `network "lan"`},
+		{name: "overlaps network", opts: CreateOptions{Name: "lan2", Subnet: "192.0.2.128/25"}, wantErr: ErrOverlap, msg: `192.0.2.0/24 of network "lan"`},
+		{name: "overlaps route", opts: CreateOptions{Name: "wan", Subnet: "198.51.100.0/24"}, wantErr: ErrOverlap, msg: "host route 198.51.100.0/24 on dum0"},
+		{name: "bridge name taken", opts: CreateOptions{Name: "taken", Subnet: "203.0.113.0/24"}, wantErr: ErrExists, msg: "rv-taken already exists"},
+		{name: "name too long", opts: CreateOptions{Name: "abcdefghijklm", Subnet: "203.0.113.0/24"}, wantErr: ErrInvalidName, msg: "longer than Linux's limit of 15"},
+		{name: "bad overlay", opts: CreateOptions{Name: "ov", Subnet: "203.0.113.0/24", Overlay: "vxlan:1"}, wantErr: ErrInvalid, msg: "required"},
+	}
+	before := links(t, ns)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := ns.Do(func() error { _, err := Create(context.Background(), dir, tt.opts); return err })
+			if !errors.Is(err, tt.wantErr) || !strings.Contains(err.Error(), tt.msg) {
+				t.Fatalf("Create error = %v, want %v containing %q", err, tt.wantErr, tt.msg)
+			}
+			if after := links(t, ns); !slices.Equal(after, before) {
+				t.Fatalf("links changed: %v -> %v", before, after)
+			}
+			if r := records(t, dir); len(r) != 1 {
+				t.Fatalf("records = %v, want only lan", r)
+			}
+		})
+	}
+	t.Run("no state dir for bad input", func(t *testing.T) {
+		fresh := filepath.Join(t.TempDir(), "state")
+		if _, err := Create(context.Background(), fresh, CreateOptions{Name: "Bad!", Subnet: "192.0.2.0/24"}); err == nil {
+			t.Fatal("bad name accepted")
+		}
+		if _, err := os.Stat(fresh); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("state dir made for a bad request: %v", err)
+		}
+	})
+}
+
+// arpRequest is a who-has for target from mac/ip.
+func arpRequest(mac net.HardwareAddr, ip, target net.IP) []byte {
+	f := make([]byte, 42)
+	copy(f, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:], mac)
+	binary.BigEndian.PutUint16(f[12:], 0x0806)
+	copy(f[14:], []byte{0, 1, 8, 0, 6, 4, 0, 1})
+	copy(f[22:], mac)
+	copy(f[28:], ip.To4())
+	copy(f[38:], target.To4())
+	return f
+}
+
+// readUntil reads frames from p until match accepts one, or fails after
+// a generous deadline (a lost frame, not a slow one).
+func readUntil(t *testing.T, p Port, match func([]byte) bool) []byte {
+	t.Helper()
+	type res struct {
+		f   []byte
+		err error
+	}
+	c := make(chan res, 1)
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, err := p.Read(buf)
+			if err != nil {
+				c <- res{err: err}
+				return
+			}
+			if match(buf[:n]) {
+				c <- res{f: slices.Clone(buf[:n])}
+				return
+			}
+		}
+	}()
+	select {
+	case r := <-c:
+		if r.err != nil {
+			t.Fatalf("read: %v", r.err)
+		}
+		return r.f
+	case <-time.After(20 * time.Second):
+		p.Close()
+		t.Fatal("expected frame never arrived")
+	}
+	return nil
+}
+
+func isARPReplyTo(mac net.HardwareAddr) func([]byte) bool {
+	return func(f []byte) bool {
+		return len(f) >= 42 && bytes.Equal(f[:6], mac) && binary.BigEndian.Uint16(f[12:]) == 0x0806 && f[21] == 2
+	}
+}
+
+func TestAttachTAP(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error { _, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}); return err })
+	spec, err := ParseNICSpec("network=lan")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Index = 1
+	var nic *NIC
+	do(t, ns, func() (err error) { nic, err = Attach(ctx, dir, "vm1", spec); return err })
+	defer nic.Close()
+	if !bytes.Equal(nic.MAC, GenerateMAC("vm1", 1)) || nic.MTU != 1500 || len(nic.TAPs) != 1 {
+		t.Fatalf("NIC = %+v", nic)
+	}
+	tap := nic.TAPs[0]
+	info := ns.MustRun(t, "ip", "-o", "link", "show", tap)
+	for _, w := range []string{"master rv-lan", ",UP,", "mtu 1500", "alias rayvmm vm=vm1 nic=1 network=lan"} {
+		if !strings.Contains(info, w) {
+			t.Fatalf("TAP %q lacks %q", info, w)
+		}
+	}
+	// The host answers an ARP request sent through the TAP.
+	if _, err := nic.Port.Write(arpRequest(nic.MAC, net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+		t.Fatal(err)
+	}
+	reply := readUntil(t, nic.Port, isARPReplyTo(nic.MAC))
+	if !bytes.Equal(reply[28:32], net.ParseIP("192.0.2.1").To4()) {
+		t.Fatalf("ARP reply %x is not from 192.0.2.1", reply)
+	}
+	if fdb := ns.MustRun(t, "bridge", "fdb", "show", "br", "rv-lan"); !strings.Contains(fdb, nic.MAC.String()) {
+		t.Fatalf("bridge did not learn %s: %s", nic.MAC, fdb)
+	}
+	err = ns.Do(func() error { return Remove(ctx, dir, "lan") })
+	if !errors.Is(err, ErrInUse) {
+		t.Fatalf("Remove while attached = %v, want ErrInUse", err)
+	}
+	var st *Status
+	do(t, ns, func() (err error) { st, err = Inspect(dir, "lan"); return err })
+	if !st.Attached || len(st.Bridges[0].Ports) != 1 || st.Bridges[0].Ports[0].Name != tap {
+		t.Fatalf("Inspect while attached = %+v", st)
+	}
+	if err := nic.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if l := links(t, ns); slices.Contains(l, tap) {
+		t.Fatalf("TAP %s still there after Close: %v", tap, l)
+	}
+	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+}
+
+func TestRemoveRefusedWithForeignTAP(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error { _, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}); return err })
+	ns.MustRun(t, "ip", "tuntap", "add", "qemutap", "mode", "tap")
+	ns.MustRun(t, "ip", "link", "set", "qemutap", "master", "rv-lan")
+	err := ns.Do(func() error { return Remove(ctx, dir, "lan") })
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "qemutap") {
+		t.Fatalf("Remove = %v, want ErrInUse naming qemutap", err)
+	}
+	ns.MustRun(t, "ip", "link", "del", "qemutap")
+	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+}
+
+func TestCloseUnblocksRead(t *testing.T) {
+	ns := nettest.New(t)
+	var tap *TAP
+	do(t, ns, func() (err error) { tap, err = OpenTAP("rvtblock"); return err })
+	errc := make(chan error, 1)
+	go func() {
+		_, err := tap.Read(make([]byte, 2048))
+		errc <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let Read block; the test passes either way
+	tap.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Fatalf("Read after Close = %v, want os.ErrClosed", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Read still blocked after Close")
+	}
+}
+
+func TestAttachTapSpec(t *testing.T) {
+	ns := nettest.New(t)
+	ns.MustRun(t, "ip", "tuntap", "add", "usertap", "mode", "tap")
+	ns.MustRun(t, "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum1")
+	tests := []struct {
+		name      string
+		spec      string
+		wantErr   string
+		remains   bool // the TAP is still there after Close
+		wantAlias bool
+	}{
+		{name: "new tap", spec: "tap=newtap", wantAlias: true},
+		{name: "existing persistent tap", spec: "tap=usertap", remains: true},
+		{name: "not a tap", spec: "tap=dum0", wantErr: "is a veth, not a TAP"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec, err := ParseNICSpec(tt.spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var nic *NIC
+			err = ns.Do(func() (err error) { nic, err = Attach(context.Background(), t.TempDir(), "vm", spec); return err })
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("Attach = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			info := ns.MustRun(t, "ip", "-o", "link", "show", spec.Tap)
+			if strings.Contains(info, "alias rayvmm") != tt.wantAlias || !strings.Contains(info, ",UP,") {
+				t.Fatalf("TAP %q: want up, alias %v", info, tt.wantAlias)
+			}
+			nic.Close()
+			if got := slices.Contains(links(t, ns), spec.Tap); got != tt.remains {
+				t.Fatalf("after Close %s exists = %v, want %v", spec.Tap, got, tt.remains)
+			}
+		})
+	}
+}
