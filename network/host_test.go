@@ -222,7 +222,10 @@ func TestAttachTAP(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error { _, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}); return err })
+	do(t, ns, func() error {
+		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
 	spec, err := ParseNICSpec("network=lan")
 	if err != nil {
 		t.Fatal(err)
@@ -274,7 +277,10 @@ func TestRemoveRefusedWithForeignTAP(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error { _, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}); return err })
+	do(t, ns, func() error {
+		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
 	ns.MustRun(t, "ip", "tuntap", "add", "qemutap", "mode", "tap")
 	ns.MustRun(t, "ip", "link", "set", "qemutap", "master", "rv-lan")
 	err := ns.Do(func() error { return Remove(ctx, dir, "lan") })
