@@ -1,0 +1,176 @@
+// Package raw is the raw-file disk backend: the guest's bytes at the same
+// offsets in a (sparse) host file or block device.
+//
+// Discard punches holes (FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE) so that
+// discarded space goes back to the host file system, and Flush is
+// fdatasync.
+package raw
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrReadOnly is returned by writes to a disk opened read-only.
+var ErrReadOnly = errors.New("disk is read-only")
+
+// ErrOutOfRange is returned for I/O that is not wholly inside the disk.
+var ErrOutOfRange = errors.New("offset out of range")
+
+// File is a raw disk image.
+type File struct {
+	f        *os.File
+	size     int64
+	readOnly bool
+	blockDev bool
+}
+
+// Create makes a new sparse raw image of size bytes at path. It refuses to
+// overwrite an existing file.
+func Create(path string, size int64) (*File, error) {
+	if size <= 0 {
+		return nil, fmt.Errorf("create raw image %s: size %d must be positive", path, size)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("create raw image: %w", err)
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("create raw image %s: %w", path, err)
+	}
+	return &File{f: f, size: size}, nil
+}
+
+// Open opens an existing raw image or block device.
+func Open(path string, readOnly bool) (*File, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open raw image: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open raw image %s: %w", path, err)
+	}
+	d := &File{f: f, size: st.Size(), readOnly: readOnly}
+	switch {
+	case st.Mode()&os.ModeDevice != 0:
+		d.blockDev = true
+		if d.size, err = f.Seek(0, io.SeekEnd); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("open raw image %s: size: %w", path, err)
+		}
+	case st.IsDir() || !st.Mode().IsRegular():
+		f.Close()
+		return nil, fmt.Errorf("open raw image %s: not a regular file or block device", path)
+	}
+	return d, nil
+}
+
+func (d *File) check(op string, off, n int64) error {
+	if off < 0 || n < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("raw %s at %d+%d (disk size %d): %w", op, off, n, d.size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at off; reads past the end of the disk fail.
+func (d *File) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.check("read", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	n, err := d.f.ReadAt(p, off)
+	if err == io.EOF && n == len(p) {
+		err = nil
+	}
+	return n, err
+}
+
+// WriteAt writes len(p) bytes at off.
+func (d *File) WriteAt(p []byte, off int64) (int, error) {
+	if d.readOnly {
+		return 0, fmt.Errorf("raw write: %w", ErrReadOnly)
+	}
+	if err := d.check("write", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return d.f.WriteAt(p, off)
+}
+
+// Flush makes completed writes durable (fdatasync).
+func (d *File) Flush() error {
+	if d.readOnly {
+		return nil
+	}
+	if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
+		return fmt.Errorf("raw flush: %w", err)
+	}
+	return nil
+}
+
+// Size is the virtual size in bytes.
+func (d *File) Size() int64 { return d.size }
+
+// ReadOnly reports whether the disk refuses writes.
+func (d *File) ReadOnly() bool { return d.readOnly }
+
+// Discard deallocates [off, off+n); later reads return zeroes.
+func (d *File) Discard(off, n int64) error {
+	return d.WriteZeroes(off, n, true)
+}
+
+// WriteZeroes zeroes [off, off+n). On a regular file both forms punch a
+// hole (the range reads back as zeroes and frees host space); on a block
+// device it uses FALLOC_FL_ZERO_RANGE, or writes zeroes where that is not
+// supported.
+func (d *File) WriteZeroes(off, n int64, unmap bool) error {
+	if d.readOnly {
+		return fmt.Errorf("raw write zeroes: %w", ErrReadOnly)
+	}
+	if err := d.check("write zeroes", off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	mode := uint32(unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE)
+	if d.blockDev && !unmap {
+		mode = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	err := unix.Fallocate(int(d.f.Fd()), mode, off, n)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return fmt.Errorf("raw write zeroes at %d+%d: %w", off, n, err)
+	}
+	return writeZeroes(d.f, off, n)
+}
+
+// writeZeroes writes explicit zeroes, for file systems without hole
+// punching.
+func writeZeroes(w io.WriterAt, off, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		c := min(n, int64(len(buf)))
+		if _, err := w.WriteAt(buf[:c], off); err != nil {
+			return fmt.Errorf("raw write zeroes: %w", err)
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+// Close closes the file.
+func (d *File) Close() error { return d.f.Close() }
