@@ -1,0 +1,361 @@
+package network
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rayvmm/rayvmm/network/nettest"
+)
+
+// sink collects the frames arriving at a port.
+type sink struct {
+	p   Port
+	c   chan []byte
+	got [][]byte
+}
+
+func newSink(p Port) *sink {
+	s := &sink{p: p, c: make(chan []byte, 256)}
+	go func() {
+		defer close(s.c)
+		buf := make([]byte, 65536)
+		for {
+			n, err := p.Read(buf)
+			if err != nil {
+				return
+			}
+			s.c <- slices.Clone(buf[:n])
+		}
+	}()
+	return s
+}
+
+// wait returns the first frame match accepts; earlier frames stay in got.
+func (s *sink) wait(t *testing.T, what string, match func([]byte) bool) []byte {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		select {
+		case f, ok := <-s.c:
+			if !ok {
+				t.Fatalf("%s: port closed", what)
+			}
+			if match(f) {
+				return f
+			}
+			s.got = append(s.got, f)
+		case <-deadline:
+			t.Fatalf("%s: frame never arrived", what)
+		}
+	}
+}
+
+// saw reports whether a frame match accepts arrived before the last wait.
+func (s *sink) saw(match func([]byte) bool) bool {
+	return slices.ContainsFunc(s.got, match)
+}
+
+func fromMAC(mac net.HardwareAddr) func([]byte) bool {
+	return func(f []byte) bool { return len(f) >= 14 && bytes.Equal(f[6:12], mac) }
+}
+
+// tagged returns a match for frames from mac tagged with vlan.
+func tagged(mac net.HardwareAddr, vlan uint16) func([]byte) bool {
+	return func(f []byte) bool {
+		v, err := VLANOf(f)
+		return err == nil && v == vlan && fromMAC(mac)(f)
+	}
+}
+
+func untagged(mac net.HardwareAddr) func([]byte) bool {
+	return func(f []byte) bool {
+		return fromMAC(mac)(f) && binary.BigEndian.Uint16(f[12:]) != tpid8021Q
+	}
+}
+
+// broadcast is an Ethernet broadcast frame from mac with a test ethertype.
+func broadcast(mac net.HardwareAddr) []byte {
+	f := make([]byte, 60)
+	copy(f, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:], mac)
+	binary.BigEndian.PutUint16(f[12:], 0x88b5) // IEEE local experimental
+	copy(f[14:], "rayvmm vlan test")
+	return f
+}
+
+func tag(t *testing.T, f []byte, vlan uint16) []byte {
+	t.Helper()
+	out := make([]byte, len(f)+vlanTagLen)
+	n, err := Tag(out, f, vlan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out[:n]
+}
+
+func TestVLANSegments(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error {
+		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
+	nics := map[string]*NIC{}
+	for i, s := range []struct{ name, spec string }{
+		{"a10", "network=lan,vlan=10"},
+		{"b10", "network=lan,vlan=10"},
+		{"c20", "network=lan,vlan=20"},
+		{"trunk", "network=lan,trunk=10:20"},
+		{"plain", "network=lan"},
+	} {
+		spec, err := ParseNICSpec(s.spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		spec.Index = i
+		do(t, ns, func() (err error) { nics[s.name], err = Attach(ctx, dir, "vlantest", spec); return err })
+		defer nics[s.name].Close()
+	}
+	sinks := map[string]*sink{}
+	for name, n := range nics {
+		sinks[name] = newSink(n.Port)
+	}
+	mac := func(name string) net.HardwareAddr { return nics[name].MAC }
+
+	// VLAN 10: a10 reaches b10 (untagged) and the trunk (tagged 10).
+	if _, err := nics["a10"].Port.Write(broadcast(mac("a10"))); err != nil {
+		t.Fatal(err)
+	}
+	sinks["b10"].wait(t, "a10 -> b10", untagged(mac("a10")))
+	sinks["trunk"].wait(t, "a10 -> trunk", tagged(mac("a10"), 10))
+	// The trunk's frame tagged 20 reaches c20, untagged, and not b10.
+	if _, err := nics["trunk"].Port.Write(tag(t, broadcast(mac("trunk")), 20)); err != nil {
+		t.Fatal(err)
+	}
+	sinks["c20"].wait(t, "trunk -> c20", untagged(mac("trunk")))
+	// Its frame tagged 10 reaches b10: a marker after which b10 must not
+	// have seen the VLAN 20 frame.
+	if _, err := nics["trunk"].Port.Write(tag(t, broadcast(mac("trunk")), 10)); err != nil {
+		t.Fatal(err)
+	}
+	sinks["b10"].wait(t, "trunk -> b10", untagged(mac("trunk")))
+	if sinks["b10"].saw(fromMAC(mac("trunk"))) {
+		t.Fatal("b10 on VLAN 10 received the trunk's VLAN 20 frame")
+	}
+	// c20 sends to the trunk (tagged 20); by then it must not have seen a10.
+	if _, err := nics["c20"].Port.Write(broadcast(mac("c20"))); err != nil {
+		t.Fatal(err)
+	}
+	sinks["trunk"].wait(t, "c20 -> trunk", tagged(mac("c20"), 20))
+	if sinks["c20"].saw(fromMAC(mac("a10"))) || sinks["c20"].saw(fromMAC(mac("b10"))) {
+		t.Fatal("c20 on VLAN 20 received a VLAN 10 frame")
+	}
+	// The untagged port is on none of the VLANs: the host answers its ARP,
+	// and it saw no VLAN frame before that.
+	if _, err := nics["plain"].Port.Write(arpRequest(mac("plain"), net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+		t.Fatal(err)
+	}
+	sinks["plain"].wait(t, "host ARP reply -> plain", isARPReplyTo(mac("plain")))
+	for _, other := range []string{"a10", "b10", "c20", "trunk"} {
+		if sinks["plain"].saw(fromMAC(mac(other))) {
+			t.Fatalf("untagged port received a frame from %s", other)
+		}
+	}
+	// The trunk drops and counts what it cannot deliver.
+	tr := nics["trunk"].Trunk
+	if _, err := tr.Write(broadcast(mac("trunk"))); !errors.Is(err, ErrUntagged) {
+		t.Fatalf("trunk write of untagged frame = %v, want ErrUntagged", err)
+	}
+	if _, err := tr.Write(tag(t, broadcast(mac("trunk")), 30)); !errors.Is(err, ErrUnknownVLAN) {
+		t.Fatalf("trunk write for VLAN 30 = %v, want ErrUnknownVLAN", err)
+	}
+	if _, err := tr.Write([]byte{1, 2, 3}); !errors.Is(err, ErrShortFrame) {
+		t.Fatalf("trunk write of 3 bytes = %v, want ErrShortFrame", err)
+	}
+	if u, k := tr.Stats().Untagged.Load(), tr.Stats().UnknownVLAN.Load(); u != 2 || k != 1 {
+		t.Fatalf("trunk drops: untagged %d, unknown VLAN %d; want 2, 1", u, k)
+	}
+
+	var st *Status
+	do(t, ns, func() (err error) { st, err = Inspect(dir, "lan"); return err })
+	var got []string
+	for _, b := range st.Bridges {
+		got = append(got, fmt.Sprintf("%s/%d/%d", b.Name, b.VLAN, len(b.Ports)))
+	}
+	if want := []string{"rv-lan/0/1", "rv-lan.10/10/3", "rv-lan.20/20/2"}; !slices.Equal(got, want) {
+		t.Fatalf("bridges/vlan/ports = %v, want %v", got, want)
+	}
+	for _, n := range nics {
+		n.Close()
+	}
+	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+	if l := links(t, ns); slices.ContainsFunc(l, func(s string) bool { return strings.HasPrefix(s, "rv") }) {
+		t.Fatalf("links left after rm: %v", l)
+	}
+}
+
+func TestAttachRefused(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error {
+		for _, o := range []CreateOptions{
+			{Name: "long-name-12", Subnet: "192.0.2.0/24"},
+			{Name: "ov", Subnet: "198.51.100.0/24", Overlay: "vxlan:5,remote=203.0.113.2,local=203.0.113.1"},
+		} {
+			if _, err := Create(ctx, dir, o); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	tests := []struct {
+		name, spec, wantErr string
+	}{
+		{name: "unknown network", spec: "network=nosuch", wantErr: `network "nosuch": no such network`},
+		{name: "vlan bridge name too long", spec: "network=long-name-12,vlan=4094", wantErr: `"rv-long-name-12.4094" is 20 bytes`},
+		{name: "trunk bridge name too long", spec: "network=long-name-12,trunk=1:4094", wantErr: "longer than Linux's limit"},
+		{name: "vlan on overlay", spec: "network=ov,vlan=10", wantErr: "VLAN ports are not supported"},
+	}
+	before := links(t, ns)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec, err := ParseNICSpec(tt.spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = ns.Do(func() error { _, err := Attach(ctx, dir, "vm", spec); return err })
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Attach = %v, want %q", err, tt.wantErr)
+			}
+			if after := links(t, ns); !slices.Equal(after, before) {
+				t.Fatalf("links changed: %v -> %v", before, after)
+			}
+		})
+	}
+}
+
+// TestKillReleases kills a process that attached a NIC with SIGKILL: its
+// TAP disappears and the network can be removed.
+func TestKillReleases(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error {
+		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "RAYVMM_NETWORK_HELPER="+dir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	tap := strings.TrimSpace(strings.TrimPrefix(line, "attached "))
+	if !slices.Contains(links(t, ns), tap) {
+		t.Fatalf("helper's TAP %q not in %v", tap, links(t, ns))
+	}
+	if err := ns.Do(func() error { return Remove(ctx, dir, "lan") }); !errors.Is(err, ErrInUse) {
+		t.Fatalf("Remove while the helper runs = %v, want ErrInUse", err)
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	if l := links(t, ns); slices.Contains(l, tap) {
+		t.Fatalf("TAP %s survived SIGKILL: %v", tap, l)
+	}
+	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+}
+
+// helperAttach is the process TestKillReleases kills.
+func helperAttach(dir string) {
+	spec, _ := ParseNICSpec("network=lan")
+	nic, err := Attach(context.Background(), dir, "killme", spec)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper:", err)
+		os.Exit(1)
+	}
+	fmt.Println("attached", nic.TAPs[0])
+	select {}
+}
+
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("RAYVMM_NETWORK_HELPER"); dir != "" {
+		helperAttach(dir)
+	}
+	os.Exit(m.Run())
+}
+
+// TestConcurrentCreate races rayvmm processes' worth of creates on one state
+// directory: the flock lets exactly one of each conflicting group win.
+func TestConcurrentCreate(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	const n = 6
+	var wg sync.WaitGroup
+	errs := make([]error, 2*n)
+	for i := range n {
+		wg.Add(2)
+		go func() { // same subnet, different names
+			defer wg.Done()
+			errs[i] = ns.Do(func() error {
+				_, err := Create(context.Background(), dir, CreateOptions{Name: fmt.Sprintf("s%d", i), Subnet: "192.0.2.0/24"})
+				return err
+			})
+		}()
+		go func() { // same name, different subnets
+			defer wg.Done()
+			errs[n+i] = ns.Do(func() error {
+				_, err := Create(context.Background(), dir, CreateOptions{Name: "same", Subnet: fmt.Sprintf("198.51.100.%d/30", 4*i), Isolated: true})
+				return err
+			})
+		}()
+	}
+	wg.Wait()
+	count := func(errs []error, want error) (ok, conflict int) {
+		for _, err := range errs {
+			switch {
+			case err == nil:
+				ok++
+			case errors.Is(err, want):
+				conflict++
+			default:
+				t.Errorf("unexpected error: %v", err)
+			}
+		}
+		return ok, conflict
+	}
+	if ok, c := count(errs[:n], ErrOverlap); ok != 1 || c != n-1 {
+		t.Fatalf("same subnet: %d created, %d overlaps; want 1, %d", ok, c, n-1)
+	}
+	if ok, c := count(errs[n:], ErrExists); ok != 1 || c != n-1 {
+		t.Fatalf("same name: %d created, %d exists; want 1, %d", ok, c, n-1)
+	}
+	var list []*Network
+	do(t, ns, func() (err error) { list, err = List(dir); return err })
+	if len(list) != 2 {
+		t.Fatalf("List = %d networks, want 2", len(list))
+	}
+}
