@@ -31,7 +31,10 @@ func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
 		return fmt.Errorf("%w: network name %q: use lower-case letters, digits, '-' and '_', starting with a letter or digit", ErrInvalidName, name)
 	}
-	return checkIfName(BridgeName(name), "network "+name+": bridge")
+	if err := checkIfName(BridgeName(name), "network "+name+": bridge"); err != nil {
+		return fmt.Errorf("%w (network names have at most %d characters)", err, ifNameMax-len(bridgePrefix))
+	}
+	return nil
 }
 
 // checkIfName checks that name is a usable Linux interface name.
