@@ -322,3 +322,6 @@ func (c *VCPU) Translate(va uint64) (uint64, bool, error) {
 	}
 	return t.PhysicalAddress, t.Valid != 0, nil
 }
+
+// Capability is a KVM_CAP_* number.
+type Capability = gokvm.Capability

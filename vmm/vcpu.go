@@ -1,0 +1,224 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/vmm/boot"
+	"github.com/rayvmm/rayvmm/vmm/cpuid"
+	"github.com/rayvmm/rayvmm/vmm/kvm"
+	"github.com/rayvmm/rayvmm/vmm/memory"
+)
+
+type vcpu struct {
+	vm  *VM
+	id  int
+	cpu *kvm.VCPU
+
+	mu  sync.Mutex // guards tid against a kick racing the thread's exit
+	tid int
+}
+
+// kick makes the vCPU leave KVM_RUN and see that the VM is stopping:
+// immediate_exit covers a vCPU about to enter, the signal one inside.
+func (c *vcpu) kick() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cpu == nil || c.tid == 0 {
+		return
+	}
+	c.cpu.SetImmediateExit(true)
+	// SIGURG: the Go runtime already handles it (async preemption) and
+	// it interrupts KVM_RUN with EINTR.
+	unix.Tgkill(unix.Getpid(), c.tid, unix.SIGURG)
+}
+
+// loop runs on its own locked OS thread: create and set up the vCPU, report
+// on ready, wait for start, then run until the VM stops.
+func (c *vcpu) loop(ready chan<- error, start <-chan struct{}) {
+	runtime.LockOSThread()
+	// The thread stays locked: when this goroutine ends the runtime
+	// discards it, so no other goroutine ever inherits its signal state.
+	err := c.setup()
+	c.mu.Lock()
+	c.tid = unix.Gettid()
+	c.mu.Unlock()
+	ready <- err
+	<-start
+	if err != nil || c.vm.stopping.Load() {
+		c.exitThread()
+		return
+	}
+	c.run()
+	c.exitThread()
+}
+
+func (c *vcpu) exitThread() {
+	c.mu.Lock()
+	c.tid = 0
+	c.mu.Unlock()
+}
+
+func (c *vcpu) setup() error {
+	v := c.vm
+	cpu, err := v.vm.CreateVCPU(c.id)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.cpu = cpu
+	c.mu.Unlock()
+	if err := cpu.SetCPUID(cpuid.Apply(v.cpuid, v.template, cpuid.Topology{CPU: c.id, CPUs: v.cfg.CPUs})); err != nil {
+		return err
+	}
+	if c.id != 0 {
+		// APs wait in KVM_MP_STATE_UNINITIALIZED for INIT/SIPI from the
+		// guest, which is KVM's default with an in-kernel LAPIC.
+		return nil
+	}
+	if err := cpu.SetMSRs([]kvm.MSR{{Index: 0x1a0, Data: 1}}); err != nil { // IA32_MISC_ENABLE: fast strings
+		return err
+	}
+	sregs, err := cpu.Sregs()
+	if err != nil {
+		return err
+	}
+	code := kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorCode, Typ: 0xb, Present: 1, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorData, Typ: 0x3, Present: 1, S: 1, DB: 1, G: 1}
+	sregs.CS = code
+	sregs.DS, sregs.ES, sregs.FS, sregs.GS, sregs.SS = data, data, data, data, data
+	sregs.TR = kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorTSS, Typ: 0xb, Present: 1, G: 1}
+	sregs.GDT.Base, sregs.GDT.Limit = boot.GDTAddr, uint16(8*len(boot.GDT)-1)
+	sregs.IDT.Base, sregs.IDT.Limit = 0, 0
+	sregs.CR3 = boot.PML4Addr
+	sregs.CR4 |= boot.CR4PAE
+	sregs.CR0 |= boot.CR0PE | boot.CR0PG | boot.CR0ET
+	sregs.EFER |= boot.EFERLME | boot.EFERLMA
+	if err := cpu.SetSregs(sregs); err != nil {
+		return err
+	}
+	return cpu.SetRegs(&kvm.Regs{
+		RIP:    v.kernel.Entry,
+		RSI:    boot.ZeroPageAddr,
+		RSP:    boot.BootStack,
+		RBP:    boot.BootStack,
+		RFLAGS: 2,
+	})
+}
+
+func (c *vcpu) run() {
+	v := c.vm
+	cpu := c.cpu
+	for !v.stopping.Load() {
+		if c.id == 0 {
+			v.firstRun.Do(func() {
+				v.bootTimes.FirstRunWall = timeSince(v.cfg.Started)
+				v.bootTimes.FirstRunCPU = cpuTime()
+			})
+		}
+		err := cpu.Run()
+		switch {
+		case err == nil:
+		case errors.Is(err, unix.EINTR):
+			continue // a kick or the Go runtime's preemption signal
+		case errors.Is(err, unix.EAGAIN):
+			continue // an AP received INIT
+		default:
+			v.finish(&Exit{Reason: ExitHostError, VCPU: c.id, Detail: fmt.Sprintf("KVM_RUN: %v", err)})
+			return
+		}
+		if e := c.handleExit(); e != nil {
+			v.finish(e)
+			return
+		}
+	}
+}
+
+// handleExit services one exit; a non-nil Exit ends the VM.
+func (c *vcpu) handleExit() *Exit {
+	v, cpu := c.vm, c.cpu
+	switch r := cpu.ExitReason(); r {
+	case kvm.ExitIO:
+		io, err := cpu.IO()
+		if err != nil {
+			return c.fault(ExitHostError, err.Error())
+		}
+		for i := 0; i < io.Count; i++ {
+			d := io.Data[i*io.Size : (i+1)*io.Size]
+			if io.Out {
+				v.pio.Write(uint64(io.Port), d)
+			} else {
+				v.pio.Read(uint64(io.Port), d)
+			}
+		}
+	case kvm.ExitMMIO:
+		m, err := cpu.MMIO()
+		if err != nil {
+			return c.fault(ExitHostError, err.Error())
+		}
+		if m.Write {
+			v.mmio.Write(m.Addr, m.Data)
+		} else {
+			v.mmio.Read(m.Addr, m.Data)
+		}
+	case kvm.ExitIntr, kvm.ExitHLT, kvm.ExitIRQWindowOpen:
+	case kvm.ExitShutdown:
+		return c.fault(ExitShutdown, "")
+	case kvm.ExitInternalError:
+		sub, data, insn := cpu.InternalError()
+		e := c.fault(ExitInternalError, fmt.Sprintf("suberror %d, data %#x", sub, data))
+		if sub == kvm.InternalErrorEmulation {
+			e.Reason = ExitEmulationFailure
+			e.Detail = ""
+		}
+		if len(insn) > 0 {
+			e.Insn = insn
+		}
+		return e
+	case kvm.ExitFailEntry:
+		return c.fault(ExitFailEntry, fmt.Sprintf("hardware entry failure reason %#x", cpu.FailEntry()))
+	case kvm.ExitSystemEvent:
+		switch cpu.SystemEvent() {
+		case kvm.SystemEventShutdown, kvm.SystemEventReset:
+			return &Exit{Reason: ExitPoweroff, VCPU: c.id}
+		default:
+			return c.fault(ExitCrash, fmt.Sprintf("system event %d", cpu.SystemEvent()))
+		}
+	default:
+		return c.fault(ExitHostError, fmt.Sprintf("unexpected KVM exit reason %d", r))
+	}
+	return nil
+}
+
+// fault builds an Exit with the vCPU's RIP and the bytes there.
+func (c *vcpu) fault(r ExitReason, detail string) *Exit {
+	e := &Exit{Reason: r, VCPU: c.id, Detail: detail}
+	regs, err := c.cpu.Regs()
+	if err != nil {
+		return e
+	}
+	e.RIP = regs.RIP
+	sregs, err := c.cpu.Sregs()
+	if err != nil {
+		return e
+	}
+	va := regs.RIP
+	if sregs.CR0&boot.CR0PE == 0 || sregs.CS.L == 0 {
+		va += sregs.CS.Base
+	}
+	gpa, ok, err := c.cpu.Translate(va)
+	if err != nil || !ok {
+		return e
+	}
+	for n := uint64(15); n > 0; n-- {
+		if b, err := c.vm.mem.Slice(memory.GuestAddr(gpa), n); err == nil {
+			e.Insn = append([]byte(nil), b...)
+			break
+		}
+	}
+	return e
+}

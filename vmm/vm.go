@@ -1,0 +1,379 @@
+// Package vmm builds and runs a microVM on KVM: it opens the KVM device,
+// maps guest memory, creates the in-kernel irqchip and PIT, loads the kernel
+// through the Linux 64-bit boot protocol, wires the legacy devices (8250
+// UART, i8042) and the virtio-mmio devices onto the port and MMIO buses, and
+// runs one OS thread per vCPU until the guest powers off, crashes or is
+// stopped.
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/vmm/boot"
+	"github.com/rayvmm/rayvmm/vmm/bus"
+	"github.com/rayvmm/rayvmm/vmm/cpuid"
+	"github.com/rayvmm/rayvmm/vmm/i8042"
+	"github.com/rayvmm/rayvmm/vmm/kvm"
+	"github.com/rayvmm/rayvmm/vmm/memory"
+	"github.com/rayvmm/rayvmm/vmm/serial"
+)
+
+// Legacy device placement.
+const (
+	COM1Port      = 0x3f8
+	COM1IRQ       = 4
+	BootTimerPort = 0x440
+	// BootTimerMagic is the value the guest writes to BootTimerPort when
+	// it is ready (Firecracker uses the same number).
+	BootTimerMagic = 123
+)
+
+// Config describes a microVM.
+type Config struct {
+	KVMDevice   string
+	MemoryBytes uint64
+	CPUs        int
+	CPUTemplate string // auto, host or emulated
+	Kernel      []byte
+	Initrd      []byte
+	Cmdline     string
+	Console     io.Writer // guest serial output
+	Log         *slog.Logger
+	// Started is the process start time the boot timer measures from.
+	Started time.Time
+	// BootTimer logs the time to first KVM_RUN and to the guest's ready
+	// write on BootTimerPort.
+	BootTimer bool
+}
+
+// ErrConfig is the category of errors in a Config.
+var ErrConfig = errors.New("invalid VM configuration")
+
+// VM is a built microVM, ready to Run.
+type VM struct {
+	cfg      Config
+	log      *slog.Logger
+	sys      *kvm.System
+	vm       *kvm.VM
+	mem      *memory.Memory
+	kernel   *boot.Kernel
+	cpuid    []kvm.CPUIDEntry
+	template string
+	pio, mmio bus.Bus
+	uart      *serial.Serial
+	cmdline   string
+
+	vcpus    []*vcpu
+	stopping atomic.Bool
+	exitOnce sync.Once
+	exit     *Exit
+	done     chan struct{}
+
+	firstRun  sync.Once
+	bootTimes BootTimes
+	closers   []func() error
+}
+
+// New validates cfg, opens KVM and builds the VM: memory, irqchip, devices,
+// kernel, initrd, boot structures. vCPUs are created when Run starts.
+func New(cfg Config) (_ *VM, err error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Console == nil {
+		cfg.Console = io.Discard
+	}
+	if cfg.Started.IsZero() {
+		cfg.Started = time.Now()
+	}
+	if err := boot.CheckMemorySize(cfg.MemoryBytes); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	if cfg.CPUs < 1 || cfg.CPUs > boot.MaxCPUs {
+		return nil, fmt.Errorf("%w: %d vCPUs; rayvmm supports 1 to %d", ErrConfig, cfg.CPUs, boot.MaxCPUs)
+	}
+	template, err := cpuid.Resolve(cfg.CPUTemplate)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	if _, err := boot.DetectFormat(cfg.Kernel); err != nil {
+		return nil, err
+	}
+	if err := checkHostMemory(cfg.MemoryBytes); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+
+	v := &VM{cfg: cfg, log: cfg.Log, template: template, done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			v.Close()
+		}
+	}()
+	if v.sys, err = kvm.Open(cfg.KVMDevice); err != nil {
+		return nil, err
+	}
+	if max := v.sys.CheckExtension(kvm.CapMaxVCPUs); max > 0 && cfg.CPUs > max {
+		return nil, fmt.Errorf("%w: %d vCPUs; this KVM allows at most %d", ErrConfig, cfg.CPUs, max)
+	}
+	for _, c := range []struct {
+		cap  kvm.Capability
+		name string
+	}{{kvm.CapIRQChip, "in-kernel irqchip"}, {kvm.CapUserMemory, "user memory"}, {kvm.CapPIT2, "in-kernel PIT"}, {kvm.CapImmExit, "immediate_exit"}} {
+		if v.sys.CheckExtension(c.cap) == 0 {
+			return nil, fmt.Errorf("%s: %s: %w", cfg.KVMDevice, c.name, kvm.ErrUnsupported)
+		}
+	}
+	if v.vm, err = v.sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if err = v.vm.SetTSSAddr(boot.TSSAddr); err != nil {
+		return nil, err
+	}
+	if err = v.vm.SetIdentityMapAddr(boot.IdentityMap); err != nil {
+		return nil, err
+	}
+	if err = v.vm.CreateIRQChip(); err != nil {
+		return nil, err
+	}
+	if err = v.vm.CreatePIT2(); err != nil {
+		return nil, err
+	}
+	if v.mem, err = memory.New(boot.RAMRanges(cfg.MemoryBytes)...); err != nil {
+		return nil, fmt.Errorf("guest memory of %d MiB: %w", cfg.MemoryBytes>>20, err)
+	}
+	for _, r := range v.mem.Regions() {
+		if err = v.vm.SetMemoryRegion(uint64(r.Base), r.Size, r.HostAddr()); err != nil {
+			return nil, err
+		}
+	}
+	sup, err := v.sys.SupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
+	v.cpuid = sup
+	if err = v.addLegacyDevices(); err != nil {
+		return nil, err
+	}
+	v.cmdline = cfg.Cmdline
+	return v, nil
+}
+
+// Memory is the guest's memory, for wiring devices.
+func (v *VM) Memory() *memory.Memory { return v.mem }
+
+// MMIOBus is where virtio-mmio transports are registered.
+func (v *VM) MMIOBus() *bus.Bus { return &v.mmio }
+
+// KVM is the VM's KVM handle, for irqfd and ioeventfd.
+func (v *VM) KVM() *kvm.VM { return v.vm }
+
+// CPUTemplate is the template in use (host or emulated).
+func (v *VM) CPUTemplate() string { return v.template }
+
+// AppendCmdline adds words to the kernel command line (virtio-mmio devices
+// announce themselves this way). Call before Run.
+func (v *VM) AppendCmdline(s string) {
+	v.cmdline = strings.TrimSpace(v.cmdline + " " + s)
+}
+
+// OnClose registers cleanup to run when the VM is closed.
+func (v *VM) OnClose(f func() error) { v.closers = append(v.closers, f) }
+
+// Serial is the COM1 UART, for feeding it input.
+func (v *VM) Serial() *serial.Serial { return v.uart }
+
+func (v *VM) addLegacyDevices() error {
+	v.uart = serial.New(v.cfg.Console, func() {
+		// An ISA interrupt is an edge: pulse the line.
+		if err := v.vm.IRQLine(COM1IRQ, true); err == nil {
+			v.vm.IRQLine(COM1IRQ, false)
+		}
+	})
+	if err := v.pio.Register("com1", COM1Port, 8, v.uart); err != nil {
+		return err
+	}
+	kbd := &i8042.Controller{Reset: func() { v.finish(&Exit{Reason: ExitPoweroff, VCPU: -1}) }}
+	if err := v.pio.Register("i8042", i8042.Base, i8042.Size, kbd); err != nil {
+		return err
+	}
+	return v.pio.Register("boot-timer", BootTimerPort, 1, bootTimerDev{v})
+}
+
+// loadGuest loads kernel, initrd and writes the boot structures.
+func (v *VM) loadGuest() error {
+	k, err := boot.Load(v.mem, v.cfg.Kernel)
+	if err != nil {
+		return err
+	}
+	v.kernel = k
+	if err := boot.CheckCmdline(k, v.cmdline); err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	rd, err := boot.PlaceInitrd(v.mem, k, v.cfg.Initrd)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	if err := boot.WriteZeroPage(v.mem, k, v.cmdline, rd, boot.E820(v.cfg.MemoryBytes)); err != nil {
+		return err
+	}
+	if err := boot.WriteGDT(v.mem); err != nil {
+		return err
+	}
+	if err := boot.WritePageTables(v.mem); err != nil {
+		return err
+	}
+	return boot.WriteMPTable(v.mem, v.cfg.CPUs)
+}
+
+// Prepare loads the guest and checks the command line, so that bad input is
+// reported before any vCPU runs. Run calls it if the caller did not.
+func (v *VM) Prepare() error {
+	if v.kernel != nil {
+		return nil
+	}
+	return v.loadGuest()
+}
+
+// Cmdline is the final kernel command line.
+func (v *VM) Cmdline() string { return v.cmdline }
+
+// Run starts the vCPUs and blocks until the guest exits or ctx is done.
+func (v *VM) Run(ctx context.Context) (*Exit, error) {
+	if err := v.Prepare(); err != nil {
+		return nil, err
+	}
+	ready := make(chan error, v.cfg.CPUs)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < v.cfg.CPUs; i++ {
+		c := &vcpu{vm: v, id: i}
+		v.vcpus = append(v.vcpus, c)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.loop(ready, start)
+		}()
+	}
+	var setupErr error
+	for i := 0; i < v.cfg.CPUs; i++ {
+		if err := <-ready; err != nil && setupErr == nil {
+			setupErr = err
+		}
+	}
+	if setupErr != nil {
+		v.stopping.Store(true)
+		close(start)
+		wg.Wait()
+		return nil, setupErr
+	}
+	close(start)
+	select {
+	case <-v.done:
+	case <-ctx.Done():
+		v.finish(&Exit{Reason: ExitStopped, VCPU: -1, Detail: context.Cause(ctx).Error()})
+	}
+	wg.Wait()
+	v.uart.Flush()
+	return v.exit, nil
+}
+
+// finish records the first exit and stops every vCPU.
+func (v *VM) finish(e *Exit) {
+	v.exitOnce.Do(func() {
+		v.exit = e
+		v.stopping.Store(true)
+		for _, c := range v.vcpus {
+			c.kick()
+		}
+		close(v.done)
+	})
+}
+
+// Close releases everything New and Run made.
+func (v *VM) Close() error {
+	if v.uart != nil {
+		v.uart.Close()
+	}
+	for _, c := range v.vcpus {
+		if c.cpu != nil {
+			c.cpu.Close()
+		}
+	}
+	for i := len(v.closers) - 1; i >= 0; i-- {
+		v.closers[i]()
+	}
+	if v.vm != nil {
+		v.vm.Close()
+	}
+	if v.mem != nil {
+		v.mem.Close()
+	}
+	if v.sys != nil {
+		v.sys.Close()
+	}
+	return nil
+}
+
+// checkHostMemory refuses guest memory the host cannot back.
+func checkHostMemory(size uint64) error {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return nil
+	}
+	host := (uint64(si.Totalram) + uint64(si.Totalswap)) * uint64(si.Unit)
+	if size > host {
+		return fmt.Errorf("guest memory of %d MiB is more than this host's %d MiB of RAM and swap", size>>20, host>>20)
+	}
+	return nil
+}
+
+// BootTimes are the boot timer's measurements, from process start.
+type BootTimes struct {
+	FirstRunWall, FirstRunCPU time.Duration
+	ReadyWall, ReadyCPU       time.Duration
+}
+
+// BootTimes returns what the boot timer measured (zero if the guest never
+// wrote the ready value).
+func (v *VM) BootTimes() BootTimes { return v.bootTimes }
+
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+type bootTimerDev struct{ v *VM }
+
+func (d bootTimerDev) Read(off uint64, data []byte) {
+	for i := range data {
+		data[i] = 0
+	}
+}
+
+func (d bootTimerDev) Write(off uint64, data []byte) {
+	if len(data) == 0 || data[0] != BootTimerMagic || d.v.bootTimes.ReadyWall != 0 {
+		return
+	}
+	d.v.bootTimes.ReadyWall = time.Since(d.v.cfg.Started)
+	d.v.bootTimes.ReadyCPU = cpuTime()
+	if d.v.cfg.BootTimer {
+		d.v.log.Info("boot timer: guest ready",
+			"wall", d.v.bootTimes.ReadyWall, "cpu", d.v.bootTimes.ReadyCPU,
+			"first_kvm_run_wall", d.v.bootTimes.FirstRunWall, "first_kvm_run_cpu", d.v.bootTimes.FirstRunCPU)
+	}
+}
+
+func timeSince(t time.Time) time.Duration { return time.Since(t) }
