@@ -61,14 +61,14 @@ var ErrConfig = errors.New("invalid VM configuration")
 
 // VM is a built microVM, ready to Run.
 type VM struct {
-	cfg      Config
-	log      *slog.Logger
-	sys      *kvm.System
-	vm       *kvm.VM
-	mem      *memory.Memory
-	kernel   *boot.Kernel
-	cpuid    []kvm.CPUIDEntry
-	template string
+	cfg       Config
+	log       *slog.Logger
+	sys       *kvm.System
+	vm        *kvm.VM
+	mem       *memory.Memory
+	kernel    *boot.Kernel
+	cpuid     []kvm.CPUIDEntry
+	template  string
 	pio, mmio bus.Bus
 	uart      *serial.Serial
 	cmdline   string

@@ -4,7 +4,7 @@ import "testing"
 
 type rec struct{ last uint64 }
 
-func (r *rec) Read(off uint64, d []byte) { d[0] = byte(off) }
+func (r *rec) Read(off uint64, d []byte)  { d[0] = byte(off) }
 func (r *rec) Write(off uint64, d []byte) { r.last = off }
 
 func TestDispatch(t *testing.T) {
