@@ -1,0 +1,307 @@
+package guestkernel
+
+import (
+	"bytes"
+	"context"
+	"debug/elf"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// toolchain returns the first lines of "gcc --version" and "ld --version",
+// the form toolchain.txt records for the committed build.
+func toolchain() (string, error) {
+	var b strings.Builder
+	for _, tool := range []string{"gcc", "ld"} {
+		out, err := exec.Command(tool, "--version").Output()
+		if err != nil {
+			return "", fmt.Errorf("%s --version: %w", tool, err)
+		}
+		line, _, _ := strings.Cut(string(out), "\n")
+		b.WriteString(line + "\n")
+	}
+	return b.String(), nil
+}
+
+// TestReproducible rebuilds rayguest from source into a temporary directory
+// and requires the result to be byte-identical to the committed rayguest.elf
+// (the file go:embed puts into rayvmm).
+func TestReproducible(t *testing.T) {
+	for _, tool := range []string{"gcc", "ld", "strip", "make"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed, cannot rebuild rayguest: %v", tool, err)
+		}
+	}
+	have, err := toolchain()
+	if err != nil {
+		t.Skipf("cannot identify the toolchain: %v", err)
+	}
+	want, err := os.ReadFile("toolchain.txt")
+	if err != nil {
+		t.Fatalf("read toolchain.txt: %v", err)
+	}
+	if have != string(want) {
+		t.Skipf("toolchain differs from the one that built rayguest.elf, so bytes may differ:\nhave %swant %s", have, want)
+	}
+	out := t.TempDir()
+	cmd := exec.Command("make", "-s", "OUT="+out)
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("make OUT=%s: %v\n%s", out, err, msg)
+	}
+	built, err := os.ReadFile(filepath.Join(out, "rayguest.elf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(built, ELF) {
+		off := 0
+		for off < len(built) && off < len(ELF) && built[off] == ELF[off] {
+			off++
+		}
+		t.Fatalf("fresh build (%d bytes) differs from committed rayguest.elf (%d bytes) from offset %#x; run make -C guestkernel and commit rayguest.elf",
+			len(built), len(ELF), off)
+	}
+}
+
+// TestBootContract checks what a loader relies on: one PT_LOAD at 1 MiB
+// (physical = virtual), the 64-bit entry inside it, and a PVH note
+// (XEN_ELFNOTE_PHYS32_ENTRY) naming a different, 32-bit entry inside it.
+func TestBootContract(t *testing.T) {
+	f, err := elf.NewFile(bytes.NewReader(ELF))
+	if err != nil {
+		t.Fatalf("parse rayguest.elf: %v", err)
+	}
+	if f.Class != elf.ELFCLASS64 || f.Machine != elf.EM_X86_64 || f.Type != elf.ET_EXEC {
+		t.Fatalf("want ELF64 x86-64 executable, got %v %v %v", f.Class, f.Machine, f.Type)
+	}
+	var load *elf.Prog
+	var pvh uint64
+	for _, p := range f.Progs {
+		switch p.Type {
+		case elf.PT_LOAD:
+			if load != nil {
+				t.Fatalf("more than one PT_LOAD")
+			}
+			load = p
+		case elf.PT_NOTE:
+			if p.Align != 4 {
+				t.Errorf("PT_NOTE alignment %d, want 4 (QEMU aligns the note name to it)", p.Align)
+			}
+			pvh = findPVHEntry(t, p)
+		}
+	}
+	if load == nil {
+		t.Fatal("no PT_LOAD")
+	}
+	inImage := func(a uint64) bool { return a >= load.Paddr && a < load.Paddr+load.Filesz }
+	tests := []struct {
+		name string
+		ok   bool
+		got  string
+	}{
+		{"load address 1 MiB", load.Paddr == 0x100000 && load.Vaddr == load.Paddr, fmt.Sprintf("paddr %#x vaddr %#x", load.Paddr, load.Vaddr)},
+		{"memsz covers filesz", load.Memsz >= load.Filesz, fmt.Sprintf("filesz %#x memsz %#x", load.Filesz, load.Memsz)},
+		{"entry in image", inImage(f.Entry), fmt.Sprintf("entry %#x", f.Entry)},
+		{"PVH note present", pvh != 0, "no Xen PHYS32_ENTRY note"},
+		{"PVH entry in image", inImage(pvh), fmt.Sprintf("pvh entry %#x", pvh)},
+		{"PVH entry differs from 64-bit entry", pvh != f.Entry, fmt.Sprintf("both %#x", pvh)},
+		{"image below 2 MiB", load.Paddr+load.Memsz <= 0x200000, fmt.Sprintf("ends at %#x", load.Paddr+load.Memsz)},
+	}
+	for _, tt := range tests {
+		if !tt.ok {
+			t.Errorf("%s: %s", tt.name, tt.got)
+		}
+	}
+}
+
+func findPVHEntry(t *testing.T, p *elf.Prog) uint64 {
+	t.Helper()
+	b := make([]byte, p.Filesz)
+	if _, err := p.ReadAt(b, 0); err != nil {
+		t.Fatalf("read PT_NOTE: %v", err)
+	}
+	for len(b) >= 12 {
+		namesz := binary.LittleEndian.Uint32(b[0:])
+		descsz := binary.LittleEndian.Uint32(b[4:])
+		typ := binary.LittleEndian.Uint32(b[8:])
+		name := (namesz + 3) &^ 3
+		desc := (descsz + 3) &^ 3
+		if uint64(12+name+desc) > uint64(len(b)) {
+			t.Fatalf("truncated note")
+		}
+		if typ == 18 && string(b[12:12+namesz]) == "Xen\x00" {
+			d := b[12+name : 12+name+descsz]
+			switch descsz {
+			case 4:
+				return uint64(binary.LittleEndian.Uint32(d))
+			case 8:
+				return binary.LittleEndian.Uint64(d)
+			}
+			t.Fatalf("PVH note descriptor size %d", descsz)
+		}
+		b = b[12+name+desc:]
+	}
+	return 0
+}
+
+// guest describes one QEMU microvm run of rayguest.
+type guest struct {
+	cmdline string
+	smp     int
+	memMiB  int
+	stdin   string
+	extra   []string
+}
+
+// bootQEMU boots the committed rayguest.elf under qemu-system-x86_64 -M
+// microvm (TCG by default; RAYGUEST_QEMU_ACCEL=kvm uses /dev/kvm) and
+// returns the "rayguest: " lines it printed. QEMU exits on the guest's
+// triple fault (-no-reboot), which is how rayguest powers off there.
+func bootQEMU(t *testing.T, g guest) []string {
+	t.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skipf("qemu-system-x86_64 not installed: %v", err)
+	}
+	kernel := filepath.Join(t.TempDir(), "rayguest.elf")
+	if err := os.WriteFile(kernel, ELF, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if g.smp == 0 {
+		g.smp = 1
+	}
+	if g.memMiB == 0 {
+		g.memMiB = 128
+	}
+	args := []string{"-M", "microvm", "-nodefaults", "-no-user-config", "-display", "none",
+		"-serial", "stdio", "-no-reboot", "-smp", fmt.Sprint(g.smp), "-m", fmt.Sprint(g.memMiB),
+		"-kernel", kernel, "-append", g.cmdline}
+	if os.Getenv("RAYGUEST_QEMU_ACCEL") == "kvm" {
+		args = append(args, "-enable-kvm", "-cpu", "host,-cx16,-arch-capabilities")
+	} else {
+		args = append(args, "-accel", "tcg")
+	}
+	args = append(args, g.extra...)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, qemu, args...)
+	cmd.Stdin = strings.NewReader(g.stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("qemu did not exit (guest hung?); output:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+	}
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatalf("run qemu: %v", err)
+	}
+	if err != nil {
+		t.Fatalf("qemu failed: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
+	}
+	var lines []string
+	for _, l := range strings.Split(stdout.String(), "\n") {
+		l = strings.TrimSuffix(l, "\r")
+		if strings.HasPrefix(l, "rayguest: ") {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
+// expectLines requires the patterns to match successive output lines, in
+// order (other lines may come between).
+func expectLines(t *testing.T, lines []string, patterns ...string) {
+	t.Helper()
+	i := 0
+	for _, p := range patterns {
+		re := regexp.MustCompile("^" + p + "$")
+		for i < len(lines) && !re.MatchString(lines[i]) {
+			i++
+		}
+		if i == len(lines) {
+			t.Fatalf("no line matching %q (in order); output:\n%s", p, strings.Join(lines, "\n"))
+		}
+		i++
+	}
+}
+
+func rejectLines(t *testing.T, lines []string, patterns ...string) {
+	t.Helper()
+	for _, p := range patterns {
+		re := regexp.MustCompile("^" + p + "$")
+		for _, l := range lines {
+			if re.MatchString(l) {
+				t.Fatalf("unexpected line %q; output:\n%s", l, strings.Join(lines, "\n"))
+			}
+		}
+	}
+}
+
+const banner = `rayguest: rayguest \S+ memory \d+ bytes \(\d+ MiB\) cpus `
+
+func TestJobs(t *testing.T) {
+	long := strings.Repeat("0123456789abcdef", 20) // 320 bytes
+	tests := []struct {
+		name    string
+		g       guest
+		want    []string
+		notWant []string
+	}{
+		{name: "default job is poweroff", g: guest{cmdline: "console=ttyS0 unknown.key=1"},
+			want: []string{"rayguest: ready", banner + "1", "rayguest: poweroff"}},
+		{name: "two cpus", g: guest{cmdline: "rayguest.run=poweroff", smp: 2},
+			want: []string{"rayguest: ready", "rayguest: cpu 1 up", banner + "2", "rayguest: poweroff"}},
+		{name: "four cpus", g: guest{cmdline: "rayguest.run=poweroff", smp: 4},
+			want: []string{"rayguest: cpu 1 up", "rayguest: cpu 2 up", "rayguest: cpu 3 up", banner + "4"},
+			notWant: []string{"rayguest: cpu . FAIL"}},
+		{name: "echo", g: guest{cmdline: "rayguest.run=echo", stdin: "hello world\r\n\r\n\n" + long + "\nquit\n"},
+			want: []string{"rayguest: echo hello world", "rayguest: echo " + long, "rayguest: bye"},
+			notWant: []string{"rayguest: echo ", "rayguest: echo quit"}},
+		{name: "crash", g: guest{cmdline: "rayguest.run=crash"},
+			want: []string{"rayguest: crash: triple fault now"}, notWant: []string{"rayguest: poweroff"}},
+		{name: "exception report", g: guest{cmdline: "rayguest.run=fault"},
+			want: []string{"rayguest: exception 14 rip=[0-9a-f]+ err=0 cr2=100000000"}},
+		{name: "pio", g: guest{cmdline: "rayguest.run=pio:250"},
+			want: []string{"rayguest: pio 250 done"}},
+		{name: "unknown job", g: guest{cmdline: "rayguest.run=dance"},
+			want: []string{"rayguest: unknown job dance"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lines := bootQEMU(t, tt.g)
+			expectLines(t, lines, tt.want...)
+			rejectLines(t, lines, tt.notWant...)
+		})
+	}
+}
+
+// TestMemory checks the banner's usable-RAM figure: the sum of the RAM
+// entries of the memory map, a little under -m.
+func TestMemory(t *testing.T) {
+	for _, mib := range []int{64, 300} {
+		t.Run(fmt.Sprintf("%dMiB", mib), func(t *testing.T) {
+			lines := bootQEMU(t, guest{memMiB: mib})
+			re := regexp.MustCompile(`memory (\d+) bytes \((\d+) MiB\)`)
+			for _, l := range lines {
+				if m := re.FindStringSubmatch(l); m != nil {
+					var bytes, got int
+					fmt.Sscan(m[1], &bytes)
+					fmt.Sscan(m[2], &got)
+					if got != bytes>>20 || got > mib || got < mib-2 {
+						t.Fatalf("banner %q for -m %d", l, mib)
+					}
+					return
+				}
+			}
+			t.Fatalf("no banner in %q", lines)
+		})
+	}
+}

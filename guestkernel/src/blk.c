@@ -1,0 +1,2 @@
+#include "kernel.h"
+NORETURN void job_blk(int mode) { (void)mode; kputs("rayguest: blk not implemented\n"); poweroff(); }
