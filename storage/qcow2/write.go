@@ -258,6 +258,9 @@ func (im *Image) allocL2(i int) ([]uint64, int64, error) {
 // gives it refcount 1.
 func (im *Image) allocCluster() (int64, error) {
 	host := im.allocEnd
+	if uint64(host+im.cs) > offsetMask {
+		return 0, corruptf("image full: next cluster at %#x is past what an L2 entry can address", host)
+	}
 	im.allocEnd += im.cs
 	if err := im.ensureFile(im.allocEnd); err != nil {
 		return 0, err
@@ -338,6 +341,9 @@ func (im *Image) readRefBlock(off int64) ([]byte, error) {
 func (im *Image) newRefBlock(ti int64) ([]byte, int64, error) {
 	per := im.cs / 2
 	host := im.allocEnd
+	if uint64(host+im.cs) > offsetMask {
+		return nil, 0, corruptf("image full: refcount block at %#x is past what the table can address", host)
+	}
 	im.allocEnd += im.cs
 	if err := im.ensureFile(im.allocEnd); err != nil {
 		return nil, 0, err
