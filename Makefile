@@ -27,3 +27,17 @@ bench: rayvmm
 
 clean:
 	rm -rf bin
+
+# Debian's stock kernel for the Linux boot test (tests/linux_test.go) and the
+# bzImage loader test: the package is downloaded and unpacked into
+# build/linux, nothing is installed.
+LINUX_DIR := build/linux
+linux-kernel: $(LINUX_DIR)/.done
+$(LINUX_DIR)/.done:
+	rm -rf $(LINUX_DIR) && mkdir -p $(LINUX_DIR)
+	cd $(LINUX_DIR) && apt-get download linux-image-amd64 && \
+		dep=$$(dpkg-deb -f linux-image-amd64_*.deb Depends | sed 's/[ ,(].*//') && \
+		apt-get download $$dep && dpkg-deb -x $${dep}_*.deb root && rm -f *.deb
+	ls $(LINUX_DIR)/root/boot/vmlinuz-* >/dev/null
+	touch $@
+.PHONY: linux-kernel

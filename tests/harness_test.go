@@ -1,0 +1,159 @@
+package tests
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// rayvmm is the path of the binary under test, built once in TestMain.
+var rayvmm string
+
+// repoRoot is the repository's top directory.
+var repoRoot string
+
+func TestMain(m *testing.M) {
+	_, file, _, _ := runtime.Caller(0)
+	repoRoot = filepath.Dir(filepath.Dir(file))
+	dir, err := os.MkdirTemp("", "rayvmm-tests-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	rayvmm = filepath.Join(dir, "rayvmm")
+	build := exec.Command("go", "build", "-o", rayvmm, "./cmd/rayvmm")
+	build.Dir = repoRoot
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building rayvmm: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// requireKVM skips (or, under RAYVMM_REQUIRE_KVM=1, fails) a test that
+// needs root and a usable /dev/kvm.
+func requireKVM(t testing.TB) {
+	t.Helper()
+	reason := ""
+	if os.Geteuid() != 0 {
+		reason = "needs root"
+	} else if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
+		reason = fmt.Sprintf("needs /dev/kvm: %v", err)
+	} else {
+		f.Close()
+	}
+	if reason == "" {
+		return
+	}
+	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
+		t.Fatalf("RAYVMM_REQUIRE_KVM=1 but this test %s", reason)
+	}
+	t.Skip(reason)
+}
+
+// requireTool skips (or fails under RAYVMM_REQUIRE_KVM=1) when a host tool
+// the test needs is missing.
+func requireTool(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p
+	}
+	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
+		t.Fatalf("RAYVMM_REQUIRE_KVM=1 but %s is not installed (.ci/run installs it)", name)
+	}
+	t.Skipf("%s is not installed", name)
+	return ""
+}
+
+// result is what a finished rayvmm run produced.
+type result struct {
+	stdout, stderr string
+	code           int
+	elapsed        time.Duration
+}
+
+// run runs rayvmm to completion with a deadline and returns its output.
+func run(t testing.TB, stdin io.Reader, timeout time.Duration, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, rayvmm, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdin = stdin
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	start := time.Now()
+	err := cmd.Run()
+	r := result{stdout: out.String(), stderr: errb.String(), elapsed: time.Since(start)}
+	if ctx.Err() != nil {
+		t.Fatalf("rayvmm %s did not finish in %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), timeout, r.stdout, r.stderr)
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("rayvmm: %v", err)
+	}
+	checkNoPanic(t, r.stderr)
+	return r
+}
+
+// checkNoPanic fails on a Go panic or stack trace in rayvmm's stderr.
+func checkNoPanic(t testing.TB, stderr string) {
+	t.Helper()
+	for _, bad := range []string{"panic:", "goroutine ", "runtime error", ".go:"} {
+		if strings.Contains(stderr, bad) {
+			t.Fatalf("rayvmm's stderr contains %q:\n%s", bad, stderr)
+		}
+	}
+}
+
+// lineWatcher collects a process's output and lets a test wait for a line.
+type lineWatcher struct {
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	cond chan struct{}
+}
+
+func newLineWatcher() *lineWatcher { return &lineWatcher{cond: make(chan struct{}, 1)} }
+
+func (w *lineWatcher) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.buf.Write(p)
+	w.mu.Unlock()
+	select {
+	case w.cond <- struct{}{}:
+	default:
+	}
+	return len(p), nil
+}
+
+func (w *lineWatcher) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// waitFor waits until the output contains s.
+func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for !strings.Contains(w.String(), s) {
+		select {
+		case <-w.cond:
+		case <-deadline:
+			t.Fatalf("no %q within %v; output so far:\n%s", s, timeout, w.String())
+		}
+	}
+}
