@@ -1,7 +1,6 @@
 package main
 
-import "errors"
+import "github.com/rayvmm/rayvmm/guestkernel"
 
-func builtinKernel() ([]byte, error) {
-	return nil, errors.New("no --kernel given and the built-in guest kernel is not built yet")
-}
+// builtinKernel is rayguest, embedded in the binary.
+func builtinKernel() ([]byte, error) { return guestkernel.ELF, nil }
