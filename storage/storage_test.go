@@ -1,0 +1,129 @@
+package storage_test
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rayvmm/rayvmm/storage"
+)
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    int64
+		wantErr string
+	}{
+		{name: "bytes", in: "4096", want: 4096},
+		{name: "megabytes", in: "512M", want: 512 << 20},
+		{name: "gigabytes", in: "1G", want: 1 << 30},
+		{name: "lower case", in: "2g", want: 2 << 30},
+		{name: "GiB", in: "3GiB", want: 3 << 30},
+		{name: "KB", in: "8KB", want: 8 << 10},
+		{name: "terabytes", in: "1T", want: 1 << 40},
+		{name: "trailing B", in: "100B", want: 100},
+		{name: "largest", in: "7E", want: 7 << 60},
+		{name: "zero", in: "0", wantErr: "greater than zero"},
+		{name: "zero with unit", in: "0G", wantErr: "greater than zero"},
+		{name: "empty", in: "", wantErr: "no number"},
+		{name: "negative", in: "-1G", wantErr: "whole number"},
+		{name: "fraction", in: "1.5G", wantErr: "whole number"},
+		{name: "junk", in: "lots", wantErr: "invalid size"},
+		{name: "unknown unit", in: "5X", wantErr: "invalid size"},
+		{name: "unit only", in: "G", wantErr: "no number"},
+		{name: "overflow by unit", in: "8E", wantErr: "too large"},
+		{name: "overflow by digits", in: "99999999999999999999", wantErr: "too large"},
+		{name: "overflow just past int64", in: "9223372036854775808", wantErr: "too large"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := storage.ParseSize(tt.in)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !errors.Is(err, storage.ErrInvalidSize) {
+					t.Fatalf("ParseSize(%q) = %d, %v; want error containing %q", tt.in, got, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Fatalf("ParseSize(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
+			}
+			if back, err := storage.ParseSize(storage.FormatSize(got)); err != nil || back != got {
+				t.Fatalf("FormatSize(%d) = %q does not parse back: %d, %v", got, storage.FormatSize(got), back, err)
+			}
+		})
+	}
+}
+
+func TestOpenDiskFormats(t *testing.T) {
+	for _, format := range storage.Formats {
+		t.Run(format, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "d."+format)
+			d, err := storage.CreateDisk(p, format, 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := bytes.Repeat([]byte{0xa5}, 3000)
+			if _, err := d.WriteAt(data, 70000); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			d.Close()
+			if got, err := storage.DetectFormat(p); err != nil || got != format {
+				t.Fatalf("DetectFormat = %q, %v; want %q", got, err, format)
+			}
+			d, err = storage.OpenDisk(p, "", true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			got := make([]byte, 3000)
+			if _, err := d.ReadAt(got, 70000); err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, data))
+			}
+			if _, err := d.WriteAt(data, 0); err == nil {
+				t.Fatal("write to a read-only disk succeeded")
+			}
+		})
+	}
+}
+
+func TestOpenDiskErrors(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name, path, format, want string
+	}{
+		{name: "missing file", path: filepath.Join(dir, "nope.img"), want: "no such file"},
+		{name: "unknown format", path: filepath.Join(dir, "nope.img"), format: "vmdk", want: `unknown format "vmdk"`},
+		{name: "directory", path: dir, format: "raw", want: "is a directory"},
+		{name: "raw bytes opened as qcow2", path: writeFile(t, dir, "r.img", 4096), format: "qcow2", want: "bad magic"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d, err := storage.OpenDisk(tt.path, tt.format, false)
+			if err == nil {
+				d.Close()
+				t.Fatal("open succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %q does not mention %q", err, tt.want)
+			}
+		})
+	}
+	if _, err := storage.CreateDisk(filepath.Join(dir, "x"), "vmdk", 1); err == nil {
+		t.Fatal("CreateDisk of an unknown format succeeded")
+	}
+}
+
+func writeFile(t *testing.T, dir, name string, n int) string {
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, make([]byte, n), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
