@@ -153,6 +153,7 @@ func findPVHEntry(t *testing.T, p *elf.Prog) uint64 {
 
 // guest describes one QEMU microvm run of rayguest.
 type guest struct {
+	machine string // default "microvm"
 	cmdline string
 	smp     int
 	memMiB  int
@@ -180,7 +181,10 @@ func bootQEMU(t *testing.T, g guest) []string {
 	if g.memMiB == 0 {
 		g.memMiB = 128
 	}
-	args := []string{"-M", "microvm", "-nodefaults", "-no-user-config", "-display", "none",
+	if g.machine == "" {
+		g.machine = "microvm"
+	}
+	args := []string{"-M", g.machine, "-nodefaults", "-no-user-config", "-display", "none",
 		"-serial", "stdio", "-no-reboot", "-smp", fmt.Sprint(g.smp), "-m", fmt.Sprint(g.memMiB),
 		"-kernel", kernel, "-append", g.cmdline}
 	if os.Getenv("RAYGUEST_QEMU_ACCEL") == "kvm" {
