@@ -73,6 +73,7 @@ type VM struct {
 	uart      *serial.Serial
 	cmdline   string
 
+	virtio   []*VirtioSlot
 	vcpus    []*vcpu
 	stopping atomic.Bool
 	exitOnce sync.Once
@@ -303,6 +304,9 @@ func (v *VM) finish(e *Exit) {
 func (v *VM) Close() error {
 	if v.uart != nil {
 		v.uart.Close()
+	}
+	for _, s := range v.virtio {
+		s.Transport.Device().Reset() // stops device goroutines, lets I/O finish
 	}
 	for _, c := range v.vcpus {
 		if c.cpu != nil {
