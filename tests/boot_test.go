@@ -269,3 +269,49 @@ func TestSIGTERMRestoresTerminal(t *testing.T) {
 	}
 	checkNoPanic(t, w.String())
 }
+
+// TestCtrlAX types Ctrl-A x on a terminal: rayvmm quits with status 0 and
+// restores the terminal, and the keys before it reached the guest.
+func TestCtrlAX(t *testing.T) {
+	requireKVM(t)
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	defer ptmx.Close()
+	defer tty.Close()
+	before, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newLineWatcher()
+	go io.Copy(w, ptmx)
+	cmd := exec.Command(rayvmm, "boot", "--cmdline", "rayguest.run=echo")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	w.waitFor(t, "cpus 1", 30*time.Second)
+	io.WriteString(ptmx, "typed\r")
+	w.waitFor(t, "rayguest: echo typed", 30*time.Second)
+	io.WriteString(ptmx, "\x01x")
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Ctrl-A x: %v\n%s", err, w.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Ctrl-A x did not stop rayvmm\n%s", w.String())
+	}
+	after, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *after != *before {
+		t.Fatal("terminal settings not restored after Ctrl-A x")
+	}
+}
