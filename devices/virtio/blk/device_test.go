@@ -17,7 +17,9 @@ import (
 )
 
 func rd(a memory.GuestAddr, n uint32) queuetest.Buf { return queuetest.Buf{Addr: a, Len: n} }
-func wr(a memory.GuestAddr, n uint32) queuetest.Buf { return queuetest.Buf{Addr: a, Len: n, Write: true} }
+func wr(a memory.GuestAddr, n uint32) queuetest.Buf {
+	return queuetest.Buf{Addr: a, Len: n, Write: true}
+}
 
 const noStatus = -1
 
