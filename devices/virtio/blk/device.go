@@ -61,11 +61,11 @@ const (
 	configLen            = 60
 )
 
-// Limiter is a token bucket (the ratelimit package's buckets fit): Wait
-// blocks until n tokens are available or ctx ends, and returns how long it
-// waited.
+// Limiter throttles requests by count and bytes (*ratelimit.Limiter fits):
+// Wait charges one operation and n bytes, blocking until both buckets can
+// pay or ctx ends, and returns how long it waited.
 type Limiter interface {
-	Wait(ctx context.Context, n int64) (time.Duration, error)
+	Wait(ctx context.Context, n uint64) (time.Duration, error)
 }
 
 // Config describes one virtio-blk device.
@@ -79,9 +79,9 @@ type Config struct {
 	// QueueSize is the maximum queue size (a power of two); 0 means
 	// DefaultQueueSize.
 	QueueSize uint16
-	// Ops and Bytes throttle requests (1 op each) and read/write data
-	// bytes. nil means unlimited.
-	Ops, Bytes Limiter
+	// RateLimit throttles requests: every request is one operation, and
+	// reads and writes also pay their data bytes. nil means unlimited.
+	RateLimit Limiter
 	// Log receives rate-limited warnings about bad requests. nil discards.
 	Log *slog.Logger
 }
@@ -392,30 +392,22 @@ func (w *worker) complete(head uint16, used uint32, start time.Time, withStatus 
 	return nil
 }
 
-// throttle waits for the rate limiters. It blocks the device goroutine
+// throttle waits for the rate limiter. It blocks the device goroutine
 // only; the time is counted.
 func (w *worker) throttle(ctx context.Context, r *request) error {
-	var waited time.Duration
-	if l := w.d.cfg.Ops; l != nil {
-		t, err := l.Wait(ctx, 1)
-		waited += t
-		if err != nil {
-			w.d.metrics.throttledNanos.Add(uint64(waited))
-			return err
-		}
+	l := w.d.cfg.RateLimit
+	if l == nil {
+		return nil
 	}
-	if l := w.d.cfg.Bytes; l != nil && (r.typ == TypeIn || r.typ == TypeOut) && r.dataLen > 0 {
-		t, err := l.Wait(ctx, int64(r.dataLen))
-		waited += t
-		if err != nil {
-			w.d.metrics.throttledNanos.Add(uint64(waited))
-			return err
-		}
+	var n uint64
+	if r.typ == TypeIn || r.typ == TypeOut {
+		n = r.dataLen
 	}
+	waited, err := l.Wait(ctx, n)
 	if waited > 0 {
 		w.d.metrics.throttledNanos.Add(uint64(waited))
 	}
-	return nil
+	return err
 }
 
 // execute performs a parsed request against the disk and returns the used

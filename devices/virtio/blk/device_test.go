@@ -12,8 +12,8 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio/mmio"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
+	"github.com/rayvmm/rayvmm/ratelimit"
 	"github.com/rayvmm/rayvmm/vmm/memory"
-	"golang.org/x/time/rate"
 )
 
 func rd(a memory.GuestAddr, n uint32) queuetest.Buf { return queuetest.Buf{Addr: a, Len: n} }
@@ -564,7 +564,7 @@ func TestBrokenAvailIndex(t *testing.T) {
 // reset.
 type blockingLimiter struct{ entered chan struct{} }
 
-func (l *blockingLimiter) Wait(ctx context.Context, n int64) (time.Duration, error) {
+func (l *blockingLimiter) Wait(ctx context.Context, n uint64) (time.Duration, error) {
 	start := time.Now()
 	close(l.entered)
 	<-ctx.Done()
@@ -575,7 +575,7 @@ func (l *blockingLimiter) Wait(ctx context.Context, n int64) (time.Duration, err
 // tokens, Notify (the vCPU's path) returns, and Reset cancels the wait.
 func TestThrottledDeviceDoesNotBlockCaller(t *testing.T) {
 	lim := &blockingLimiter{entered: make(chan struct{})}
-	h := newHarness(t, opts{ops: lim})
+	h := newHarness(t, opts{limit: lim})
 	s := h.status()
 	if _, err := h.drv.Add(rd(h.header(TypeIn, 0), 16), wr(h.alloc(512), 512), wr(s, 1)); err != nil {
 		t.Fatal(err)
@@ -600,16 +600,13 @@ func TestThrottledDeviceDoesNotBlockCaller(t *testing.T) {
 	}
 }
 
-type rateLimiter struct{ *rate.Limiter }
-
-func (l rateLimiter) Wait(ctx context.Context, n int64) (time.Duration, error) {
-	start := time.Now()
-	err := l.WaitN(ctx, int(n))
-	return time.Since(start), err
-}
-
 func TestThrottledRequestsComplete(t *testing.T) {
-	h := newHarness(t, opts{ops: rateLimiter{rate.NewLimiter(200, 1)}})
+	// 1 op per 5 ms, no burst beyond the bucket of 1.
+	lim, err := ratelimit.New(ratelimit.Config{Ops: ratelimit.BucketConfig{Size: 1, RefillTimeMs: 5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, opts{limit: lim})
 	for range 5 {
 		s := h.status()
 		if _, used := h.submit(false, rd(h.header(TypeIn, 0), 16), wr(h.alloc(512), 512), wr(s, 1)); used != 513 {

@@ -100,7 +100,7 @@ type opts struct {
 	plain     bool // disk without Discard/WriteZeroes
 	diskSize  int
 	queueSize uint16
-	ops       Limiter
+	limit     Limiter
 	features  uint64 // acked; 0 means everything offered
 }
 
@@ -125,7 +125,7 @@ func newHarness(t testing.TB, o opts) *harness {
 		t.Fatal(err)
 	}
 	drv.EventIdx, drv.Indirect = true, true
-	cfg := Config{Disk: fd, ReadOnly: o.readOnly, Serial: testSerial, QueueSize: o.queueSize, Ops: o.ops}
+	cfg := Config{Disk: fd, ReadOnly: o.readOnly, Serial: testSerial, QueueSize: o.queueSize, RateLimit: o.limit}
 	if o.plain {
 		cfg.Disk = plainDisk{fd}
 	}
