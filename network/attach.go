@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/rayvmm/rayvmm/ratelimit"
 )
 
 // NIC is a guest NIC's host side, made by Attach.
@@ -24,6 +26,9 @@ type NIC struct {
 	TAPs []string
 	// Trunk is set for a trunk port (for its drop counters).
 	Trunk *Trunk
+	// RX and TX are the NIC's rate limiters from the spec (nil when
+	// unlimited): RX for frames toward the guest, TX for frames from it.
+	RX, TX *ratelimit.Limiter
 
 	attachLock *os.File
 	once       sync.Once
@@ -69,6 +74,23 @@ func Attach(ctx context.Context, stateDir, vmName string, spec NICSpec) (*NIC, e
 	if mac == nil {
 		mac = GenerateMAC(vmName, spec.Index)
 	}
+	rx, err := spec.RX.Limiter()
+	if err != nil {
+		return nil, fmt.Errorf("attach NIC %d: rx: %w", spec.Index, err)
+	}
+	tx, err := spec.TX.Limiter()
+	if err != nil {
+		return nil, fmt.Errorf("attach NIC %d: tx: %w", spec.Index, err)
+	}
+	nic, err := attach(ctx, stateDir, vmName, spec, mac)
+	if err != nil {
+		return nil, err
+	}
+	nic.RX, nic.TX = rx, tx
+	return nic, nil
+}
+
+func attach(ctx context.Context, stateDir, vmName string, spec NICSpec, mac net.HardwareAddr) (*NIC, error) {
 	if spec.Tap != "" {
 		return attachTap(vmName, spec, mac)
 	}

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/rayvmm/rayvmm/ratelimit"
 )
 
 // ErrInvalidSpec is the category of every error ParseNICSpec returns.
@@ -26,6 +28,28 @@ type Limits struct {
 
 // Unlimited reports whether no limit is set.
 func (l Limits) Unlimited() bool { return l.Bps == 0 && l.Pps == 0 }
+
+// RateLimit is l as token buckets refilled over one second: Bps bytes and
+// Pps packets, plus the one-time bursts.
+func (l Limits) RateLimit() ratelimit.Config {
+	var c ratelimit.Config
+	if l.Bps != 0 {
+		c.Bandwidth = ratelimit.BucketConfig{Size: l.Bps, OneTimeBurst: l.BurstBytes, RefillTimeMs: 1000}
+	}
+	if l.Pps != 0 {
+		c.Ops = ratelimit.BucketConfig{Size: l.Pps, OneTimeBurst: l.BurstPkts, RefillTimeMs: 1000}
+	}
+	return c
+}
+
+// Limiter builds the limiter for l; nil when l is unlimited.
+func (l Limits) Limiter() (*ratelimit.Limiter, error) {
+	lim, err := ratelimit.New(l.RateLimit())
+	if err != nil {
+		return nil, fmt.Errorf("rate limit: %w", err)
+	}
+	return lim, nil
+}
 
 // NICSpec is one guest NIC as given to "rayvmm boot --net".
 type NICSpec struct {
@@ -154,6 +178,9 @@ func ParseNICSpec(s string) (NICSpec, error) {
 	for _, l := range []Limits{spec.RX, spec.TX} {
 		if (l.BurstBytes != 0 && l.Bps == 0) || (l.BurstPkts != 0 && l.Pps == 0) {
 			return spec, fmt.Errorf("%w: a burst needs its rate (rx-burst needs rx-bps, rx-pps-burst needs rx-pps)", ErrInvalidSpec)
+		}
+		if _, err := l.Limiter(); err != nil {
+			return spec, fmt.Errorf("%w: %w", ErrInvalidSpec, err)
 		}
 	}
 	return spec, nil

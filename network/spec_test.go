@@ -2,6 +2,7 @@ package network
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -42,6 +43,7 @@ func TestParseNICSpec(t *testing.T) {
 		{name: "zero rate", in: "network=lan,tx-bps=0", wantErr: "positive byte count"},
 		{name: "overflow rate", in: "network=lan,tx-bps=99999999999999Gi", wantErr: "overflows"},
 		{name: "burst without rate", in: "network=lan,tx-burst=1M", wantErr: "burst needs its rate"},
+		{name: "rate beyond int64", in: "network=lan,rx-bps=10000000000Gi", wantErr: "too large"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -171,6 +173,37 @@ func TestNewNetworkValidation(t *testing.T) {
 			}
 			if msg := tt.check(n); msg != "" {
 				t.Fatalf("%+v: %s", n, msg)
+			}
+		})
+	}
+}
+
+func TestLimitsRateLimit(t *testing.T) {
+	tests := []struct {
+		name       string
+		spec       string
+		rx, tx     string // fmt of the ratelimit.Config
+		rxNil, tx0 bool
+	}{
+		{name: "none", spec: "network=lan", rx: "{{0 0 0} {0 0 0}}", tx: "{{0 0 0} {0 0 0}}"},
+		{name: "bytes with burst", spec: "network=lan,tx-bps=1M,tx-burst=64Ki", rx: "{{0 0 0} {0 0 0}}", tx: "{{1000000 65536 1000} {0 0 0}}"},
+		{name: "packets", spec: "network=lan,rx-pps=100,rx-pps-burst=10", rx: "{{0 0 0} {100 10 1000}}", tx: "{{0 0 0} {0 0 0}}"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := ParseNICSpec(tt.spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := fmt.Sprint(s.RX.RateLimit()); got != tt.rx {
+				t.Fatalf("rx = %s, want %s", got, tt.rx)
+			}
+			if got := fmt.Sprint(s.TX.RateLimit()); got != tt.tx {
+				t.Fatalf("tx = %s, want %s", got, tt.tx)
+			}
+			lim, err := s.TX.Limiter()
+			if err != nil || (lim == nil) != s.TX.Unlimited() {
+				t.Fatalf("tx limiter %v, %v; unlimited %v", lim, err, s.TX.Unlimited())
 			}
 		})
 	}

@@ -29,6 +29,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/devices/virtio"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
+	"github.com/rayvmm/rayvmm/ratelimit"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
@@ -69,21 +70,14 @@ type Port interface {
 	Write(frame []byte) (int, error)
 }
 
-// Limiter throttles one direction: Wait blocks until bytes (one frame) may
-// pass and returns how long it waited; it returns ctx's error when ctx is
-// cancelled first.
-type Limiter interface {
-	Wait(ctx context.Context, bytes uint64) (time.Duration, error)
-}
-
 // Config describes a device.
 type Config struct {
 	MAC  net.HardwareAddr // required, 6 bytes
 	MTU  int              // 0 means 1500
 	Port Port             // required
-	// RX limits frames toward the guest, TX frames from it; nil is
-	// unlimited.
-	RX, TX Limiter
+	// RX limits frames toward the guest, TX frames from it (one op and
+	// the frame's bytes per frame); nil is unlimited.
+	RX, TX *ratelimit.Limiter
 	// QueueSize is the maximum queue size; 0 means DefaultQueueSize.
 	QueueSize uint16
 	// Log receives rate-limited reports of what the guest got wrong.
@@ -96,8 +90,8 @@ type Device struct {
 	mac       [6]byte
 	mtu       int
 	queueSize uint16
-	rxLimit   Limiter
-	txLimit   Limiter
+	rxLimit   *ratelimit.Limiter
+	txLimit   *ratelimit.Limiter
 	log       *slog.Logger
 	metrics   Metrics
 
