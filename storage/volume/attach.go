@@ -1,0 +1,71 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/rayvmm/rayvmm/storage"
+)
+
+// Attachment is a volume opened for a VMM. The volume stays attached,
+// and refuses other attaches, snapshot and rm, until Close or until the
+// process exits (however it exits).
+type Attachment struct {
+	Volume *Volume
+	// Disk is the opened image (and its backing chain).
+	Disk storage.Disk
+	lock *lock
+}
+
+// Attach opens volume name for a VMM. A read-write attach holds the
+// volume's lock exclusively and is refused while anyone else holds it; a
+// read-only attach shares it with other read-only attaches. A snapshot
+// can only be attached read-only.
+func (s *Store) Attach(name string, readOnly bool) (*Attachment, error) {
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
+	if _, err := s.getRecord(name); err != nil {
+		return nil, err // before creating a lock file for a missing volume
+	}
+	l, err := s.lockVolume(name, !readOnly)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.attachLocked(name, readOnly, l)
+	if err != nil {
+		return nil, errors.Join(err, l.release())
+	}
+	return a, nil
+}
+
+func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, error) {
+	v, err := s.getRecord(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.State != Available {
+		return nil, fmt.Errorf("%w: volume %q is %s", ErrInvalid, name, v.State)
+	}
+	if v.ReadOnly && !readOnly {
+		return nil, fmt.Errorf("attach %q read-write: %w (clone it, or attach it read-only)", name, ErrSnapshot)
+	}
+	d, err := storage.OpenDisk(v.Path, v.Format, readOnly)
+	if err != nil {
+		return nil, fmt.Errorf("attach volume %q: %w", name, err)
+	}
+	l.setOwner()
+	v.State = Attached
+	return &Attachment{Volume: v, Disk: d, lock: l}, nil
+}
+
+// Close flushes and closes the disk and releases the volume.
+func (a *Attachment) Close() error {
+	var errs []error
+	if a.Disk != nil {
+		errs = append(errs, a.Disk.Flush(), a.Disk.Close())
+		a.Disk = nil
+	}
+	errs = append(errs, a.lock.release())
+	return errors.Join(errs...)
+}

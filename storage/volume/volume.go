@@ -1,0 +1,463 @@
+// Package volume keeps rayvmm's volumes: disk images under
+// <state-dir>/volumes with their metadata (name, format, size, state,
+// parent) in a bbolt database there.
+//
+// A snapshot freezes a volume's current image as a read-only parent and
+// gives the volume a new qcow2 overlay on top of it, so the chain is an
+// ordinary qcow2 backing chain that qemu-img can follow; a clone is a new
+// overlay on a snapshot. A volume is attached while a VMM holds its lock
+// (see Attach); its state is derived from that lock, so a VMM that dies,
+// even by kill -9, leaves it available again. Every operation that fails
+// removes what it made: no half-written image, record or lock file stays
+// behind.
+package volume
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"syscall"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/storage/qcow2"
+)
+
+// Errors by category; operations wrap them with the volume's name.
+var (
+	ErrNotFound    = errors.New("no such volume")
+	ErrExists      = errors.New("volume already exists")
+	ErrAttached    = errors.New("volume is attached")
+	ErrParent      = errors.New("volume is the parent of another volume")
+	ErrInvalid     = errors.New("invalid volume request")
+	ErrSnapshot    = errors.New("volume is a read-only snapshot")
+	ErrNotSnapshot = errors.New("volume is not a snapshot")
+)
+
+// State is where a volume is in its life.
+type State string
+
+// States. Attached is never stored: it is derived from the lock.
+const (
+	Created   State = "created"   // record made, image being written
+	Available State = "available" // ready to attach
+	Attached  State = "attached"  // a VMM holds the lock
+	Deleted   State = "deleted"   // being removed
+)
+
+// Volume is a volume's record, plus what is derived when it is read.
+type Volume struct {
+	Name     string    `json:"name"`
+	Format   string    `json:"format"`
+	Size     int64     `json:"virtual_size"`
+	Path     string    `json:"path"`
+	State    State     `json:"state"`
+	Parent   string    `json:"parent,omitempty"`
+	ReadOnly bool      `json:"read_only"`
+	Created  time.Time `json:"created"`
+
+	// Derived, not stored.
+	Allocated  int64    `json:"allocated_bytes"`
+	AttachedBy int      `json:"attached_by_pid,omitempty"`
+	Chain      []string `json:"backing_chain,omitempty"`
+}
+
+var bucket = []byte("volumes")
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// ValidName reports whether name can name a volume.
+func ValidName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%w: name %q: use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, name)
+	}
+	return nil
+}
+
+// Store is the volume directory of one state directory. It keeps no file
+// open between calls, so a VMM holding a Store does not block the CLI.
+type Store struct {
+	dir string
+}
+
+// Open returns the store under stateDir. Nothing is created until a
+// volume is.
+func Open(stateDir string) (*Store, error) {
+	if stateDir == "" {
+		return nil, fmt.Errorf("%w: empty state directory", ErrInvalid)
+	}
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		return nil, fmt.Errorf("volume store: %w", err)
+	}
+	return &Store{dir: filepath.Join(abs, "volumes")}, nil
+}
+
+// Dir is the directory that holds the images, locks and database.
+func (s *Store) Dir() string { return s.dir }
+
+func (s *Store) dbPath() string { return filepath.Join(s.dir, "volumes.db") }
+
+func (s *Store) lockPath(name string) string { return filepath.Join(s.dir, name+".lock") }
+
+// newImagePath names a new image file for a volume.
+func (s *Store) newImagePath(name, format string) string {
+	var b [4]byte
+	rand.Read(b[:])
+	return filepath.Join(s.dir, fmt.Sprintf("%s-%s.%s", name, hex.EncodeToString(b[:]), format))
+}
+
+// update runs fn in a read-write transaction, creating the store.
+func (s *Store) update(fn func(b *bolt.Bucket) error) error {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return fmt.Errorf("volume store: %w", err)
+	}
+	db, err := bolt.Open(s.dbPath(), 0o600, &bolt.Options{Timeout: 10 * time.Second})
+	if err != nil {
+		return fmt.Errorf("volume store %s: %w", s.dbPath(), err)
+	}
+	defer db.Close()
+	return db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucket)
+		if err != nil {
+			return err
+		}
+		return fn(b)
+	})
+}
+
+// view runs fn in a read-only transaction; b is nil if there is no store.
+func (s *Store) view(fn func(b *bolt.Bucket) error) error {
+	if _, err := os.Stat(s.dbPath()); os.IsNotExist(err) {
+		return fn(nil)
+	}
+	db, err := bolt.Open(s.dbPath(), 0o600, &bolt.Options{Timeout: 10 * time.Second, ReadOnly: true})
+	if err != nil {
+		return fmt.Errorf("volume store %s: %w", s.dbPath(), err)
+	}
+	defer db.Close()
+	return db.View(func(tx *bolt.Tx) error { return fn(tx.Bucket(bucket)) })
+}
+
+func get(b *bolt.Bucket, name string) (*Volume, error) {
+	if b == nil {
+		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+	}
+	raw := b.Get([]byte(name))
+	if raw == nil {
+		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+	}
+	v := &Volume{}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return nil, fmt.Errorf("volume %q: bad record: %w", name, err)
+	}
+	return v, nil
+}
+
+func put(b *bolt.Bucket, v *Volume) error {
+	stored := *v
+	stored.Allocated, stored.AttachedBy, stored.Chain = 0, 0, nil
+	if stored.State == Attached {
+		stored.State = Available
+	}
+	raw, err := json.Marshal(&stored)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(v.Name), raw)
+}
+
+// children lists the volumes whose parent is name.
+func children(b *bolt.Bucket, name string) []string {
+	var out []string
+	b.ForEach(func(k, raw []byte) error {
+		var v Volume
+		if json.Unmarshal(raw, &v) == nil && v.Parent == name {
+			out = append(out, v.Name)
+		}
+		return nil
+	})
+	return out
+}
+
+// reserve adds a record in state Created, refusing a name in use.
+func (s *Store) reserve(v *Volume) error {
+	return s.update(func(b *bolt.Bucket) error {
+		if old, err := get(b, v.Name); err == nil {
+			if old.State == Deleted {
+				return fmt.Errorf("volume %q is being deleted (run volume rm %s to finish): %w", v.Name, v.Name, ErrExists)
+			}
+			return fmt.Errorf("volume %q: %w", v.Name, ErrExists)
+		}
+		v.State = Created
+		v.Created = time.Now().UTC().Truncate(time.Second)
+		return put(b, v)
+	})
+}
+
+// finish marks a reserved record available, or on failure removes it and
+// the image.
+func (s *Store) finish(v *Volume, err error) (*Volume, error) {
+	if err == nil {
+		err = s.update(func(b *bolt.Bucket) error {
+			v.State = Available
+			return put(b, v)
+		})
+		if err == nil {
+			return s.Get(v.Name)
+		}
+	}
+	os.Remove(v.Path)
+	if derr := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(v.Name)) }); derr != nil {
+		err = errors.Join(err, derr)
+	}
+	return nil, err
+}
+
+// Create makes a new empty volume of size bytes in format "raw" or "qcow2".
+func (s *Store) Create(name string, size int64, format string) (*Volume, error) {
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
+	if err := checkSize(size); err != nil {
+		return nil, err
+	}
+	if format != "raw" && format != "qcow2" {
+		return nil, fmt.Errorf("%w: format %q (want raw or qcow2)", ErrInvalid, format)
+	}
+	v := &Volume{Name: name, Format: format, Size: size, Path: s.newImagePath(name, format)}
+	if err := s.reserve(v); err != nil {
+		return nil, err
+	}
+	d, err := storage.CreateDisk(v.Path, format, size)
+	if err == nil {
+		err = d.Close()
+	}
+	return s.finish(v, err)
+}
+
+func checkSize(size int64) error {
+	if size <= 0 {
+		return fmt.Errorf("%w: size %d must be greater than zero", ErrInvalid, size)
+	}
+	if size%512 != 0 {
+		return fmt.Errorf("%w: size %d is not a multiple of 512 bytes", ErrInvalid, size)
+	}
+	return nil
+}
+
+// Get returns one volume with its derived state, allocation and chain.
+func (s *Store) Get(name string) (*Volume, error) {
+	var v *Volume
+	var all map[string]*Volume
+	err := s.view(func(b *bolt.Bucket) error {
+		var err error
+		if v, err = get(b, name); err != nil {
+			return err
+		}
+		all, err = loadAll(b)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.derive(v)
+	for p, seen := v, map[string]bool{}; p != nil && !seen[p.Name]; p = all[p.Parent] {
+		seen[p.Name] = true
+		v.Chain = append(v.Chain, p.Path)
+	}
+	return v, nil
+}
+
+func loadAll(b *bolt.Bucket) (map[string]*Volume, error) {
+	all := map[string]*Volume{}
+	if b == nil {
+		return all, nil
+	}
+	err := b.ForEach(func(k, _ []byte) error {
+		v, err := get(b, string(k))
+		if err == nil {
+			all[v.Name] = v
+		}
+		return err
+	})
+	return all, err
+}
+
+// List returns every volume, sorted by name.
+func (s *Store) List() ([]*Volume, error) {
+	var all map[string]*Volume
+	if err := s.view(func(b *bolt.Bucket) error {
+		var err error
+		all, err = loadAll(b)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	out := make([]*Volume, 0, len(all))
+	for _, v := range all {
+		s.derive(v)
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// derive fills in what is not stored: attached state and allocation.
+func (s *Store) derive(v *Volume) {
+	if v.State == Available {
+		if held, pid := lockHolder(s.lockPath(v.Name)); held {
+			v.State, v.AttachedBy = Attached, pid
+		}
+	}
+	var st syscall.Stat_t
+	if syscall.Stat(v.Path, &st) == nil {
+		v.Allocated = st.Blocks * 512
+	}
+}
+
+// lockVolume takes a volume's lock for an operation, or says who has it.
+func (s *Store) lockVolume(name string, exclusive bool) (*lock, error) {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("volume store: %w", err)
+	}
+	l, err := tryLock(s.lockPath(name), exclusive)
+	if errors.Is(err, errLocked) {
+		if _, pid := lockHolder(s.lockPath(name)); pid > 0 {
+			return nil, fmt.Errorf("volume %q (by pid %d): %w", name, pid, ErrAttached)
+		}
+		return nil, fmt.Errorf("volume %q: %w", name, ErrAttached)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("volume %q: %w", name, err)
+	}
+	return l, nil
+}
+
+// Snapshot freezes volume name's current image as the read-only snapshot
+// snap and puts a new qcow2 overlay on it for the volume's further writes.
+func (s *Store) Snapshot(name, snap string) (*Volume, error) {
+	if err := ValidName(snap); err != nil {
+		return nil, err
+	}
+	l, err := s.lockVolume(name, true)
+	if err != nil {
+		return nil, err
+	}
+	defer l.release()
+	v, err := s.getRecord(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.ReadOnly {
+		return nil, fmt.Errorf("snapshot %q: %w (clone it instead)", name, ErrSnapshot)
+	}
+	if v.State != Available {
+		return nil, fmt.Errorf("%w: volume %q is %s", ErrInvalid, name, v.State)
+	}
+	// The snapshot takes the current image; the volume gets an overlay.
+	sv := &Volume{Name: snap, Format: v.Format, Size: v.Size, Path: v.Path, Parent: v.Parent, ReadOnly: true}
+	overlay := s.newImagePath(name, "qcow2")
+	if err := s.reserve(sv); err != nil {
+		return nil, err
+	}
+	im, err := qcow2.Create(overlay, v.Size, qcow2.CreateOptions{BackingFile: filepath.Base(v.Path), BackingFormat: v.Format})
+	if err == nil {
+		err = im.Close()
+	}
+	if err == nil {
+		err = os.Chmod(v.Path, 0o444)
+	}
+	if err == nil {
+		err = s.update(func(b *bolt.Bucket) error {
+			sv.State = Available
+			nv := *v
+			nv.Path, nv.Format, nv.Parent = overlay, "qcow2", snap
+			return errors.Join(put(b, sv), put(b, &nv))
+		})
+	}
+	if err != nil {
+		os.Remove(overlay)
+		os.Chmod(v.Path, 0o644)
+		sv.Path = "" // the image is the volume's: finish must not remove it
+		_, ferr := s.finish(sv, fmt.Errorf("snapshot %q as %q: %w", name, snap, err))
+		return nil, ferr
+	}
+	return s.Get(snap)
+}
+
+func (s *Store) getRecord(name string) (*Volume, error) {
+	var v *Volume
+	err := s.view(func(b *bolt.Bucket) error {
+		var err error
+		v, err = get(b, name)
+		return err
+	})
+	return v, err
+}
+
+// Clone makes a new volume name as a qcow2 overlay on snapshot snap.
+func (s *Store) Clone(snap, name string) (*Volume, error) {
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
+	sv, err := s.getRecord(snap)
+	if err != nil {
+		return nil, err
+	}
+	if !sv.ReadOnly {
+		return nil, fmt.Errorf("clone %q: %w (snapshot it first)", snap, ErrNotSnapshot)
+	}
+	if sv.State != Available {
+		return nil, fmt.Errorf("%w: snapshot %q is %s", ErrInvalid, snap, sv.State)
+	}
+	v := &Volume{Name: name, Format: "qcow2", Size: sv.Size, Path: s.newImagePath(name, "qcow2"), Parent: snap}
+	if err := s.reserve(v); err != nil {
+		return nil, err
+	}
+	im, err := qcow2.Create(v.Path, sv.Size, qcow2.CreateOptions{BackingFile: filepath.Base(sv.Path), BackingFormat: sv.Format})
+	if err == nil {
+		err = im.Close()
+	}
+	return s.finish(v, err)
+}
+
+// Remove deletes a volume and its image. It refuses while the volume is
+// attached or while it is another volume's parent.
+func (s *Store) Remove(name string) error {
+	if _, err := s.getRecord(name); err != nil {
+		return err
+	}
+	l, err := s.lockVolume(name, true)
+	if err != nil {
+		return err
+	}
+	defer l.release()
+	var v *Volume
+	err = s.update(func(b *bolt.Bucket) error {
+		var err error
+		if v, err = get(b, name); err != nil {
+			return err
+		}
+		if kids := children(b, name); len(kids) > 0 {
+			return fmt.Errorf("volume %q (parent of %v): %w", name, kids, ErrParent)
+		}
+		v.State = Deleted
+		return put(b, v)
+	})
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(v.Path); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("remove volume %q: %w", name, err)
+	}
+	return s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(name)) })
+}
