@@ -81,7 +81,7 @@ func TestLinuxBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	out.waitFor(t, "Linux version", 2*time.Minute)
+	out.waitFor(t, "Linux version", 5*time.Minute)
 	out.waitFor(t, "BIOS-e820: [mem 0x0000000000100000", 2*time.Minute)
 	text := out.String()
 	if !strings.Contains(text, "Command line: "+cmdline+"\n") {
@@ -118,8 +118,8 @@ func TestLinuxBoot(t *testing.T) {
 		if err == nil {
 			t.Fatalf("Linux died in the emulator but rayvmm exited 0\n%s", out.String())
 		}
-	case <-time.After(6 * time.Minute):
-		t.Fatalf("Linux still running after 6 minutes\n%s", out.String())
+	case <-time.After(10 * time.Minute):
+		t.Fatalf("Linux still running after 10 minutes\n%s", out.String())
 	}
 	msg := strings.TrimSpace(errw.String())
 	t.Logf("rayvmm: %s", msg)
