@@ -215,13 +215,7 @@ func (d *Device) Activate(mem *memory.Memory, irq virtio.Interrupt, qs []*queue.
 	case d.cancel != nil:
 		return errors.New("virtio-blk: activate: already active")
 	}
-	lim := d.lim
-	lim.discard = d.acked&FeatureDiscard != 0
-	lim.zeroes = d.acked&FeatureWriteZeroes != 0
-	w := &worker{
-		d: d, mem: mem, irq: irq, q: qs[0], lim: lim,
-		writeThrough: d.acked&FeatureFlush == 0,
-	}
+	w := d.newWorker(mem, irq, qs[0])
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel, d.done = cancel, make(chan struct{})
 	select { // look at the ring once: the driver may have queued before DRIVER_OK
@@ -269,6 +263,17 @@ func (d *Device) Close() error {
 	d.stop()
 	d.closed = true
 	return nil
+}
+
+// newWorker prepares the I/O state for one activation; d.mu is held.
+func (d *Device) newWorker(mem *memory.Memory, irq virtio.Interrupt, q *queue.Queue) *worker {
+	lim := d.lim
+	lim.discard = d.acked&FeatureDiscard != 0
+	lim.zeroes = d.acked&FeatureWriteZeroes != 0
+	return &worker{
+		d: d, mem: mem, irq: irq, q: q, lim: lim,
+		writeThrough: d.acked&FeatureFlush == 0,
+	}
 }
 
 // worker is the state of one activation: the I/O goroutine's.
