@@ -20,11 +20,16 @@ var testMAC = []byte{0x02, 0, 0, 0, 0, 0x42}
 // irqCounter is the test's transport side of interrupts.
 type irqCounter struct {
 	used, config, resets atomic.Uint64
+	kick                 chan struct{} // signalled on every used-ring interrupt
 }
 
 func (i *irqCounter) Trigger(k virtio.InterruptKind, _ uint16) error {
 	if k == virtio.InterruptUsedRing {
 		i.used.Add(1)
+		select {
+		case i.kick <- struct{}{}:
+		default:
+		}
 	} else {
 		i.config.Add(1)
 	}
@@ -95,7 +100,7 @@ func newHarness(t testing.TB, cfg Config, eventIdx bool) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, mem: mem, irq: &irqCounter{}}
+	h := &harness{t: t, mem: mem, irq: &irqCounter{kick: make(chan struct{}, 1)}}
 	if cfg.MAC == nil {
 		cfg.MAC = testMAC
 	}
@@ -216,4 +221,113 @@ func ethFrame(n int, vlan uint16) []byte {
 		f[i] = byte(i)
 	}
 	return f[:n]
+}
+
+// feedTx keeps the transmit queue full of copies of frame, as a busy
+// guest driver does, until count frames completed or stop is closed. It
+// returns the number completed. It is the only user of h.tx meanwhile.
+func (h *harness) feedTx(frame []byte, count int, stop <-chan struct{}) int {
+	buf := make([]byte, HeaderLen+len(frame))
+	copy(buf[HeaderLen:], frame)
+	var free []memory.GuestAddr
+	for range h.tx.Size {
+		a, err := h.tx.Alloc(uint64(len(buf)))
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		h.mem.Write(a, buf)
+		free = append(free, a)
+	}
+	addrOf := make([]memory.GuestAddr, h.tx.Size)
+	queued, done := 0, 0
+	for done < count {
+		progress := false
+		for {
+			id, _, ok, err := h.tx.Used()
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			if !ok {
+				break
+			}
+			free = append(free, addrOf[id])
+			done++
+			progress = true
+		}
+		added := false
+		for len(free) > 0 && queued < count {
+			a := free[len(free)-1]
+			free = free[:len(free)-1]
+			head, err := h.tx.Add(queuetest.Buf{Addr: a, Len: uint32(len(buf))})
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			addrOf[head] = a
+			queued++
+			added = true
+		}
+		if added {
+			if kick, _ := h.tx.NeedsKick(); kick {
+				h.dev.Notify(TxQueue)
+			}
+		}
+		if !progress && !added {
+			select {
+			case <-h.irq.kick:
+			case <-time.After(time.Millisecond):
+			case <-stop:
+				return done
+			}
+		}
+	}
+	return done
+}
+
+// consumeRx keeps the receive queue stocked with bufLen-byte buffers and
+// counts the frames the device delivers, until count arrived or stop is
+// closed. got is updated as frames arrive.
+func (h *harness) consumeRx(bufLen uint32, count int, got *atomic.Int64, stop <-chan struct{}) {
+	addrOf := make([]memory.GuestAddr, h.rx.Size)
+	post := func(a memory.GuestAddr) {
+		head, err := h.rx.Add(queuetest.Buf{Addr: a, Len: bufLen, Write: true})
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		addrOf[head] = a
+	}
+	for range h.rx.Size {
+		a, err := h.rx.Alloc(uint64(bufLen))
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		post(a)
+	}
+	h.dev.Notify(RxQueue)
+	for got.Load() < int64(count) {
+		progress := false
+		for {
+			id, _, ok, err := h.rx.Used()
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			if !ok {
+				break
+			}
+			got.Add(1)
+			post(addrOf[id])
+			progress = true
+		}
+		if progress {
+			if kick, _ := h.rx.NeedsKick(); kick {
+				h.dev.Notify(RxQueue)
+			}
+			continue
+		}
+		select {
+		case <-h.irq.kick:
+		case <-time.After(time.Millisecond):
+		case <-stop:
+			return
+		}
+	}
 }
