@@ -21,31 +21,32 @@ var sizeUnits = map[byte]uint{'K': 1, 'M': 2, 'G': 3, 'T': 4, 'P': 5, 'E': 6}
 // ErrInvalidSize.
 func ParseSize(s string) (int64, error) {
 	t := strings.TrimSpace(s)
-	num := strings.TrimRight(t, "KMGTPEkmgtpeiIbB")
-	suffix := strings.ToUpper(t[len(num):])
-	shift := uint(0)
-	switch {
-	case suffix == "" || suffix == "B":
-	case len(suffix) <= 3:
-		u, ok := sizeUnits[suffix[0]]
-		rest := suffix[1:]
-		if !ok || (rest != "" && rest != "B" && rest != "IB") {
-			return 0, fmt.Errorf("%w %q: unknown unit %q (want K, M, G, T, P or E)", ErrInvalidSize, s, t[len(num):])
-		}
-		shift = 10 * u
-	default:
-		return 0, fmt.Errorf("%w %q: unknown unit %q (want K, M, G, T, P or E)", ErrInvalidSize, s, t[len(num):])
+	i := strings.IndexFunc(t, func(r rune) bool { return r < '0' || r > '9' })
+	if i < 0 {
+		i = len(t)
 	}
+	num, unit := t[:i], t[i:]
 	if num == "" {
-		return 0, fmt.Errorf("%w %q: no number", ErrInvalidSize, s)
+		if strings.HasPrefix(unit, "-") {
+			return 0, fmt.Errorf("%w %q: must be greater than zero", ErrInvalidSize, s)
+		}
+		return 0, fmt.Errorf("%w %q: no number (want bytes, or a number with a K, M, G, T, P or E suffix)", ErrInvalidSize, s)
+	}
+	shift := uint(0)
+	switch u := strings.ToUpper(unit); {
+	case u == "" || u == "B":
+	case strings.HasPrefix(u, ".") || strings.HasPrefix(u, ","):
+		return 0, fmt.Errorf("%w %q: want a whole number of bytes or units", ErrInvalidSize, s)
+	default:
+		p, ok := sizeUnits[u[0]]
+		if rest := u[1:]; !ok || (rest != "" && rest != "B" && rest != "IB") {
+			return 0, fmt.Errorf("%w %q: unknown unit %q (want K, M, G, T, P or E)", ErrInvalidSize, s, unit)
+		}
+		shift = 10 * p
 	}
 	n, err := strconv.ParseUint(num, 10, 64)
 	if err != nil {
-		var ne *strconv.NumError
-		if errors.As(err, &ne) && errors.Is(ne.Err, strconv.ErrRange) {
-			return 0, fmt.Errorf("%w %q: too large", ErrInvalidSize, s)
-		}
-		return 0, fmt.Errorf("%w %q: want a whole number of bytes with an optional K, M, G, T, P or E suffix", ErrInvalidSize, s)
+		return 0, fmt.Errorf("%w %q: too large", ErrInvalidSize, s)
 	}
 	if n == 0 {
 		return 0, fmt.Errorf("%w %q: must be greater than zero", ErrInvalidSize, s)

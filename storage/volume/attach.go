@@ -48,7 +48,7 @@ func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, 
 		return nil, fmt.Errorf("%w: volume %q is %s", ErrInvalid, name, v.State)
 	}
 	if v.ReadOnly && !readOnly {
-		return nil, fmt.Errorf("attach %q read-write: %w (clone it, or attach it read-only)", name, ErrSnapshot)
+		return nil, fmt.Errorf("cannot attach %q read-write: it %w (clone it, or attach it read-only)", name, ErrSnapshot)
 	}
 	d, err := storage.OpenDisk(v.Path, v.Format, readOnly)
 	if err != nil {

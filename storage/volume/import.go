@@ -27,6 +27,9 @@ func (s *Store) Import(path, name string, opts ImportOptions) (*Volume, error) {
 	if err := ValidName(name); err != nil {
 		return nil, err
 	}
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("import: %w", err)
+	}
 	src, err := storage.OpenDisk(path, "", true)
 	if err != nil {
 		return nil, fmt.Errorf("import %s: %w", path, err)

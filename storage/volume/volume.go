@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,12 +35,12 @@ import (
 // Errors by category; operations wrap them with the volume's name.
 var (
 	ErrNotFound    = errors.New("no such volume")
-	ErrExists      = errors.New("volume already exists")
-	ErrAttached    = errors.New("volume is attached")
-	ErrParent      = errors.New("volume is the parent of another volume")
+	ErrExists      = errors.New("already exists")
+	ErrAttached    = errors.New("is attached")
+	ErrParent      = errors.New("is the parent of")
 	ErrInvalid     = errors.New("invalid volume request")
-	ErrSnapshot    = errors.New("volume is a read-only snapshot")
-	ErrNotSnapshot = errors.New("volume is not a snapshot")
+	ErrSnapshot    = errors.New("is a read-only snapshot")
+	ErrNotSnapshot = errors.New("is not a snapshot")
 )
 
 // State is where a volume is in its life.
@@ -149,11 +150,11 @@ func (s *Store) view(fn func(b *bolt.Bucket) error) error {
 
 func get(b *bolt.Bucket, name string) (*Volume, error) {
 	if b == nil {
-		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+		return nil, fmt.Errorf("%w %q", ErrNotFound, name)
 	}
 	raw := b.Get([]byte(name))
 	if raw == nil {
-		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+		return nil, fmt.Errorf("%w %q", ErrNotFound, name)
 	}
 	v := &Volume{}
 	if err := json.Unmarshal(raw, v); err != nil {
@@ -193,9 +194,9 @@ func (s *Store) reserve(v *Volume) error {
 	return s.update(func(b *bolt.Bucket) error {
 		if old, err := get(b, v.Name); err == nil {
 			if old.State == Deleted {
-				return fmt.Errorf("volume %q is being deleted (run volume rm %s to finish): %w", v.Name, v.Name, ErrExists)
+				return fmt.Errorf("volume %q %w and is being deleted (run volume rm %s to finish)", v.Name, ErrExists, v.Name)
 			}
-			return fmt.Errorf("volume %q: %w", v.Name, ErrExists)
+			return fmt.Errorf("volume %q %w", v.Name, ErrExists)
 		}
 		v.State = Created
 		v.Created = time.Now().UTC().Truncate(time.Second)
@@ -332,9 +333,9 @@ func (s *Store) lockVolume(name string, exclusive bool) (*lock, error) {
 	l, err := tryLock(s.lockPath(name), exclusive)
 	if errors.Is(err, errLocked) {
 		if _, pid := lockHolder(s.lockPath(name)); pid > 0 {
-			return nil, fmt.Errorf("volume %q (by pid %d): %w", name, pid, ErrAttached)
+			return nil, fmt.Errorf("volume %q %w (by pid %d)", name, ErrAttached, pid)
 		}
-		return nil, fmt.Errorf("volume %q: %w", name, ErrAttached)
+		return nil, fmt.Errorf("volume %q %w", name, ErrAttached)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: %w", name, err)
@@ -358,7 +359,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 		return nil, err
 	}
 	if v.ReadOnly {
-		return nil, fmt.Errorf("snapshot %q: %w (clone it instead)", name, ErrSnapshot)
+		return nil, fmt.Errorf("cannot snapshot %q: it %w (clone it instead)", name, ErrSnapshot)
 	}
 	if v.State != Available {
 		return nil, fmt.Errorf("%w: volume %q is %s", ErrInvalid, name, v.State)
@@ -414,7 +415,7 @@ func (s *Store) Clone(snap, name string) (*Volume, error) {
 		return nil, err
 	}
 	if !sv.ReadOnly {
-		return nil, fmt.Errorf("clone %q: %w (snapshot it first)", snap, ErrNotSnapshot)
+		return nil, fmt.Errorf("cannot clone %q: it %w (snapshot it first)", snap, ErrNotSnapshot)
 	}
 	if sv.State != Available {
 		return nil, fmt.Errorf("%w: snapshot %q is %s", ErrInvalid, snap, sv.State)
@@ -448,7 +449,7 @@ func (s *Store) Remove(name string) error {
 			return err
 		}
 		if kids := children(b, name); len(kids) > 0 {
-			return fmt.Errorf("volume %q (parent of %v): %w", name, kids, ErrParent)
+			return fmt.Errorf("cannot remove volume %q: it %w %s", name, ErrParent, strings.Join(kids, ", "))
 		}
 		v.State = Deleted
 		return put(b, v)

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/storage/volume"
+)
+
+// progressMin is the smallest import that gets a progress bar.
+const progressMin = 64 << 20
+
+var volumeCmd = &cobra.Command{
+	Use:   "volume",
+	Short: "Manage volumes: disk images kept under the state directory",
+	Long: `Volumes are raw or qcow2 disk images that rayvmm keeps under
+<state-dir>/volumes, with their metadata in a bbolt database there.
+
+A snapshot freezes a volume's current image as a read-only parent and gives
+the volume a new qcow2 overlay on top of it; a clone is a new volume on top
+of a snapshot. "qemu-img info --backing-chain" shows the same chain.
+A volume is attached while a running VMM uses it; an attached volume cannot
+be attached again, snapshotted or removed.`,
+}
+
+// args makes cobra check for exactly the named positional arguments.
+func args(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, a []string) error {
+		if len(a) != len(names) {
+			return fmt.Errorf("%s takes %s (got %d argument(s))", cmd.CommandPath(), strings.Join(names, " "), len(a))
+		}
+		return nil
+	}
+}
+
+func store() (*volume.Store, error) { return volume.Open(stateDir) }
+
+func init() {
+	var size, format string
+	create := &cobra.Command{
+		Use:   "create NAME --size SIZE [--format raw|qcow2]",
+		Short: "Create an empty volume",
+		Example: `  rayvmm volume create data --size 10G
+  rayvmm volume create scratch --size 512M --format raw`,
+		Args: args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			n, err := storage.ParseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			v, err := s.Create(a[0], n, format)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, storage.FormatSize(v.Size))
+			return nil
+		},
+	}
+	create.Flags().StringVar(&size, "size", "", "virtual size: bytes, or with a K, M, G or T suffix (powers of 1024)")
+	create.Flags().StringVar(&format, "format", "qcow2", "image format: raw or qcow2")
+	create.MarkFlagRequired("size")
+
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List volumes",
+		Args:  args(),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			vs, err := s.List()
+			if err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+			fmt.Fprintln(w, "NAME\tFORMAT\tSIZE\tALLOCATED\tSTATE\tPARENT")
+			for _, v := range vs {
+				st := string(v.State)
+				if v.ReadOnly {
+					st += " (snapshot)"
+				}
+				parent := v.Parent
+				if parent == "" {
+					parent = "-"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, storage.FormatSize(v.Size), storage.FormatSize(v.Allocated), st, parent)
+			}
+			return w.Flush()
+		},
+	}
+
+	inspect := &cobra.Command{
+		Use:   "inspect NAME",
+		Short: "Show a volume as JSON",
+		Args:  args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			v, err := s.Get(a[0])
+			if err != nil {
+				return err
+			}
+			b, err := json.MarshalIndent(v, "", "  ")
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
+			return nil
+		},
+	}
+
+	snapshot := &cobra.Command{
+		Use:   "snapshot NAME SNAPNAME",
+		Short: "Freeze a volume's current content as a read-only snapshot",
+		Long: `Freeze NAME's current image as the read-only snapshot SNAPNAME. NAME
+carries on as a new qcow2 overlay on top of it, so later writes to NAME do
+not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
+		Args: args("NAME", "SNAPNAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			if _, err := s.Snapshot(a[0], a[1]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s of volume %s created\n", a[1], a[0])
+			return nil
+		},
+	}
+
+	clone := &cobra.Command{
+		Use:   "clone SNAPNAME NEWNAME",
+		Short: "Create a volume from a snapshot",
+		Args:  args("SNAPNAME", "NEWNAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			if _, err := s.Clone(a[0], a[1]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s cloned from snapshot %s\n", a[1], a[0])
+			return nil
+		},
+	}
+
+	rm := &cobra.Command{
+		Use:     "rm NAME",
+		Aliases: []string{"remove"},
+		Short:   "Remove a volume (not while attached or while it is a parent)",
+		Args:    args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			if err := s.Remove(a[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s removed\n", a[0])
+			return nil
+		},
+	}
+
+	var importFormat string
+	imp := &cobra.Command{
+		Use:   "import FILE NAME [--format raw|qcow2]",
+		Short: "Create a volume from a raw or qcow2 image file",
+		Long: `Copy the raw or qcow2 image FILE (format detected; a qcow2 backing chain is
+flattened) into the new volume NAME. The copy stays sparse. A progress bar is
+shown on a terminal for large files.`,
+		Args: args("FILE", "NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			s, err := store()
+			if err != nil {
+				return err
+			}
+			opts := volume.ImportOptions{Format: importFormat}
+			var bar *progressbar.ProgressBar
+			if fi, err := os.Stat(a[0]); err == nil && fi.Size() >= progressMin && term.IsTerminal(int(os.Stderr.Fd())) {
+				bar = progressbar.NewOptions64(fi.Size(),
+					progressbar.OptionSetWriter(os.Stderr),
+					progressbar.OptionSetDescription("importing "+a[1]),
+					progressbar.OptionShowBytes(true),
+					progressbar.OptionThrottle(100*time.Millisecond),
+					progressbar.OptionClearOnFinish())
+				opts.Progress = func(done, total int64) {
+					bar.ChangeMax64(total)
+					bar.Set64(done)
+				}
+			}
+			v, err := s.Import(a[0], a[1], opts)
+			if bar != nil {
+				bar.Finish()
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "imported %s as volume %s (%s, %s)\n", a[0], v.Name, v.Format, storage.FormatSize(v.Size))
+			return nil
+		},
+	}
+	imp.Flags().StringVar(&importFormat, "format", "", "format of the new volume: raw or qcow2 (default: the file's)")
+
+	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp)
+	rootCmd.AddCommand(volumeCmd)
+}
