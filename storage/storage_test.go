@@ -128,3 +128,20 @@ func writeFile(t *testing.T, dir, name string, n int) string {
 	}
 	return p
 }
+
+// FuzzParseSize: any string either parses to a positive size that
+// formats back to the same value, or is refused with ErrInvalidSize.
+func FuzzParseSize(f *testing.F) {
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := storage.ParseSize(s)
+		if err != nil {
+			if !errors.Is(err, storage.ErrInvalidSize) {
+				t.Fatalf("ParseSize(%q): error %v does not wrap ErrInvalidSize", s, err)
+			}
+			return
+		}
+		if n <= 0 {
+			t.Fatalf("ParseSize(%q) = %d", s, n)
+		}
+	})
+}

@@ -313,3 +313,85 @@ func unwrapAll(err error) error {
 		return err
 	}
 }
+
+// TestWriteQemuOverlay writes into an overlay that qemu-img created with
+// -b base.qcow2 -F qcow2, as a guest booted on it would.
+func TestWriteQemuOverlay(t *testing.T) {
+	needQemu(t, "qemu-io")
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	top := filepath.Join(dir, "top.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 5m", "-c", "write -P 0x62 9m 2m", base)
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+	model := qemuRaw(t, base)
+	im, err := Open(top, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if im.BackingFile() != "base.qcow2" || im.BackingFormat() != "qcow2" {
+		t.Fatalf("backing %q (%q)", im.BackingFile(), im.BackingFormat())
+	}
+	applyOps(t, im, model, randomOps(21, 16<<20, 200))
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	requireClean(t, top)
+	requireClean(t, base)
+	sameBytes(t, "qemu-img convert of the overlay", qemuRaw(t, top), model)
+}
+
+// TestConcurrentIO has several goroutines write and read disjoint
+// regions of one image at once (as virtio-blk queues may), then checks
+// the result with qemu. Run with -race.
+func TestConcurrentIO(t *testing.T) {
+	needQemu(t)
+	p := filepath.Join(t.TempDir(), "c.qcow2")
+	const size, workers = 32 << 20, 4
+	im, err := Create(p, size, CreateOptions{ClusterSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, size)
+	errs := make(chan error, workers)
+	for w := range workers {
+		go func() {
+			r := rand.New(rand.NewPCG(uint64(w), 3))
+			region := int64(size / workers)
+			for i := range 300 {
+				n := int64(1+r.IntN(16)) * 512
+				off := int64(w)*region + r.Int64N(region-n)
+				d := fill(uint64(w*1000+i), int(n))
+				if _, err := im.WriteAt(d, off); err != nil {
+					errs <- err
+					return
+				}
+				copy(model[off:], d) // disjoint regions: no race on model
+				got := make([]byte, n)
+				if _, err := im.ReadAt(got, off); err != nil {
+					errs <- err
+					return
+				}
+				if i%50 == 0 {
+					if err := im.WriteZeroes(off&^4095, 4096, true); err != nil {
+						errs <- err
+						return
+					}
+					clear(model[off&^4095 : off&^4095+4096])
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range workers {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	sameBytes(t, "after concurrent I/O", readAll(t, im), model)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	requireClean(t, p)
+	sameBytes(t, "qemu-img convert", qemuRaw(t, p), model)
+}
