@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"syscall"
 
 	"github.com/songgao/water"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Port is the host end of a guest NIC: Read returns one whole Ethernet
@@ -24,6 +26,7 @@ type Port interface {
 // interrupts a blocked Read.
 type TAP struct {
 	ifc     *water.Interface
+	raw     syscall.RawConn // the same descriptor, for TryRead
 	name    string
 	created bool // by OpenTAP, so it goes away on Close
 }
@@ -50,7 +53,17 @@ func OpenTAP(name string) (*TAP, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open TAP %s: %w", name, err)
 	}
-	return &TAP{ifc: ifc, name: ifc.Name(), created: !existing}, nil
+	f, ok := ifc.ReadWriteCloser.(*os.File)
+	if !ok {
+		ifc.Close()
+		return nil, fmt.Errorf("open TAP %s: water returned a %T, not a file", name, ifc.ReadWriteCloser)
+	}
+	raw, err := f.SyscallConn()
+	if err != nil {
+		ifc.Close()
+		return nil, fmt.Errorf("open TAP %s: %w", name, err)
+	}
+	return &TAP{ifc: ifc, raw: raw, name: ifc.Name(), created: !existing}, nil
 }
 
 // Name is the interface name.
@@ -58,6 +71,25 @@ func (t *TAP) Name() string { return t.name }
 
 // Read reads one frame.
 func (t *TAP) Read(p []byte) (int, error) { return t.ifc.Read(p) }
+
+// TryRead reads one frame if one is waiting; ok is false at once if none
+// is (the descriptor is non-blocking).
+func (t *TAP) TryRead(p []byte) (n int, ok bool, err error) {
+	var rerr error
+	if err := t.raw.Read(func(fd uintptr) bool {
+		n, rerr = unix.Read(int(fd), p)
+		return true // one attempt: never wait
+	}); err != nil {
+		return 0, false, err
+	}
+	switch {
+	case rerr == unix.EAGAIN:
+		return 0, false, nil
+	case rerr != nil:
+		return 0, false, fmt.Errorf("read TAP %s: %w", t.name, rerr)
+	}
+	return n, true, nil
+}
 
 // Write writes one frame.
 func (t *TAP) Write(p []byte) (int, error) { return t.ifc.Write(p) }

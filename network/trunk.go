@@ -92,6 +92,27 @@ func (t *Trunk) Read(p []byte) (int, error) {
 	}
 }
 
+// TryRead is Read that returns ok false at once when no frame is waiting.
+func (t *Trunk) TryRead(p []byte) (int, bool, error) {
+	for {
+		var f trunkFrame
+		select {
+		case f = <-t.frames:
+		case <-t.done:
+			return 0, false, os.ErrClosed
+		default:
+			return 0, false, nil
+		}
+		n, err := Tag(p, (*f.buf)[:f.n], f.vlan)
+		t.bufs.Put(f.buf)
+		if err != nil {
+			t.stats.RxTooBig.Add(1)
+			continue
+		}
+		return n, true, nil
+	}
+}
+
 // Write sends a tagged frame from the guest, untagged, to its VLAN's TAP.
 // A frame that cannot be delivered is counted and reported with an error
 // wrapping ErrUntagged or ErrUnknownVLAN.

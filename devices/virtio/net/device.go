@@ -70,6 +70,15 @@ type Port interface {
 	Write(frame []byte) (int, error)
 }
 
+// TryReader is optionally implemented by a Port: TryRead reads a frame if
+// one is waiting and returns ok false at once if none is. The device uses
+// it to deliver the frames that queued up behind the one it blocked for
+// before interrupting the driver once (network.TAP and network.Trunk
+// implement it).
+type TryReader interface {
+	TryRead(frame []byte) (n int, ok bool, err error)
+}
+
 // Config describes a device.
 type Config struct {
 	MAC  net.HardwareAddr // required, 6 bytes
@@ -129,6 +138,7 @@ type activation struct {
 	broken atomic.Bool // a ring is corrupt; idle until reset
 
 	rxDescs, txDescs []queue.Descriptor // reused by the rx and tx goroutines
+	rxUsed           bool               // rx chains completed since the last interrupt check
 }
 
 // New makes a device; it starts no goroutine until the driver activates

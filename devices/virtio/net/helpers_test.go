@@ -283,10 +283,37 @@ func (h *harness) feedTx(frame []byte, count int, stop <-chan struct{}) int {
 	return done
 }
 
+// flow counts frames received and lets a sender sleep until the count
+// reaches a mark, without spinning.
+type flow struct {
+	got  atomic.Int64
+	want atomic.Int64 // the sender sleeps until got >= want (0: not sleeping)
+	wake chan struct{}
+}
+
+func newFlow() *flow { return &flow{wake: make(chan struct{}, 1)} }
+
+// add counts n frames received.
+func (f *flow) add(n int64) {
+	g := f.got.Add(n)
+	if w := f.want.Load(); w > 0 && g >= w && f.want.CompareAndSwap(w, 0) {
+		f.wake <- struct{}{}
+	}
+}
+
+// waitFor sleeps until got >= mark.
+func (f *flow) waitFor(mark int64) {
+	f.want.Store(mark)
+	if f.got.Load() >= mark && f.want.CompareAndSwap(mark, 0) {
+		return
+	}
+	<-f.wake
+}
+
 // consumeRx keeps the receive queue stocked with bufLen-byte buffers and
-// counts the frames the device delivers, until count arrived or stop is
-// closed. got is updated as frames arrive.
-func (h *harness) consumeRx(bufLen uint32, count int, got *atomic.Int64, stop <-chan struct{}) {
+// counts the frames the device delivers in got, until count arrived or
+// stop is closed.
+func (h *harness) consumeRx(bufLen uint32, count int, got *flow, stop <-chan struct{}) {
 	addrOf := make([]memory.GuestAddr, h.rx.Size)
 	post := func(a memory.GuestAddr) {
 		head, err := h.rx.Add(queuetest.Buf{Addr: a, Len: bufLen, Write: true})
@@ -303,7 +330,7 @@ func (h *harness) consumeRx(bufLen uint32, count int, got *atomic.Int64, stop <-
 		post(a)
 	}
 	h.dev.Notify(RxQueue)
-	for got.Load() < int64(count) {
+	for got.got.Load() < int64(count) {
 		progress := false
 		for {
 			id, _, ok, err := h.rx.Used()
@@ -313,7 +340,7 @@ func (h *harness) consumeRx(bufLen uint32, count int, got *atomic.Int64, stop <-
 			if !ok {
 				break
 			}
-			got.Add(1)
+			got.add(1)
 			post(addrOf[id])
 			progress = true
 		}

@@ -12,13 +12,20 @@ var (
 	errReadOnly    = errors.New("receive chain has a device-readable buffer")
 )
 
+// rxBatch is the most frames delivered between two interrupt checks when
+// the port has more frames waiting.
+const rxBatch = 64
+
 // rxLoop moves frames from the port to the guest for the device's whole
 // life, across resets: it waits for an activation with a free receive
 // buffer, reads one frame (blocking), and delivers it to whatever
-// activation is current by then.
+// activation is current by then. When the port can say whether more
+// frames are waiting (TryReader), it delivers up to rxBatch of them before
+// it interrupts the driver once.
 func (d *Device) rxLoop() {
 	buf := make([]byte, HeaderLen+65536)
 	rxHeader(buf)
+	tr, _ := d.port.(TryReader)
 	for {
 		a := d.act.Load()
 		if a == nil {
@@ -51,20 +58,62 @@ func (d *Device) rxLoop() {
 			}
 			continue
 		}
-		if n > maxFrameLen(d.mtu) {
-			d.metrics.RxDropTooBig.Add(1)
-			continue
-		}
-		if d.rxLimit != nil {
-			waited, err := d.rxLimit.Wait(a.ctx, uint64(n))
-			d.metrics.RxThrottledNs.Add(uint64(waited))
-			if err != nil && a.ctx.Err() != nil {
-				d.metrics.RxDropInactive.Add(1)
-				continue
+		d.receive(a, buf[:HeaderLen+n])
+		for i := 0; tr != nil && i < rxBatch && d.hasRxBuffer(a); i++ {
+			n, ok, err := tr.TryRead(buf[HeaderLen:])
+			if err != nil || !ok {
+				break
 			}
+			d.receive(a, buf[:HeaderLen+n])
 		}
-		d.deliver(buf[:HeaderLen+n])
+		d.rxFlush()
 	}
+}
+
+// receive checks and rate-limits one frame read from the port and
+// delivers it.
+func (d *Device) receive(a *activation, frame []byte) {
+	n := len(frame) - HeaderLen
+	if n > maxFrameLen(d.mtu) {
+		d.metrics.RxDropTooBig.Add(1)
+		return
+	}
+	if d.rxLimit != nil {
+		waited, err := d.rxLimit.Wait(a.ctx, uint64(n))
+		d.metrics.RxThrottledNs.Add(uint64(waited))
+		if err != nil && a.ctx.Err() != nil {
+			d.metrics.RxDropInactive.Add(1)
+			return
+		}
+	}
+	d.deliver(frame)
+}
+
+// hasRxBuffer reports whether a has a receive chain available now.
+func (d *Device) hasRxBuffer(a *activation) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.dead || a.broken.Load() {
+		return false
+	}
+	n, err := a.rxq.Pending()
+	return err == nil && n > 0
+}
+
+// rxFlush interrupts the driver for the frames delivered since the last
+// flush, if it wants that.
+func (d *Device) rxFlush() {
+	a := d.act.Load()
+	if a == nil {
+		return
+	}
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.dead || !a.rxUsed {
+		return
+	}
+	a.rxUsed = false
+	d.interrupt(a, a.rxq, RxQueue)
 }
 
 // waitRxBuffer waits until a has a receive chain available. It returns
@@ -103,7 +152,7 @@ func (d *Device) waitRxBuffer(a *activation) bool {
 }
 
 // deliver puts one frame (header included) into the next receive chain of
-// the current activation.
+// the current activation; rxFlush interrupts the driver for it.
 func (d *Device) deliver(frame []byte) {
 	a := d.act.Load()
 	if a == nil {
@@ -135,7 +184,7 @@ func (d *Device) deliver(frame []byte) {
 		d.metrics.RxDropBadChain.Add(1)
 		d.log.Warn("virtio-net: bad receive chain", "err", err)
 		if a.rxq.AddUsed(c.Head(), 0) == nil {
-			d.interrupt(a, a.rxq, RxQueue)
+			a.rxUsed = true
 		}
 		return
 	}
@@ -143,9 +192,9 @@ func (d *Device) deliver(frame []byte) {
 		d.broken(a, err)
 		return
 	}
+	a.rxUsed = true
 	d.metrics.RxFrames.Add(1)
 	d.metrics.RxBytes.Add(uint64(len(frame) - HeaderLen))
-	d.interrupt(a, a.rxq, RxQueue)
 }
 
 // scatter writes frame into the chain's device-writable buffers. The

@@ -6,11 +6,17 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 )
 
+// txBatch is how many transmit chains the device completes before it
+// checks whether the driver wants an interrupt (it also checks whenever
+// the queue runs empty), so a busy driver can refill the ring while the
+// device works through it.
+const txBatch = 64
+
 // txLoop sends the driver's frames to the port until a is reset.
 func (d *Device) txLoop(a *activation) {
 	defer close(a.txDone)
 	buf := make([]byte, HeaderLen+maxFrameLen(d.mtu))
-	completed := false // used entries added since the last interrupt check
+	completed := 0 // used entries added since the last interrupt check
 	for {
 		a.mu.RLock()
 		if a.dead || a.broken.Load() {
@@ -25,9 +31,9 @@ func (d *Device) txLoop(a *activation) {
 			continue
 		}
 		if !ok {
-			if completed {
+			if completed > 0 {
 				d.interrupt(a, a.txq, TxQueue)
-				completed = false
+				completed = 0
 			}
 			more, err := a.txq.EnableNotification()
 			a.mu.RUnlock()
@@ -57,21 +63,18 @@ func (d *Device) txLoop(a *activation) {
 		if uerr := a.txq.AddUsed(c.Head(), 0); uerr != nil && err == nil {
 			err = uerr
 		}
-		completed = true
+		if completed++; completed >= txBatch || (d.txLimit != nil && err == nil) {
+			// A throttled frame waits next: let the driver reclaim
+			// its buffers first.
+			d.interrupt(a, a.txq, TxQueue)
+			completed = 0
+		}
 		a.mu.RUnlock()
 		if err != nil {
 			d.txDrop(err)
 			continue
 		}
 		if d.txLimit != nil {
-			if completed { // let the driver reclaim buffers while we wait
-				a.mu.RLock()
-				if !a.dead {
-					d.interrupt(a, a.txq, TxQueue)
-				}
-				a.mu.RUnlock()
-				completed = false
-			}
 			waited, err := d.txLimit.Wait(a.ctx, uint64(len(frame)))
 			d.metrics.TxThrottledNs.Add(uint64(waited))
 			if err != nil {
