@@ -148,7 +148,7 @@ func (s *Store) view(fn func(b *bolt.Bucket) error) error {
 	return db.View(func(tx *bolt.Tx) error { return fn(tx.Bucket(bucket)) })
 }
 
-func get(b *bolt.Bucket, name string) (*Volume, error) {
+func (s *Store) get(b *bolt.Bucket, name string) (*Volume, error) {
 	if b == nil {
 		return nil, fmt.Errorf("%w %q", ErrNotFound, name)
 	}
@@ -160,12 +160,20 @@ func get(b *bolt.Bucket, name string) (*Volume, error) {
 	if err := json.Unmarshal(raw, v); err != nil {
 		return nil, fmt.Errorf("volume %q: bad record: %w", name, err)
 	}
+	// Images are recorded relative to the store, so the whole state
+	// directory can move (backing file names are relative too).
+	if v.Path != "" && !filepath.IsAbs(v.Path) {
+		v.Path = filepath.Join(s.dir, v.Path)
+	}
 	return v, nil
 }
 
-func put(b *bolt.Bucket, v *Volume) error {
+func (s *Store) put(b *bolt.Bucket, v *Volume) error {
 	stored := *v
 	stored.Allocated, stored.AttachedBy, stored.Chain = 0, 0, nil
+	if rel, err := filepath.Rel(s.dir, stored.Path); err == nil && !strings.HasPrefix(rel, "..") && stored.Path != "" {
+		stored.Path = rel
+	}
 	if stored.State == Attached {
 		stored.State = Available
 	}
@@ -192,7 +200,7 @@ func children(b *bolt.Bucket, name string) []string {
 // reserve adds a record in state Created, refusing a name in use.
 func (s *Store) reserve(v *Volume) error {
 	return s.update(func(b *bolt.Bucket) error {
-		if old, err := get(b, v.Name); err == nil {
+		if old, err := s.get(b, v.Name); err == nil {
 			if old.State == Deleted {
 				return fmt.Errorf("volume %q %w and is being deleted (run volume rm %s to finish)", v.Name, ErrExists, v.Name)
 			}
@@ -200,7 +208,7 @@ func (s *Store) reserve(v *Volume) error {
 		}
 		v.State = Created
 		v.Created = time.Now().UTC().Truncate(time.Second)
-		return put(b, v)
+		return s.put(b, v)
 	})
 }
 
@@ -210,7 +218,7 @@ func (s *Store) finish(v *Volume, err error) (*Volume, error) {
 	if err == nil {
 		err = s.update(func(b *bolt.Bucket) error {
 			v.State = Available
-			return put(b, v)
+			return s.put(b, v)
 		})
 		if err == nil {
 			return s.Get(v.Name)
@@ -261,10 +269,10 @@ func (s *Store) Get(name string) (*Volume, error) {
 	var all map[string]*Volume
 	err := s.view(func(b *bolt.Bucket) error {
 		var err error
-		if v, err = get(b, name); err != nil {
+		if v, err = s.get(b, name); err != nil {
 			return err
 		}
-		all, err = loadAll(b)
+		all, err = s.loadAll(b)
 		return err
 	})
 	if err != nil {
@@ -278,13 +286,13 @@ func (s *Store) Get(name string) (*Volume, error) {
 	return v, nil
 }
 
-func loadAll(b *bolt.Bucket) (map[string]*Volume, error) {
+func (s *Store) loadAll(b *bolt.Bucket) (map[string]*Volume, error) {
 	all := map[string]*Volume{}
 	if b == nil {
 		return all, nil
 	}
 	err := b.ForEach(func(k, _ []byte) error {
-		v, err := get(b, string(k))
+		v, err := s.get(b, string(k))
 		if err == nil {
 			all[v.Name] = v
 		}
@@ -298,7 +306,7 @@ func (s *Store) List() ([]*Volume, error) {
 	var all map[string]*Volume
 	if err := s.view(func(b *bolt.Bucket) error {
 		var err error
-		all, err = loadAll(b)
+		all, err = s.loadAll(b)
 		return err
 	}); err != nil {
 		return nil, err
@@ -382,7 +390,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 			sv.State = Available
 			nv := *v
 			nv.Path, nv.Format, nv.Parent = overlay, "qcow2", snap
-			return errors.Join(put(b, sv), put(b, &nv))
+			return errors.Join(s.put(b, sv), s.put(b, &nv))
 		})
 	}
 	if err != nil {
@@ -399,7 +407,7 @@ func (s *Store) getRecord(name string) (*Volume, error) {
 	var v *Volume
 	err := s.view(func(b *bolt.Bucket) error {
 		var err error
-		v, err = get(b, name)
+		v, err = s.get(b, name)
 		return err
 	})
 	return v, err
@@ -445,14 +453,14 @@ func (s *Store) Remove(name string) error {
 	var v *Volume
 	err = s.update(func(b *bolt.Bucket) error {
 		var err error
-		if v, err = get(b, name); err != nil {
+		if v, err = s.get(b, name); err != nil {
 			return err
 		}
 		if kids := children(b, name); len(kids) > 0 {
 			return fmt.Errorf("cannot remove volume %q: it %w %s", name, ErrParent, strings.Join(kids, ", "))
 		}
 		v.State = Deleted
-		return put(b, v)
+		return s.put(b, v)
 	})
 	if err != nil {
 		return err

@@ -471,3 +471,24 @@ func TestImport(t *testing.T) {
 		t.Fatal("failed import left files")
 	}
 }
+
+func TestStateDirCanMove(t *testing.T) {
+	parent := t.TempDir()
+	s, _ := Open(filepath.Join(parent, "a"))
+	mustCreate(t, s, "v", 1<<20, "qcow2")
+	writeVol(t, s, "v", fillBytes(7, 4096), 0)
+	if _, err := s.Snapshot("v", "snap"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(parent, "a"), filepath.Join(parent, "b")); err != nil {
+		t.Fatal(err)
+	}
+	s, _ = Open(filepath.Join(parent, "b"))
+	if got := readVol(t, s, "v"); !bytes.Equal(got[:4096], fillBytes(7, 4096)) {
+		t.Fatal("volume content lost after moving the state directory")
+	}
+	v, _ := s.Get("v")
+	if !strings.HasPrefix(v.Path, filepath.Join(parent, "b")) {
+		t.Fatalf("path %s not under the moved directory", v.Path)
+	}
+}
