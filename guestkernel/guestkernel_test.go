@@ -1,17 +1,18 @@
 package guestkernel
 
 import (
+	"bufio"
 	"bytes"
-	"context"
 	"debug/elf"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -161,16 +162,19 @@ type guest struct {
 	extra   []string
 }
 
-// bootQEMU boots the committed rayguest.elf under qemu-system-x86_64 -M
-// microvm (TCG by default; RAYGUEST_QEMU_ACCEL=kvm uses /dev/kvm) and
-// returns the "rayguest: " lines it printed. QEMU exits on the guest's
-// triple fault (-no-reboot), which is how rayguest powers off there.
-func bootQEMU(t *testing.T, g guest) []string {
+// vm is a running QEMU microvm with rayguest.
+type vm struct {
+	cmd   *exec.Cmd
+	lines chan string   // "rayguest: " lines as they come
+	done  chan struct{} // closed when QEMU has exited
+	err   error         // QEMU's exit error, valid after done
+	mu    sync.Mutex
+	all   []string // every stdout line, for failure messages
+	errb  bytes.Buffer
+}
+
+func qemuArgs(t *testing.T, g guest) []string {
 	t.Helper()
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skipf("qemu-system-x86_64 not installed: %v", err)
-	}
 	kernel := filepath.Join(t.TempDir(), "rayguest.elf")
 	if err := os.WriteFile(kernel, ELF, 0o644); err != nil {
 		t.Fatal(err)
@@ -192,32 +196,115 @@ func bootQEMU(t *testing.T, g guest) []string {
 	} else {
 		args = append(args, "-accel", "tcg")
 	}
-	args = append(args, g.extra...)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, qemu, args...)
-	cmd.Stdin = strings.NewReader(g.stdin)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err = cmd.Run()
-	if ctx.Err() != nil {
-		t.Fatalf("qemu did not exit (guest hung?); output:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
-	}
-	var ee *exec.ExitError
-	if err != nil && !errors.As(err, &ee) {
-		t.Fatalf("run qemu: %v", err)
-	}
+	return append(args, g.extra...)
+}
+
+// startQEMU starts the committed rayguest.elf under qemu-system-x86_64 -M
+// microvm (TCG by default; RAYGUEST_QEMU_ACCEL=kvm uses /dev/kvm), inside
+// network namespace netns when it is not "". The test's cleanup kills it.
+func startQEMU(t *testing.T, g guest, netns string) *vm {
+	t.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
-		t.Fatalf("qemu failed: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
+		t.Skipf("qemu-system-x86_64 not installed: %v", err)
 	}
-	var lines []string
-	for _, l := range strings.Split(stdout.String(), "\n") {
-		l = strings.TrimSuffix(l, "\r")
-		if strings.HasPrefix(l, "rayguest: ") {
-			lines = append(lines, l)
+	name, args := qemu, qemuArgs(t, g)
+	if netns != "" {
+		name, args = "ip", append([]string{"netns", "exec", netns, qemu}, args...)
+	}
+	v := &vm{cmd: exec.Command(name, args...), lines: make(chan string, 1024), done: make(chan struct{})}
+	// Its own process group, so stop reaches QEMU behind "ip netns exec".
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	v.cmd.Stdin = strings.NewReader(g.stdin)
+	v.cmd.Stderr = &v.errb
+	out, err := v.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.cmd.Start(); err != nil {
+		t.Fatalf("start qemu: %v", err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			l := strings.TrimSuffix(sc.Text(), "\r")
+			v.mu.Lock()
+			v.all = append(v.all, l)
+			v.mu.Unlock()
+			if strings.HasPrefix(l, "rayguest: ") {
+				v.lines <- l
+			}
+		}
+		v.err = v.cmd.Wait()
+		close(v.lines)
+		close(v.done)
+	}()
+	t.Cleanup(v.stop)
+	return v
+}
+
+func (v *vm) stop() {
+	select {
+	case <-v.done:
+		return
+	default:
+	}
+	syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+	<-v.done
+}
+
+func (v *vm) output() string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return strings.Join(v.all, "\n") + "\nstderr:\n" + v.errb.String()
+}
+
+// waitLine returns the next output line matching pattern. It fails the
+// test if QEMU exits first or nothing matches within two minutes (a hang).
+func (v *vm) waitLine(t *testing.T, pattern string) string {
+	t.Helper()
+	re := regexp.MustCompile("^" + pattern + "$")
+	timeout := time.After(2 * time.Minute)
+	for {
+		select {
+		case l, ok := <-v.lines:
+			if !ok {
+				t.Fatalf("qemu exited before a line matching %q; output:\n%s", pattern, v.output())
+			}
+			if re.MatchString(l) {
+				return l
+			}
+		case <-timeout:
+			t.Fatalf("no line matching %q; output:\n%s", pattern, v.output())
 		}
 	}
-	return lines
+}
+
+// bootQEMU boots rayguest under QEMU, waits for QEMU to exit (rayguest
+// powers off there by triple-faulting; -no-reboot makes QEMU exit), and
+// returns the "rayguest: " lines.
+func bootQEMU(t *testing.T, g guest) []string {
+	t.Helper()
+	v := startQEMU(t, g, "")
+	var lines []string
+	timeout := time.After(2 * time.Minute)
+	for {
+		select {
+		case l, ok := <-v.lines:
+			if ok {
+				lines = append(lines, l)
+				continue
+			}
+			<-v.done
+			if v.err != nil {
+				t.Fatalf("qemu failed: %v\noutput:\n%s", v.err, v.output())
+			}
+			return lines
+		case <-timeout:
+			t.Fatalf("qemu did not exit (guest hung?); output:\n%s", v.output())
+		}
+	}
 }
 
 // expectLines requires the patterns to match successive output lines, in

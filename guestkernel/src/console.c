@@ -22,12 +22,22 @@ static u32 tx_room;	/* bytes left in the current load */
 static volatile u8 rx_ring[RX_RING];
 static volatile u32 rx_head, rx_tail;	/* head: ISR writes; tail: reader */
 
+/* serial_init must not lose input the host queued before boot: writing FCR
+ * clear bits empties the receive FIFO (rayvmm drops its whole buffer), and
+ * on a 16550 even toggling FIFO enable clears it. So the FIFO is left as it
+ * is when already on, and only switched on (without clear bits) when no
+ * input is waiting; otherwise output goes one byte per THRE. */
 void serial_init(void)
 {
-	serial_irq();				/* keep input that came early: */
 	outb(COM1 + UART_LCR, 0x03);		/* 8N1, DLAB off */
-	outb(COM1 + UART_FCR, 0x07);		/* enabling FIFOs clears them */
-	tx_load = (inb(COM1 + UART_IIR) & 0xc0) == 0xc0 ? 16 : 1;
+	if ((inb(COM1 + UART_IIR) & 0xc0) == 0xc0) {
+		tx_load = 16;
+	} else if (!(inb(COM1 + UART_LSR) & LSR_DR)) {
+		outb(COM1 + UART_FCR, 0x01);	/* FIFO on, trigger level 1 */
+		tx_load = (inb(COM1 + UART_IIR) & 0xc0) == 0xc0 ? 16 : 1;
+	} else {
+		tx_load = 1;
+	}
 	outb(COM1 + UART_MCR, 0x0b);		/* DTR, RTS, OUT2 (IRQ gate) */
 	outb(COM1 + UART_IER, 0x01);		/* receive data available */
 	serial_irq();
