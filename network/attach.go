@@ -2,6 +2,7 @@ package network
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -241,4 +242,30 @@ func attachTap(vmName string, spec NICSpec, mac net.HardwareAddr) (*NIC, error) 
 		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
 	}
 	return &NIC{Port: tap, MAC: mac, MTU: l.Attrs().MTU, TAPs: []string{tap.Name()}}, nil
+}
+
+// AttachAll attaches a VM's NICs in order, setting each spec's Index to its
+// position. If one fails, the NICs already made are closed again, so a bad
+// --net leaves nothing behind.
+func AttachAll(ctx context.Context, stateDir, vmName string, specs []NICSpec) ([]*NIC, error) {
+	var nics []*NIC
+	for i, spec := range specs {
+		spec.Index = i
+		nic, err := Attach(ctx, stateDir, vmName, spec)
+		if err != nil {
+			CloseAll(nics)
+			return nil, err
+		}
+		nics = append(nics, nic)
+	}
+	return nics, nil
+}
+
+// CloseAll closes every NIC and returns the errors joined.
+func CloseAll(nics []*NIC) error {
+	var errs []error
+	for _, n := range nics {
+		errs = append(errs, n.Close())
+	}
+	return errors.Join(errs...)
 }

@@ -208,3 +208,24 @@ func TestLimitsRateLimit(t *testing.T) {
 		})
 	}
 }
+
+// FuzzParseNICSpec: any string either fails with ErrInvalidSpec or parses
+// to a spec whose String form parses back to the same spec.
+func FuzzParseNICSpec(f *testing.F) {
+	for _, s := range []string{"network=lan", "tap=tap0,mac=02:00:00:00:00:01", "network=lan,trunk=10:20,tx-bps=1Mi,tx-burst=1K", "network=lan,vlan=4095", ",,=", "network=lan,rx-pps=1,rx-pps-burst=2"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		spec, err := ParseNICSpec(s)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidSpec) && !errors.Is(err, ErrInvalidName) {
+				t.Fatalf("ParseNICSpec(%q) error %v has no category", s, err)
+			}
+			return
+		}
+		again, err := ParseNICSpec(spec.String())
+		if err != nil || again.String() != spec.String() {
+			t.Fatalf("ParseNICSpec(%q) = %q, which parses to %q, %v", s, spec.String(), again.String(), err)
+		}
+	})
+}

@@ -359,3 +359,30 @@ func TestConcurrentCreate(t *testing.T) {
 		t.Fatalf("List = %d networks, want 2", len(list))
 	}
 }
+
+// TestAttachAllUndoes: when the second NIC cannot be made, the first one's
+// TAP is gone again.
+func TestAttachAllUndoes(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	do(t, ns, func() error {
+		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+		return err
+	})
+	before := links(t, ns)
+	specs := []NICSpec{{Network: "lan"}, {Network: "nosuch"}}
+	err := ns.Do(func() error { _, err := AttachAll(ctx, dir, "vm", specs); return err })
+	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "attach NIC 1") {
+		t.Fatalf("AttachAll = %v, want NIC 1 not found", err)
+	}
+	if after := links(t, ns); !slices.Equal(after, before) {
+		t.Fatalf("links changed: %v -> %v", before, after)
+	}
+	var nics []*NIC
+	do(t, ns, func() (err error) { nics, err = AttachAll(ctx, dir, "vm", specs[:1]); return err })
+	if len(nics) != 1 || !bytes.Equal(nics[0].MAC, GenerateMAC("vm", 0)) {
+		t.Fatalf("AttachAll = %+v", nics)
+	}
+	CloseAll(nics)
+}
