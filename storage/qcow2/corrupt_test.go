@@ -247,3 +247,24 @@ func FuzzOpen(f *testing.F) {
 		}
 	})
 }
+
+// A last data cluster that the file ends inside (as after a crash while
+// extending) reads as its bytes followed by zeroes.
+func TestDataClusterPastEndOfFile(t *testing.T) {
+	b := goodImage(t)
+	p := filepath.Join(t.TempDir(), "short.qcow2")
+	if err := os.WriteFile(p, b[:5<<16+2048], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	got := make([]byte, 4096)
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := append(fill(1, 4096)[:2048], make([]byte, 2048)...)
+	sameBytes(t, "short cluster", got, want)
+}

@@ -492,3 +492,26 @@ func TestStateDirCanMove(t *testing.T) {
 		t.Fatalf("path %s not under the moved directory", v.Path)
 	}
 }
+
+// A volume whose creation was interrupted (the process died between the
+// record and the image) shows as created and can be removed.
+func TestInterruptedCreateCanBeRemoved(t *testing.T) {
+	s := newStore(t)
+	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
+	if err := s.reserve(v); err != nil {
+		t.Fatal(err)
+	}
+	if st := state(t, s, "half"); st != Created {
+		t.Fatalf("state %s, want created", st)
+	}
+	if _, err := s.Attach("half", false); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("attach of a half-created volume: %v", err)
+	}
+	if err := s.Remove("half"); err != nil {
+		t.Fatal(err)
+	}
+	if got := leftovers(t, s); len(got) != 0 {
+		t.Fatalf("left behind: %v", got)
+	}
+	mustCreate(t, s, "half", 1<<20, "qcow2")
+}
