@@ -3,7 +3,6 @@ package network
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -26,6 +25,12 @@ func do(t *testing.T, ns *nettest.NS, fn func() error) {
 	if err := ns.Do(fn); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// createNet creates a network inside ns and fails the test on error.
+func createNet(t *testing.T, ns *nettest.NS, dir string, o CreateOptions) {
+	t.Helper()
+	do(t, ns, func() error { _, err := Create(context.Background(), dir, o); return err })
 }
 
 // links lists the interface names in ns.
@@ -116,10 +121,7 @@ func TestCreateInspectRemove(t *testing.T) {
 func TestCreateRefused(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
-	do(t, ns, func() error {
-		_, err := Create(context.Background(), dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	ns.MustRun(t, "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum1")
 	ns.MustRun(t, "ip", "addr", "add", "198.51.100.1/24", "dev", "dum0")
 	ns.MustRun(t, "ip", "link", "set", "dum0", "up")
@@ -163,19 +165,6 @@ func TestCreateRefused(t *testing.T) {
 	})
 }
 
-// arpRequest is a who-has for target from mac/ip.
-func arpRequest(mac net.HardwareAddr, ip, target net.IP) []byte {
-	f := make([]byte, 42)
-	copy(f, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
-	copy(f[6:], mac)
-	binary.BigEndian.PutUint16(f[12:], 0x0806)
-	copy(f[14:], []byte{0, 1, 8, 0, 6, 4, 0, 1})
-	copy(f[22:], mac)
-	copy(f[28:], ip.To4())
-	copy(f[38:], target.To4())
-	return f
-}
-
 // readUntil reads frames from p until match accepts one, or fails after
 // a generous deadline (a lost frame, not a slow one).
 func readUntil(t *testing.T, p Port, match func([]byte) bool) []byte {
@@ -213,19 +202,14 @@ func readUntil(t *testing.T, p Port, match func([]byte) bool) []byte {
 }
 
 func isARPReplyTo(mac net.HardwareAddr) func([]byte) bool {
-	return func(f []byte) bool {
-		return len(f) >= 42 && bytes.Equal(f[:6], mac) && binary.BigEndian.Uint16(f[12:]) == 0x0806 && f[21] == 2
-	}
+	return func(f []byte) bool { return nettest.IsARPReply(f, mac) }
 }
 
 func TestAttachTAP(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	spec, err := ParseNICSpec("network=lan")
 	if err != nil {
 		t.Fatal(err)
@@ -245,7 +229,7 @@ func TestAttachTAP(t *testing.T) {
 		}
 	}
 	// The host answers an ARP request sent through the TAP.
-	if _, err := nic.Port.Write(arpRequest(nic.MAC, net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nic.Port.Write(nettest.ARPRequest(nic.MAC, net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
 	reply := readUntil(t, nic.Port, isARPReplyTo(nic.MAC))
@@ -277,10 +261,7 @@ func TestRemoveRefusedWithForeignTAP(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	ns.MustRun(t, "ip", "tuntap", "add", "qemutap", "mode", "tap")
 	ns.MustRun(t, "ip", "link", "set", "qemutap", "master", "rv-lan")
 	err := ns.Do(func() error { return Remove(ctx, dir, "lan") })

@@ -2,40 +2,12 @@ package network
 
 import (
 	"context"
-	"encoding/binary"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/rayvmm/rayvmm/network/nettest"
 )
-
-// udpFrame is an Ethernet/IPv4/UDP frame (UDP checksum 0: none).
-func udpFrame(dstMAC, srcMAC net.HardwareAddr, src, dst net.IP, sport, dport uint16, payload []byte) []byte {
-	f := make([]byte, 14+20+8+len(payload))
-	copy(f, dstMAC)
-	copy(f[6:], srcMAC)
-	binary.BigEndian.PutUint16(f[12:], 0x0800)
-	ip := f[14:34]
-	ip[0], ip[8], ip[9] = 0x45, 64, 17
-	binary.BigEndian.PutUint16(ip[2:], uint16(20+8+len(payload)))
-	copy(ip[12:], src.To4())
-	copy(ip[16:], dst.To4())
-	var sum uint32
-	for i := 0; i < 20; i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
-	udp := f[34:]
-	binary.BigEndian.PutUint16(udp[0:], sport)
-	binary.BigEndian.PutUint16(udp[2:], dport)
-	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
-	copy(udp[8:], payload)
-	return f
-}
 
 // TestNATMasquerades sends a UDP datagram from a NIC on a --nat network to
 // a host in a second namespace behind the first; that host sees it come
@@ -45,10 +17,7 @@ func TestNATMasquerades(t *testing.T) {
 	nettest.Veth(t, host, "up0", "198.51.100.1/24", far, "down0", "198.51.100.2/24")
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, host, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "nat", Subnet: "192.0.2.0/24", NAT: true})
-		return err
-	})
+	createNet(t, host, dir, CreateOptions{Name: "nat", Subnet: "192.0.2.0/24", NAT: true})
 	var conn net.PacketConn
 	do(t, far, func() (err error) { conn, err = net.ListenPacket("udp4", "198.51.100.2:9999"); return err })
 	defer conn.Close()
@@ -57,12 +26,12 @@ func TestNATMasquerades(t *testing.T) {
 	do(t, host, func() (err error) { nic, err = Attach(ctx, dir, "natvm", spec); return err })
 	defer nic.Close()
 	guestIP := net.ParseIP("192.0.2.10")
-	if _, err := nic.Port.Write(arpRequest(nic.MAC, guestIP, net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nic.Port.Write(nettest.ARPRequest(nic.MAC, guestIP, net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
 	gwMAC := net.HardwareAddr(readUntil(t, nic.Port, isARPReplyTo(nic.MAC))[22:28])
 	payload := []byte("through the NAT")
-	if _, err := nic.Port.Write(udpFrame(gwMAC, nic.MAC, guestIP, net.ParseIP("198.51.100.2"), 5000, 9999, payload)); err != nil {
+	if _, err := nic.Port.Write(nettest.UDP(gwMAC, nic.MAC, guestIP, net.ParseIP("198.51.100.2"), 5000, 9999, payload)); err != nil {
 		t.Fatal(err)
 	}
 	conn.SetReadDeadline(time.Now().Add(20 * time.Second))

@@ -110,10 +110,7 @@ func TestVLANSegments(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	nics := map[string]*NIC{}
 	for i, s := range []struct{ name, spec string }{
 		{"a10", "network=lan,vlan=10"},
@@ -166,7 +163,7 @@ func TestVLANSegments(t *testing.T) {
 	}
 	// The untagged port is on none of the VLANs: the host answers its ARP,
 	// and it saw no VLAN frame before that.
-	if _, err := nics["plain"].Port.Write(arpRequest(mac("plain"), net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nics["plain"].Port.Write(nettest.ARPRequest(mac("plain"), net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
 	sinks["plain"].wait(t, "host ARP reply -> plain", isARPReplyTo(mac("plain")))
@@ -255,10 +252,7 @@ func TestKillReleases(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "RAYVMM_NETWORK_HELPER="+dir)
 	out, err := cmd.StdoutPipe()
@@ -366,10 +360,7 @@ func TestAttachAllUndoes(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()
-	do(t, ns, func() error {
-		_, err := Create(ctx, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-		return err
-	})
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	before := links(t, ns)
 	specs := []NICSpec{{Network: "lan"}, {Network: "nosuch"}}
 	err := ns.Do(func() error { _, err := AttachAll(ctx, dir, "vm", specs); return err })

@@ -90,53 +90,6 @@ func (r *rxReader) next(t *testing.T, what string, match func([]byte) bool) []by
 	}
 }
 
-func csum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
-}
-
-// icmpEcho is an Ethernet/IPv4/ICMP echo request.
-func icmpEcho(dst, src net.HardwareAddr, from, to net.IP, id uint16, payload []byte) []byte {
-	f := make([]byte, 14+20+8+len(payload))
-	copy(f, dst)
-	copy(f[6:], src)
-	binary.BigEndian.PutUint16(f[12:], 0x0800)
-	ip := f[14:34]
-	ip[0], ip[8], ip[9] = 0x45, 64, 1
-	binary.BigEndian.PutUint16(ip[2:], uint16(20+8+len(payload)))
-	copy(ip[12:], from.To4())
-	copy(ip[16:], to.To4())
-	binary.BigEndian.PutUint16(ip[10:], csum(ip))
-	icmp := f[34:]
-	icmp[0] = 8
-	binary.BigEndian.PutUint16(icmp[4:], id)
-	binary.BigEndian.PutUint16(icmp[6:], 1)
-	copy(icmp[8:], payload)
-	binary.BigEndian.PutUint16(icmp[2:], csum(icmp))
-	return f
-}
-
-func arpWhoHas(src net.HardwareAddr, from, target net.IP) []byte {
-	f := make([]byte, 42)
-	copy(f, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
-	copy(f[6:], src)
-	binary.BigEndian.PutUint16(f[12:], 0x0806)
-	copy(f[14:], []byte{0, 1, 8, 0, 6, 4, 0, 1})
-	copy(f[22:], src)
-	copy(f[28:], from.To4())
-	copy(f[38:], target.To4())
-	return f
-}
-
 // TestTAPPingsHost plays a guest through the mock queues: it resolves the
 // host's MAC with ARP and pings it; the host's replies come back through
 // the TAP into the receive queue.
@@ -145,16 +98,14 @@ func TestTAPPingsHost(t *testing.T) {
 	h := newHarness(t, Config{Port: env.dev.Port, MAC: env.dev.MAC}, true)
 	rx := newRxReader(h, 16)
 	me, host := net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1")
-	h.send(arpWhoHas(env.dev.MAC, me, host))
+	h.send(nettest.ARPRequest(env.dev.MAC, me, host))
 	reply := rx.next(t, "ARP reply", func(f []byte) bool {
-		return len(f) >= 42 && binary.BigEndian.Uint16(f[12:]) == 0x0806 && f[21] == 2 && bytes.Equal(f[28:32], host.To4())
+		return nettest.IsARPReply(f, env.dev.MAC) && bytes.Equal(f[28:32], host.To4())
 	})
 	hostMAC := net.HardwareAddr(reply[22:28])
 	payload := []byte("rayvmm virtio-net ping")
-	h.send(icmpEcho(hostMAC, env.dev.MAC, me, host, 0x4242, payload))
-	echo := rx.next(t, "ICMP echo reply", func(f []byte) bool {
-		return len(f) >= 42 && binary.BigEndian.Uint16(f[12:]) == 0x0800 && f[23] == 1 && f[34] == 0
-	})
+	h.send(nettest.ICMPEcho(hostMAC, env.dev.MAC, me, host, 0x4242, payload))
+	echo := rx.next(t, "ICMP echo reply", nettest.IsICMPEchoReply)
 	if !bytes.Equal(echo[42:], payload) || binary.BigEndian.Uint16(echo[38:]) != 0x4242 {
 		t.Fatalf("echo reply %x does not carry our id and payload", echo)
 	}
