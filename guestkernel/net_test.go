@@ -101,6 +101,9 @@ func TestNetServeTAP(t *testing.T) {
 	v.waitLine(t, `rayguest: serving 192\.0\.2\.2/24`)
 
 	t.Run("ping from the host", func(t *testing.T) {
+		if _, err := exec.LookPath("ping"); err != nil {
+			t.Skipf("ping (iputils-ping) not installed: %v", err)
+		}
 		out := run(t, "ip", "netns", "exec", ns, "ping", "-c", "3", "-i", "0.2", "-W", "10", "192.0.2.2")
 		if !strings.Contains(out, " 3 received") {
 			t.Fatalf("want 3 replies:\n%s", out)

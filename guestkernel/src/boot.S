@@ -95,6 +95,18 @@ irq_common:
 	movl $(pd + 0x3000 + 0x23), pdpt + 24
 .endm
 
+/* Data segments from our GDT; FS and GS null. Same bytes in 32-bit and
+ * 64-bit mode. */
+.macro LOAD_DATA_SEGS
+	mov $KERNEL_DS, %eax
+	mov %eax, %ds
+	mov %eax, %es
+	mov %eax, %ss
+	xor %eax, %eax
+	mov %eax, %fs
+	mov %eax, %gs
+.endm
+
 	.text
 /* Linux x86 64-bit boot protocol: long mode, paging on, interrupts off,
  * RSI = zero page. */
@@ -106,13 +118,7 @@ _start:
 	lgdt gdt_desc
 	mov $pml4, %eax
 	mov %rax, %cr3
-	mov $KERNEL_DS, %eax
-	mov %eax, %ds
-	mov %eax, %es
-	mov %eax, %ss
-	xor %eax, %eax
-	mov %eax, %fs
-	mov %eax, %gs
+	LOAD_DATA_SEGS
 	mov $boot_stack_top, %esp
 	lidt idt_desc
 	mov %rsi, %rdi
@@ -126,10 +132,7 @@ _start:
 pvh_start:
 	cli
 	lgdt gdt_desc
-	mov $KERNEL_DS, %eax
-	mov %eax, %ds
-	mov %eax, %es
-	mov %eax, %ss
+	LOAD_DATA_SEGS
 	FILL_TABLES
 	mov %ebx, %edi
 	mov $pvh64, %ebp
@@ -137,10 +140,7 @@ pvh_start:
 
 /* APs arrive here from the trampoline in 32-bit protected mode. */
 ap_start32:
-	mov $KERNEL_DS, %eax
-	mov %eax, %ds
-	mov %eax, %es
-	mov %eax, %ss
+	LOAD_DATA_SEGS
 	mov $ap64, %ebp
 	/* fall through */
 
@@ -162,13 +162,7 @@ enter_long:
 
 	.code64
 long_common:
-	mov $KERNEL_DS, %eax
-	mov %eax, %ds
-	mov %eax, %es
-	mov %eax, %ss
-	xor %eax, %eax
-	mov %eax, %fs
-	mov %eax, %gs
+	LOAD_DATA_SEGS
 	mov %ebp, %ebp
 	jmp *%rbp
 

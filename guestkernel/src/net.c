@@ -274,6 +274,18 @@ static void icmp_input(const u8 *eth_src, u16 vlan, u32 src, u32 dst, const u8 *
 	}
 }
 
+/* udp_csum: the UDP checksum over the pseudo-header and the datagram. */
+static u16 udp_csum(u32 src, u32 dst, const u8 *u, u32 ulen)
+{
+	u8 ph[12];
+	put32(ph, src);
+	put32(ph + 4, dst);
+	ph[8] = 0;
+	ph[9] = 17;
+	put16(ph + 10, (u16)ulen);
+	return csum_fold(csum_add(csum_add(0, ph, 12), u, ulen));
+}
+
 static void udp_input(const u8 *eth_src, u16 vlan, u32 src, u32 dst, const u8 *u, u32 len)
 {
 	if (len < 8)
@@ -281,16 +293,8 @@ static void udp_input(const u8 *eth_src, u16 vlan, u32 src, u32 dst, const u8 *u
 	u32 ulen = get16(u + 4);
 	if (ulen < 8 || ulen > len)
 		return;
-	if (get16(u + 6)) {	/* checksum present: verify with the pseudo-header */
-		u8 ph[12];
-		put32(ph, src);
-		put32(ph + 4, dst);
-		ph[8] = 0;
-		ph[9] = 17;
-		put16(ph + 10, (u16)ulen);
-		if (csum_fold(csum_add(csum_add(0, ph, 12), u, ulen)) != 0)
-			return;
-	}
+	if (get16(u + 6) && udp_csum(src, dst, u, ulen) != 0)	/* present: verify */
+		return;
 	if (get16(u + 2) != 7)
 		return;
 	u8 *r;
@@ -301,13 +305,7 @@ static void udp_input(const u8 *eth_src, u16 vlan, u32 src, u32 dst, const u8 *u
 	put16(r, 7);
 	put16(r + 2, get16(u));
 	put16(r + 6, 0);
-	u8 ph[12];
-	put32(ph, dst);
-	put32(ph + 4, src);
-	ph[8] = 0;
-	ph[9] = 17;
-	put16(ph + 10, (u16)ulen);
-	u16 c = csum_fold(csum_add(csum_add(0, ph, 12), r, ulen));
+	u16 c = udp_csum(dst, src, r, ulen);
 	put16(r + 6, c ? c : 0xffff);
 	tx_send(slot, r + ulen);
 }
