@@ -80,14 +80,21 @@ func TestWriteThenQemuReads(t *testing.T) {
 		clusterSize int64
 		size        int64
 		ops         int
+		smallCache  bool
 	}{
 		{name: "64k clusters", clusterSize: 64 << 10, size: 64 << 20, ops: 300},
 		{name: "512 byte clusters grow the refcount table", clusterSize: 512, size: 24 << 20, ops: 400},
 		{name: "4k clusters", clusterSize: 4096, size: 16<<20 + 3*512, ops: 300},
 		{name: "2M clusters", clusterSize: 2 << 20, size: 40 << 20, ops: 60},
+		{name: "L2 cache evictions", clusterSize: 4096, size: 48 << 20, ops: 300, smallCache: true},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			if tt.smallCache {
+				saved := l2CacheBytes
+				l2CacheBytes = 0 // four tables for 24 tables' worth of disk
+				defer func() { l2CacheBytes = saved }()
+			}
 			p := filepath.Join(t.TempDir(), "disk.qcow2")
 			im, err := Create(p, tt.size, CreateOptions{ClusterSize: tt.clusterSize})
 			if err != nil {

@@ -44,9 +44,10 @@ var ErrOutOfRange = errors.New("offset out of range")
 // MaxBackingDepth is the longest backing chain Open follows.
 const MaxBackingDepth = 64
 
-// maxCachedL2 bounds the L2 table cache (with 64 KiB clusters, 64 tables
-// map 32 GiB of disk in 4 MiB of memory).
-const maxCachedL2 = 64
+// l2CacheBytes bounds the L2 table cache (with 64 KiB clusters, 64
+// tables that map 32 GiB of disk). A variable so tests can force
+// evictions.
+var l2CacheBytes = 4 << 20
 
 // Backing is what an image needs from its backing file.
 type Backing interface {
@@ -415,7 +416,7 @@ func (im *Image) l2For(off int64, create bool) ([]uint64, int64, error) {
 }
 
 func (im *Image) cacheL2(off uint64, t []uint64) {
-	if len(im.l2Cache) >= maxCachedL2 {
+	if len(im.l2Cache) >= max(4, l2CacheBytes/int(im.cs)) {
 		for k := range im.l2Cache {
 			delete(im.l2Cache, k)
 			break
