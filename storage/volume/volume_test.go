@@ -10,8 +10,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func newStore(t *testing.T) *Store {
@@ -514,4 +517,43 @@ func TestInterruptedCreateCanBeRemoved(t *testing.T) {
 		t.Fatalf("left behind: %v", got)
 	}
 	mustCreate(t, s, "half", 1<<20, "qcow2")
+}
+
+// Attaches racing with releases (which remove the lock file) never let
+// two holders in at once.
+func TestAttachRace(t *testing.T) {
+	s := newStore(t)
+	mustCreate(t, s, "v", 1<<20, "raw")
+	var holders, wins atomic.Int32
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 40 {
+				a, err := s.Attach("v", false)
+				if errors.Is(err, ErrAttached) {
+					continue
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if holders.Add(1) != 1 {
+					t.Error("two attaches held the volume at once")
+				}
+				wins.Add(1)
+				time.Sleep(50 * time.Microsecond)
+				holders.Add(-1)
+				a.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	if wins.Load() == 0 {
+		t.Fatal("no attach ever succeeded")
+	}
+	if got := leftovers(t, s); len(got) != 1 {
+		t.Fatalf("files after the race: %v", got)
+	}
 }
