@@ -16,6 +16,13 @@
 // pointer; discarded clusters are given back to the host with
 // FALLOC_FL_PUNCH_HOLE. Flush is fdatasync: everything written before it
 // is durable after it. L2 tables are cached and written through.
+//
+// Power loss is a weaker case: between two Flushes the kernel may persist
+// an L2 entry before the refcount or the data it depends on (only new L2
+// tables and refcount blocks are fenced with fdatasync). Such an image
+// may need `qemu-img check -r all`, and a cluster copied up from the
+// backing file may read as zeroes if its copy was lost. Closing this gap
+// needs write-back L2 tables flushed behind a barrier, as qemu does.
 package qcow2
 
 import (
