@@ -121,9 +121,10 @@ func checkNoPanic(t testing.TB, stderr string) {
 
 // lineWatcher collects a process's output and lets a test wait for a line.
 type lineWatcher struct {
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	cond chan struct{}
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	cond   chan struct{}
+	closed bool
 }
 
 func newLineWatcher() *lineWatcher { return &lineWatcher{cond: make(chan struct{}, 1)} }
@@ -139,6 +140,24 @@ func (w *lineWatcher) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// close marks the writer finished (the process exited): waitFor stops
+// waiting for output that can no longer come.
+func (w *lineWatcher) close() {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	select {
+	case w.cond <- struct{}{}:
+	default:
+	}
+}
+
+func (w *lineWatcher) isClosed() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.closed
+}
+
 func (w *lineWatcher) String() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -150,6 +169,9 @@ func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.After(timeout)
 	for !strings.Contains(w.String(), s) {
+		if w.isClosed() {
+			t.Fatalf("process exited without printing %q; output:\n%s", s, w.String())
+		}
 		select {
 		case <-w.cond:
 		case <-deadline:

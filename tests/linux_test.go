@@ -58,9 +58,13 @@ func extractVmlinux(t *testing.T, bz string) string {
 	defer f.Close()
 	cmd := exec.Command("xz", "-dc", "--single-stream")
 	cmd.Stdin = bytes.NewReader(img[start:end])
-	cmd.Stdout = f
-	if b, err := cmd.CombinedOutput(); err != nil && len(b) > 0 {
-		t.Fatalf("xz: %v %s", err, b)
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = f, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("xz: %v %s", err, stderr.Bytes())
+	}
+	if st, err := f.Stat(); err != nil || st.Size() < 1<<20 {
+		t.Fatalf("xz produced no vmlinux (%v)", err)
 	}
 	return out
 }
@@ -81,6 +85,12 @@ func TestLinuxBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
+	done := make(chan error, 1)
+	go func() {
+		err := cmd.Wait()
+		out.close()
+		done <- err
+	}()
 	out.waitFor(t, "Linux version", 5*time.Minute)
 	out.waitFor(t, "BIOS-e820: [mem 0x0000000000100000", 2*time.Minute)
 	text := out.String()
@@ -101,8 +111,6 @@ func TestLinuxBoot(t *testing.T) {
 		t.Errorf("Linux saw %d e820 entries, want 3", n)
 	}
 
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	if _, err := os.Stat("/sys/module/kvm_pvm"); err != nil {
 		// Real KVM: Linux keeps going; stop it and check the stop is clean.
 		time.Sleep(2 * time.Second)
