@@ -9,20 +9,23 @@ import (
 
 // The benchmarks move frames between the mock queue and a TAP on a bridge
 // in a namespace, and in the same run do the same with a raw read/write
-// loop on the TAP, reporting both and their ratio (device/raw, 1.0 means
-// the device costs nothing over the TAP itself):
+// loop on another TAP of that bridge, reporting both and their ratio
+// (device/raw: 1.0 means the device costs nothing over the TAP itself):
 //
-//	go test -bench . -benchtime 200000x ./devices/virtio/net
+//	go test -run XXX -bench . -benchtime 200000x ./devices/virtio/net
 //
-// Transmit: the device's TAP sends to the peer TAP's learned MAC (nobody
-// reads the peer, so the kernel drops at its queue: the cost measured is
+// The two alternate in rounds, so both see the same load on a shared
+// machine. Transmit: frames go to the peer TAP's learned MAC (nobody reads
+// the peer, so the kernel drops them at its queue: the cost measured is
 // the path into the kernel). Receive: the peer TAP sends to the device's
-// MAC, at most rxWindow frames in flight, and the device (or the raw loop)
-// reads them from its TAP.
+// (or the raw TAP's) MAC, at most rxWindow frames in flight.
 
 var benchSizes = []int{64, 1500}
 
-const rxWindow = 128
+const (
+	rxWindow    = 128
+	benchRounds = 10
+)
 
 func BenchmarkTx(b *testing.B) {
 	for _, size := range benchSizes {
@@ -31,23 +34,25 @@ func BenchmarkTx(b *testing.B) {
 			learn(b, env.peer.Port, env.peer.MAC)
 			frame := ethFrame(size, 0)
 			copy(frame, env.peer.MAC)
-			copy(frame[6:], env.dev.MAC)
-
-			start := time.Now()
-			for range b.N {
-				if _, err := env.dev.Port.Write(frame); err != nil {
-					b.Fatal(err)
-				}
-			}
-			raw := time.Since(start)
-
 			h := newHarness(b, Config{Port: noClose{env.dev.Port}, MAC: env.dev.MAC}, true)
+			var raw, dev time.Duration
 			b.ResetTimer()
-			start = time.Now()
-			if n := h.feedTx(frame, b.N, nil); n != b.N {
-				b.Fatalf("sent %d of %d", n, b.N)
+			for _, n := range rounds(b.N) {
+				copy(frame[6:], env.raw.MAC)
+				start := time.Now()
+				for range n {
+					if _, err := env.raw.Port.Write(frame); err != nil {
+						b.Fatal(err)
+					}
+				}
+				raw += time.Since(start)
+				copy(frame[6:], env.dev.MAC)
+				start = time.Now()
+				if got := h.feedTx(frame, n, nil); got != n {
+					b.Fatalf("sent %d of %d", got, n)
+				}
+				dev += time.Since(start)
 			}
-			dev := time.Since(start)
 			b.StopTimer()
 			if s := h.dev.Metrics().Snapshot(); s.TxFrames != uint64(b.N) {
 				b.Fatalf("device sent %d frames of %d (%+v)", s.TxFrames, b.N, s)
@@ -62,33 +67,46 @@ func BenchmarkRx(b *testing.B) {
 		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
 			env := newTapEnv(b)
 			learn(b, env.dev.Port, env.dev.MAC)
-			frame := ethFrame(size, 0)
-			copy(frame, env.dev.MAC)
-			copy(frame[6:], env.peer.MAC)
-
-			got := newFlow()
-			go inject(b, env.peer.Port, frame, b.N, got)
-			start := time.Now()
-			buf := make([]byte, 65536)
-			for range b.N {
-				if _, err := env.dev.Port.Read(buf); err != nil {
-					b.Fatal(err)
-				}
-				got.add(1)
-			}
-			raw := time.Since(start)
-
-			got = newFlow()
+			learn(b, env.raw.Port, env.raw.MAC)
+			toDev, toRaw := ethFrame(size, 0), ethFrame(size, 0)
+			copy(toDev, env.dev.MAC)
+			copy(toRaw, env.raw.MAC)
 			h := newHarness(b, Config{Port: noClose{env.dev.Port}, MAC: env.dev.MAC}, true)
+			buf := make([]byte, 65536)
+			var raw, dev time.Duration
 			b.ResetTimer()
-			start = time.Now()
-			go inject(b, env.peer.Port, frame, b.N, got)
-			h.consumeRx(2048, b.N, got, nil)
-			dev := time.Since(start)
+			for _, n := range rounds(b.N) {
+				got := newFlow()
+				start := time.Now()
+				go inject(b, env.peer.Port, toRaw, n, got)
+				for range n {
+					if _, err := env.raw.Port.Read(buf); err != nil {
+						b.Fatal(err)
+					}
+					got.add(1)
+				}
+				raw += time.Since(start)
+				got = newFlow()
+				start = time.Now()
+				go inject(b, env.peer.Port, toDev, n, got)
+				h.consumeRx(2048, n, got, nil)
+				dev += time.Since(start)
+			}
 			b.StopTimer()
 			report(b, size, dev, raw)
 		})
 	}
+}
+
+// rounds splits n frames into benchRounds rounds.
+func rounds(n int) []int {
+	r := make([]int, 0, benchRounds)
+	for i := range benchRounds {
+		if k := n*(i+1)/benchRounds - n*i/benchRounds; k > 0 {
+			r = append(r, k)
+		}
+	}
+	return r
 }
 
 // learn sends one frame from mac through port so the bridge learns where

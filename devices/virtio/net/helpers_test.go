@@ -86,6 +86,9 @@ type harness struct {
 	rx, tx *queuetest.Driver
 	dev    *Device
 	irq    *irqCounter
+
+	txFree             []memory.GuestAddr // feedTx's idle buffers
+	txAddrOf, rxAddrOf []memory.GuestAddr // buffer of each head in flight
 }
 
 const (
@@ -225,20 +228,24 @@ func ethFrame(n int, vlan uint16) []byte {
 
 // feedTx keeps the transmit queue full of copies of frame, as a busy
 // guest driver does, until count frames completed or stop is closed. It
-// returns the number completed. It is the only user of h.tx meanwhile.
+// returns the number completed. It is the only user of h.tx meanwhile;
+// calls may follow each other (the buffers are made once).
 func (h *harness) feedTx(frame []byte, count int, stop <-chan struct{}) int {
 	buf := make([]byte, HeaderLen+len(frame))
 	copy(buf[HeaderLen:], frame)
-	var free []memory.GuestAddr
-	for range h.tx.Size {
-		a, err := h.tx.Alloc(uint64(len(buf)))
-		if err != nil {
-			h.t.Fatal(err)
+	if h.txFree == nil {
+		for range h.tx.Size {
+			a, err := h.tx.Alloc(uint64(HeaderLen + maxFrameLen(1500)))
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			h.txFree = append(h.txFree, a)
 		}
-		h.mem.Write(a, buf)
-		free = append(free, a)
+		h.txAddrOf = make([]memory.GuestAddr, h.tx.Size)
 	}
-	addrOf := make([]memory.GuestAddr, h.tx.Size)
+	for _, a := range h.txFree {
+		h.mem.Write(a, buf)
+	}
 	queued, done := 0, 0
 	for done < count {
 		progress := false
@@ -250,19 +257,19 @@ func (h *harness) feedTx(frame []byte, count int, stop <-chan struct{}) int {
 			if !ok {
 				break
 			}
-			free = append(free, addrOf[id])
+			h.txFree = append(h.txFree, h.txAddrOf[id])
 			done++
 			progress = true
 		}
 		added := false
-		for len(free) > 0 && queued < count {
-			a := free[len(free)-1]
-			free = free[:len(free)-1]
+		for len(h.txFree) > 0 && queued < count {
+			a := h.txFree[len(h.txFree)-1]
+			h.txFree = h.txFree[:len(h.txFree)-1]
 			head, err := h.tx.Add(queuetest.Buf{Addr: a, Len: uint32(len(buf))})
 			if err != nil {
 				h.t.Fatal(err)
 			}
-			addrOf[head] = a
+			h.txAddrOf[head] = a
 			queued++
 			added = true
 		}
@@ -312,24 +319,26 @@ func (f *flow) waitFor(mark int64) {
 
 // consumeRx keeps the receive queue stocked with bufLen-byte buffers and
 // counts the frames the device delivers in got, until count arrived or
-// stop is closed.
+// stop is closed. Calls may follow each other with the same bufLen.
 func (h *harness) consumeRx(bufLen uint32, count int, got *flow, stop <-chan struct{}) {
-	addrOf := make([]memory.GuestAddr, h.rx.Size)
 	post := func(a memory.GuestAddr) {
 		head, err := h.rx.Add(queuetest.Buf{Addr: a, Len: bufLen, Write: true})
 		if err != nil {
 			h.t.Fatal(err)
 		}
-		addrOf[head] = a
+		h.rxAddrOf[head] = a
 	}
-	for range h.rx.Size {
-		a, err := h.rx.Alloc(uint64(bufLen))
-		if err != nil {
-			h.t.Fatal(err)
+	if h.rxAddrOf == nil { // first call: stock the ring; later calls go on
+		h.rxAddrOf = make([]memory.GuestAddr, h.rx.Size)
+		for range h.rx.Size {
+			a, err := h.rx.Alloc(uint64(bufLen))
+			if err != nil {
+				h.t.Fatal(err)
+			}
+			post(a)
 		}
-		post(a)
+		h.dev.Notify(RxQueue)
 	}
-	h.dev.Notify(RxQueue)
 	for got.got.Load() < int64(count) {
 		progress := false
 		for {
@@ -341,7 +350,7 @@ func (h *harness) consumeRx(bufLen uint32, count int, got *flow, stop <-chan str
 				break
 			}
 			got.add(1)
-			post(addrOf[id])
+			post(h.rxAddrOf[id])
 			progress = true
 		}
 		if progress {

@@ -20,11 +20,11 @@ import (
 // These tests put the device in front of a real TAP on a real bridge, in
 // a network namespace of the test's own (192.0.2.0/24, host 192.0.2.1).
 
-// tapEnv is a network with two NICs on its bridge: the device's and a
-// peer the test reads and writes directly.
+// tapEnv is a network with three NICs on its bridge: the device's, a peer
+// the test reads and writes directly, and one for benchmarks' raw loops.
 type tapEnv struct {
-	ns        *nettest.NS
-	dev, peer *network.NIC
+	ns             *nettest.NS
+	dev, peer, raw *network.NIC
 }
 
 func newTapEnv(t testing.TB) *tapEnv {
@@ -39,13 +39,16 @@ func newTapEnv(t testing.TB) *tapEnv {
 		if env.dev, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 0}); err != nil {
 			return err
 		}
-		env.peer, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 1})
+		if env.peer, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 1}); err != nil {
+			return err
+		}
+		env.raw, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 2})
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { env.dev.Close(); env.peer.Close() })
+	t.Cleanup(func() { network.CloseAll([]*network.NIC{env.dev, env.peer, env.raw}) })
 	return env
 }
 
