@@ -72,7 +72,11 @@ func (c *vcpu) setup() error {
 	c.mu.Lock()
 	c.cpu = cpu
 	c.mu.Unlock()
-	if err := cpu.SetCPUID(cpuid.Apply(v.cpuid, v.template, cpuid.Topology{CPU: c.id, CPUs: v.cfg.CPUs})); err != nil {
+	tsc, err := cpu.TSCKHz()
+	if err != nil {
+		tsc = 0 // the guest calibrates against the PIT instead
+	}
+	if err := cpu.SetCPUID(cpuid.Apply(v.cpuid, v.template, cpuid.Topology{CPU: c.id, CPUs: v.cfg.CPUs, TSCKHz: tsc})); err != nil {
 		return err
 	}
 	if c.id != 0 {

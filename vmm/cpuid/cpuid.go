@@ -80,7 +80,18 @@ var emulatedMasks = []mask{
 // Topology is what one vCPU's CPUID must say about the machine.
 type Topology struct {
 	CPU, CPUs int
+	// TSCKHz, when non-zero, is published in the hypervisor timing leaf
+	// 0x40000010 (EAX TSC kHz, EBX LAPIC timer kHz), so a guest need not
+	// calibrate its clocks against the PIT.
+	TSCKHz uint32
 }
+
+const (
+	leafHypervisor = 0x40000000
+	leafTiming     = 0x40000010
+	// lapicBusKHz is KVM's LAPIC timer frequency (1 GHz).
+	lapicBusKHz = 1000000
+)
 
 // Apply returns a copy of the host-supported entries shaped for one vCPU
 // with the given template.
@@ -128,7 +139,13 @@ func Apply(supported []kvm.CPUIDEntry, template string, t Topology) []kvm.CPUIDE
 			// AMD: number of cores - 1 in ECX[7:0].
 			e.Ecx = e.Ecx&^0xff | uint32(t.CPUs-1)&0xff
 		}
+		if e.Function == leafHypervisor && t.TSCKHz != 0 && e.Eax < leafTiming {
+			e.Eax = leafTiming
+		}
 		out = append(out, e)
+	}
+	if t.TSCKHz != 0 {
+		out = append(out, kvm.CPUIDEntry{Function: leafTiming, Eax: t.TSCKHz, Ebx: lapicBusKHz})
 	}
 	return out
 }

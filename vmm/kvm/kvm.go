@@ -325,3 +325,12 @@ func (c *VCPU) Translate(va uint64) (uint64, bool, error) {
 
 // Capability is a KVM_CAP_* number.
 type Capability = gokvm.Capability
+
+// TSCKHz is KVM_GET_TSC_KHZ: the guest's TSC frequency.
+func (c *VCPU) TSCKHz() (uint32, error) {
+	v, err := gokvm.GetTSCKHz(uintptr(c.fd))
+	if err != nil {
+		return 0, fmt.Errorf("vcpu %d: KVM_GET_TSC_KHZ: %w", c.ID, err)
+	}
+	return uint32(v), nil
+}
