@@ -94,7 +94,7 @@ func TestLinuxBoot(t *testing.T) {
 	out.waitFor(t, "Linux version", 5*time.Minute)
 	out.waitFor(t, "BIOS-e820: [mem 0x0000000000100000", 2*time.Minute)
 	text := out.String()
-	if !strings.Contains(text, "Command line: "+cmdline+"\n") {
+	if !regexp.MustCompile(`Command line: ` + regexp.QuoteMeta(cmdline) + `\r?\n`).MatchString(text) {
 		t.Errorf("Linux did not print the exact command line %q:\n%s", cmdline, text)
 	}
 	// The map Linux prints must match --memory 256M.
