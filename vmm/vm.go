@@ -74,6 +74,7 @@ type VM struct {
 	cmdline   string
 
 	virtio   []*VirtioSlot
+	disks    []*Disk
 	vcpus    []*vcpu
 	stopping atomic.Bool
 	exitOnce sync.Once
@@ -343,8 +344,10 @@ func checkHostMemory(size uint64) error {
 
 // BootTimes are the boot timer's measurements, from process start.
 type BootTimes struct {
-	FirstRunWall, FirstRunCPU time.Duration
-	ReadyWall, ReadyCPU       time.Duration
+	FirstRunWall time.Duration `json:"first_kvm_run_wall_ns"`
+	FirstRunCPU  time.Duration `json:"first_kvm_run_cpu_ns"`
+	ReadyWall    time.Duration `json:"ready_wall_ns"`
+	ReadyCPU     time.Duration `json:"ready_cpu_ns"`
 }
 
 // BootTimes returns what the boot timer measured (zero if the guest never
@@ -381,3 +384,6 @@ func (d bootTimerDev) Write(off uint64, data []byte) {
 }
 
 func timeSince(t time.Time) time.Duration { return time.Since(t) }
+
+// Exit is how the VM ended, once Run returned.
+func (v *VM) Exit() *Exit { return v.exit }

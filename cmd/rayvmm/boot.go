@@ -30,6 +30,8 @@ type bootFlags struct {
 	kvmDevice               string
 	bootTimer               bool
 	verbose                 bool
+	disks                   []string
+	metricsFile             string
 }
 
 func init() {
@@ -51,7 +53,9 @@ echo, crash, pio:N.`,
 		Example: `  rayvmm boot
   rayvmm boot --cpus 2 --memory 256M
   rayvmm boot --cmdline rayguest.run=echo
-  rayvmm boot --kernel vmlinux --cmdline "console=ttyS0 earlyprintk=serial"`,
+  rayvmm boot --kernel vmlinux --cmdline "console=ttyS0 earlyprintk=serial"
+  rayvmm boot --disk path=disk.img --cmdline "rayguest.run=blktest rayguest.seed=7"
+  rayvmm boot --disk volume=data,iops=100 --disk path=base.qcow2,readonly`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runBoot(cmd.Context(), &f) },
 	}
@@ -65,6 +69,9 @@ echo, crash, pio:N.`,
 	fl.StringVar(&f.kvmDevice, "kvm-device", "/dev/kvm", "KVM device to use")
 	fl.BoolVar(&f.bootTimer, "boot-timer", false, "log wall and CPU time to the first KVM_RUN and to the guest's ready signal")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log what rayvmm does to stderr")
+	fl.StringArrayVar(&f.disks, "disk", nil, "attach a virtio-blk disk (repeatable, in guest order vda, vdb, ...):\n"+
+		"path=FILE or volume=NAME, then optional ,readonly ,format=raw|qcow2 ,iops=N ,bps=N ,burst=N ,serial=ID")
+	fl.StringVar(&f.metricsFile, "metrics-file", "", "write device metrics (JSON) to this file when the VM exits")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -95,6 +102,14 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	if _, err := os.Stat(f.kvmDevice); err != nil {
 		return fmt.Errorf("--kvm-device: %w", err)
 	}
+	var diskSpecs []storage.DiskSpec
+	for _, s := range f.disks {
+		d, err := storage.ParseDiskSpec(s)
+		if err != nil {
+			return fmt.Errorf("--disk: %w", err)
+		}
+		diskSpecs = append(diskSpecs, d)
+	}
 
 	console := newConsole(os.Stdin, os.Stdout)
 	v, err := vmm.New(vmm.Config{
@@ -114,6 +129,11 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 		return err
 	}
 	defer v.Close()
+	for _, d := range diskSpecs {
+		if _, err := v.AttachDisk(d, stateDir); err != nil {
+			return fmt.Errorf("--disk: %w", err)
+		}
+	}
 	if err := v.Prepare(); err != nil {
 		return err
 	}
@@ -140,6 +160,11 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	restore()
 	if err != nil {
 		return err
+	}
+	if f.metricsFile != "" {
+		if err := writeMetrics(f.metricsFile, v); err != nil {
+			return err
+		}
 	}
 	if exit.Reason == vmm.ExitStopped {
 		log.Warn(exit.String())
