@@ -275,5 +275,8 @@ func (d *Driver) Used() (id, n uint32, ok bool, err error) {
 	return id, n, true, err
 }
 
+// LastUsed is the free-running index of the next used element Used reads.
+func (d *Driver) LastUsed() uint16 { return d.lastUsed }
+
 // UsedIdx reads the device's used index.
 func (d *Driver) UsedIdx() (uint16, error) { return d.Mem.LoadUint16(d.UsedAddr + 2) }
