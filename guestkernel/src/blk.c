@@ -84,7 +84,24 @@ static void fail(struct blkdev *b, const char *what, u64 block, u32 st)
 		kprintf("rayguest: blk %s FAIL block %lu %s status %u\n", b->name, block, what, st);
 }
 
-/* blk_write writes the pattern; returns the first non-zero status. */
+/* blk_flush sends a FLUSH if the device offers it; returns its status. */
+static u32 blk_flush(struct blkdev *b, int report)
+{
+	if (!(b->v.features & VIRTIO_BLK_F_FLUSH))
+		return 0;
+	u32 st = blk_req(b, VIRTIO_BLK_T_FLUSH, 0, 0);
+	if (st && report) {
+		if (st == STATUS_NONE)
+			kprintf("rayguest: blk %s FAIL flush timeout\n", b->name);
+		else
+			kprintf("rayguest: blk %s FAIL flush status %u\n", b->name, st);
+	}
+	return st;
+}
+
+/* blk_write writes the pattern; returns the first non-zero status. With
+ * rayguest.flushevery=N it also flushes after every N blocks and reports
+ * how many blocks the device has acknowledged as durable. */
 static u32 blk_write(struct blkdev *b, u64 nblocks, int stop_on_error)
 {
 	u32 first = 0;
@@ -99,20 +116,21 @@ static u32 blk_write(struct blkdev *b, u64 nblocks, int stop_on_error)
 				return st;
 			}
 		}
-	}
-	if (b->v.features & VIRTIO_BLK_F_FLUSH) {
-		u32 st = blk_req(b, VIRTIO_BLK_T_FLUSH, 0, 0);
-		if (st && !first) {
-			first = st;
-			if (stop_on_error) {
-				if (st == STATUS_NONE)
-					kprintf("rayguest: blk %s FAIL flush timeout\n", b->name);
-				else
-					kprintf("rayguest: blk %s FAIL flush status %u\n", b->name, st);
+		if (cfg.flushevery && (blk + 1) % cfg.flushevery == 0 && blk + 1 < nblocks) {
+			st = blk_flush(b, stop_on_error);
+			if (st && !first)
+				first = st;
+			if (st && stop_on_error)
 				return st;
-			}
+			if (!st)
+				kprintf("rayguest: blk %s flushed blocks=%lu\n", b->name, blk + 1);
 		}
 	}
+	u32 st = blk_flush(b, stop_on_error);
+	if (st && !first)
+		first = st;
+	if (!st && cfg.flushevery)
+		kprintf("rayguest: blk %s flushed blocks=%lu\n", b->name, nblocks);
 	return first;
 }
 

@@ -135,7 +135,7 @@ struct virtio_cmdline {
 };
 struct config {
 	const char *run;
-	u64 blocks, seed;
+	u64 blocks, seed, flushevery;
 	const char *ip, *gw, *vlan;
 	struct virtio_cmdline virtio[MAX_VIRTIO];
 	u32 nvirtio;

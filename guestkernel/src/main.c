@@ -130,6 +130,8 @@ static void parse_cmdline(void)
 			parse_u64_key(tok, v, &cfg.blocks);
 		else if (streq(tok, "rayguest.seed"))
 			parse_u64_key(tok, v, &cfg.seed);
+		else if (streq(tok, "rayguest.flushevery"))
+			parse_u64_key(tok, v, &cfg.flushevery);
 		else if (streq(tok, "rayguest.ip"))
 			cfg.ip = v;
 		else if (streq(tok, "rayguest.gw"))
