@@ -26,16 +26,25 @@ func DetectFormat(path string) (string, error) { return qcow2.DetectFormat(path)
 // OpenDisk opens a disk image. format is "raw", "qcow2", or "" to detect
 // it from the file's first bytes. A qcow2 image's backing chain is opened
 // read-only.
+//
+// A raw image whose format was detected, not given, refuses writes that
+// would make it detect as qcow2 next time (see probeGuard).
 func OpenDisk(path, format string, readOnly bool) (Disk, error) {
+	probed := false
 	if format == "" {
 		var err error
 		if format, err = DetectFormat(path); err != nil {
 			return nil, fmt.Errorf("open disk: %w", err)
 		}
+		probed = true
 	}
 	switch format {
 	case "raw":
-		return raw.Open(path, readOnly)
+		d, err := raw.Open(path, readOnly)
+		if err != nil || !probed || readOnly {
+			return d, err
+		}
+		return probeGuard{d}, nil
 	case "qcow2":
 		return qcow2.Open(path, qcow2.Options{ReadOnly: readOnly})
 	}

@@ -145,3 +145,44 @@ func FuzzParseSize(f *testing.F) {
 		}
 	})
 }
+
+func TestProbedRawRefusesQcow2Magic(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := storage.OpenDisk(p, "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	hdr := append([]byte("QFI\xfb"), make([]byte, 508)...)
+	if _, err := d.WriteAt(hdr, 0); !errors.Is(err, storage.ErrProbedFormat) {
+		t.Fatalf("qcow2 magic written to a probed raw image: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("\xfb"), 3); err != nil {
+		t.Fatalf("a write that does not complete the magic: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("QFI"), 0); !errors.Is(err, storage.ErrProbedFormat) {
+		t.Fatalf("magic completed in two writes: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("data"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := d.(storage.Discarder); !ok {
+		t.Fatal("guard hides Discard")
+	}
+	d.Close()
+	if f, _ := storage.DetectFormat(p); f != "raw" {
+		t.Fatalf("image now detects as %s", f)
+	}
+	// With format=raw the user said what it is: the write goes through.
+	d2, err := storage.OpenDisk(p, "raw", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	if _, err := d2.WriteAt(hdr, 0); err != nil {
+		t.Fatalf("explicit raw: %v", err)
+	}
+}
