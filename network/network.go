@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -207,7 +208,16 @@ func Create(ctx context.Context, stateDir string, o CreateOptions) (*Network, er
 		undo.run()
 		return nil, fmt.Errorf("create network %q: %w", n.Name, err)
 	}
+	// The attach lock file lives as long as the network, so attaching
+	// leaves no file behind.
+	f, err := os.OpenFile(s.attachPath(n.Name), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		undo.run()
+		return nil, fmt.Errorf("create network %q: attach lock: %w", n.Name, err)
+	}
+	f.Close()
 	if err := s.save(n); err != nil {
+		os.Remove(s.attachPath(n.Name))
 		undo.run()
 		return nil, err
 	}
