@@ -291,6 +291,8 @@ type worker struct {
 	unsignalled  int           // completions published since the last signal
 	pollWindow   time.Duration // see pollWindow; 0 disables polling
 	lastDone     time.Time     // when the last request completed, if the next one is popped at once
+	// firstUnsignalled is when the oldest unsignalled completion finished.
+	firstUnsignalled time.Time
 }
 
 func (w *worker) run(ctx context.Context, done chan struct{}) {
@@ -319,9 +321,9 @@ func (w *worker) run(ctx context.Context, done chan struct{}) {
 
 // drain processes every available chain, then re-enables notifications
 // and drains again if chains raced in. Completions are signalled in
-// batches, as Firecracker does: when the ring is empty, every
-// signalBatch completions, and before a rate-limit wait, so a throttled
-// device never sits on finished requests.
+// batches, as Firecracker does: when the ring is empty, after signalBatch
+// completions or signalDelay, and before a rate-limit wait, so a
+// throttled device never sits on finished requests.
 func (w *worker) drain(ctx context.Context) error {
 	for {
 		if err := w.q.DisableNotification(); err != nil {
@@ -339,7 +341,7 @@ func (w *worker) drain(ctx context.Context) error {
 			if err := w.process(ctx, &c); err != nil {
 				return err
 			}
-			if w.unsignalled >= signalBatch {
+			if w.unsignalled >= signalBatch || w.lastDone.Sub(w.firstUnsignalled) >= signalDelay {
 				if err := w.signal(); err != nil {
 					return err
 				}
@@ -383,8 +385,13 @@ func (w *worker) poll(ctx context.Context) bool {
 	return false
 }
 
-// signalBatch bounds how many completions wait for one interrupt.
-const signalBatch = 16
+// signalBatch and signalDelay bound how many completions, and for how
+// long, wait for one interrupt: fast requests (page cache) are signalled
+// in batches, slow ones (a real disk) one by one.
+const (
+	signalBatch = 16
+	signalDelay = 50 * time.Microsecond
+)
 
 // signal interrupts the driver for the completions published since the
 // last signal, if it asked for them (EVENT_IDX / NO_INTERRUPT).
@@ -458,6 +465,9 @@ func (w *worker) complete(head uint16, used uint32, start time.Time, withStatus 
 	now := time.Now()
 	w.d.metrics.observe(now.Sub(start))
 	w.lastDone = now
+	if w.unsignalled == 0 {
+		w.firstUnsignalled = now
+	}
 	w.unsignalled++
 	return nil
 }

@@ -106,6 +106,7 @@ type Transport struct {
 	driverFeatures uint64
 	queueSel       uint32
 	queues         []queueRegs
+	numQueues      uint32 // len(dev.QueueSizes()), fixed
 
 	active     atomic.Bool   // the device is activated (DRIVER_OK accepted)
 	needsReset atomic.Bool   // DEVICE_NEEDS_RESET
@@ -118,7 +119,7 @@ type Transport struct {
 // New builds the transport for dev over guest memory mem, interrupting
 // through irq. Logs (rate-limited) go to log, which may be nil.
 func New(dev virtio.Device, mem *memory.Memory, irq IRQ, log *slog.Logger) *Transport {
-	t := &Transport{dev: dev, mem: mem, irq: irq,
+	t := &Transport{dev: dev, mem: mem, irq: irq, numQueues: uint32(len(dev.QueueSizes())),
 		log: virtio.RateLimited(log, time.Second, 10).With("device", dev.Type().String())}
 	t.resetRegs()
 	return t
@@ -387,7 +388,7 @@ func (t *Transport) reset() {
 // ioeventfd path (call it from the eventfd reader goroutine) and what a
 // QueueNotify register write does. It never blocks.
 func (t *Transport) QueueNotify(q uint32) {
-	if !t.active.Load() || q >= uint32(len(t.dev.QueueSizes())) {
+	if !t.active.Load() || q >= t.numQueues {
 		t.badNotify.Add(1)
 		return
 	}
