@@ -147,6 +147,18 @@ func (t *Trunk) Write(p []byte) (int, error) {
 // Stats returns the trunk's drop counters.
 func (t *Trunk) Stats() *TrunkStats { return &t.stats }
 
+// TrunkSnapshot is a copy of TrunkStats for JSON.
+type TrunkSnapshot struct {
+	Untagged    uint64 `json:"untagged"`
+	UnknownVLAN uint64 `json:"unknown_vlan"`
+	RxTooBig    uint64 `json:"rx_too_big"`
+}
+
+// Snapshot copies the counters.
+func (s *TrunkStats) Snapshot() TrunkSnapshot {
+	return TrunkSnapshot{Untagged: s.Untagged.Load(), UnknownVLAN: s.UnknownVLAN.Load(), RxTooBig: s.RxTooBig.Load()}
+}
+
 // Close closes every TAP and stops the readers.
 func (t *Trunk) Close() error {
 	var errs []error

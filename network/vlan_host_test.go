@@ -183,8 +183,8 @@ func TestVLANSegments(t *testing.T) {
 	if _, err := tr.Write([]byte{1, 2, 3}); !errors.Is(err, ErrShortFrame) {
 		t.Fatalf("trunk write of 3 bytes = %v, want ErrShortFrame", err)
 	}
-	if u, k := tr.Stats().Untagged.Load(), tr.Stats().UnknownVLAN.Load(); u != 2 || k != 1 {
-		t.Fatalf("trunk drops: untagged %d, unknown VLAN %d; want 2, 1", u, k)
+	if s := tr.Stats().Snapshot(); s.Untagged != 2 || s.UnknownVLAN != 1 {
+		t.Fatalf("trunk drops %+v; want 2 untagged, 1 unknown VLAN", s)
 	}
 
 	var st *Status
