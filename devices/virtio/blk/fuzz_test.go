@@ -6,13 +6,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"flag"
-	"fmt"
 	"os"
-	"path/filepath"
-	"strconv"
 	"testing"
 
 	"github.com/rayvmm/rayvmm/devices/virtio"
+	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
 	"github.com/rayvmm/rayvmm/vmm/memory"
@@ -150,6 +148,14 @@ type seed struct {
 	data []byte
 }
 
+func corpus(ss []seed) []seedcorpus.Seed {
+	out := make([]seedcorpus.Seed, len(ss))
+	for i, s := range ss {
+		out[i] = seedcorpus.Seed{Name: s.name, Data: s.data}
+	}
+	return out
+}
+
 type fzBuf struct {
 	addr  uint64
 	len   uint32
@@ -219,24 +225,8 @@ func requestSeeds() []seed {
 	}
 }
 
-// TestSeedCorpus keeps testdata/fuzz/FuzzBlkRequest in step with
-// requestSeeds (go test runs the files; -update-seeds rewrites them).
+// TestSeedCorpus keeps testdata/fuzz/FuzzBlkRequest in step with requestSeeds
+// (go test runs the files; -update-seeds rewrites them).
 func TestSeedCorpus(t *testing.T) {
-	dir := filepath.Join("testdata", "fuzz", "FuzzBlkRequest")
-	for _, s := range requestSeeds() {
-		want := fmt.Sprintf("go test fuzz v1\n[]byte(%s)\n", strconv.Quote(string(s.data)))
-		p := filepath.Join(dir, s.name)
-		if *updateSeeds {
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(p, []byte(want), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		if got, err := os.ReadFile(p); err != nil || string(got) != want {
-			t.Errorf("seed %s is missing or stale (run go test -run TestSeedCorpus -update-seeds): %v", p, err)
-		}
-	}
+	seedcorpus.Check(t, "FuzzBlkRequest", corpus(requestSeeds()), *updateSeeds)
 }

@@ -4,12 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"flag"
-	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
 	"testing"
 
+	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
@@ -92,6 +89,14 @@ type seed struct {
 	data []byte
 }
 
+func corpus(ss []seed) []seedcorpus.Seed {
+	out := make([]seedcorpus.Seed, len(ss))
+	for i, s := range ss {
+		out[i] = seedcorpus.Seed{Name: s.name, Data: s.data}
+	}
+	return out
+}
+
 // image builds a fuzz input: a queue of 1<<sizeExp, the given features and
 // chains. Each chain is a list of raw descriptors {index, addr, len,
 // flags, next}; heads are published in order.
@@ -158,26 +163,5 @@ func walkSeeds() []seed {
 // TestSeedCorpus keeps testdata/fuzz/FuzzQueueWalk in step with walkSeeds
 // (go test runs the files; -update-seeds rewrites them).
 func TestSeedCorpus(t *testing.T) {
-	checkSeedCorpus(t, "FuzzQueueWalk", walkSeeds())
-}
-
-func checkSeedCorpus(t *testing.T, target string, seeds []seed) {
-	dir := filepath.Join("testdata", "fuzz", target)
-	for _, s := range seeds {
-		want := fmt.Sprintf("go test fuzz v1\n[]byte(%s)\n", strconv.Quote(string(s.data)))
-		p := filepath.Join(dir, s.name)
-		if *updateSeeds {
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(p, []byte(want), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		got, err := os.ReadFile(p)
-		if err != nil || string(got) != want {
-			t.Errorf("seed %s is missing or stale (run go test -run TestSeedCorpus -update-seeds): %v", p, err)
-		}
-	}
+	seedcorpus.Check(t, "FuzzQueueWalk", corpus(walkSeeds()), *updateSeeds)
 }

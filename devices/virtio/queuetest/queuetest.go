@@ -170,12 +170,9 @@ func (d *Driver) take(n int) ([]uint16, error) {
 	return ids, nil
 }
 
-// Add writes bufs as a chain of direct descriptors and publishes it.
-func (d *Driver) Add(bufs ...Buf) (head uint16, err error) {
-	ids, err := d.take(len(bufs))
-	if err != nil {
-		return 0, err
-	}
+// writeChain writes bufs into the descriptor table at table, buffer i in
+// entry ids[i], linked in order.
+func (d *Driver) writeChain(table memory.GuestAddr, ids []uint16, bufs []Buf) error {
 	for i, b := range bufs {
 		var flags, next uint16
 		if b.Write {
@@ -185,9 +182,21 @@ func (d *Driver) Add(bufs ...Buf) (head uint16, err error) {
 			flags |= queue.DescFNext
 			next = ids[i+1]
 		}
-		if err := d.SetDesc(ids[i], b.Addr, b.Len, flags, next); err != nil {
-			return 0, err
+		if err := writeDesc(d.Mem, table+16*memory.GuestAddr(ids[i]), b.Addr, b.Len, flags, next); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+// Add writes bufs as a chain of direct descriptors and publishes it.
+func (d *Driver) Add(bufs ...Buf) (head uint16, err error) {
+	ids, err := d.take(len(bufs))
+	if err != nil {
+		return 0, err
+	}
+	if err := d.writeChain(d.DescAddr, ids, bufs); err != nil {
+		return 0, err
 	}
 	d.chains[ids[0]] = ids
 	return ids[0], d.Publish(ids[0])
@@ -214,18 +223,12 @@ func (d *Driver) AddIndirect(bufs ...Buf) (head uint16, err error) {
 		t = tableBuf{a, len(bufs)}
 		d.tables[h] = t
 	}
-	for i, b := range bufs {
-		var flags, next uint16
-		if b.Write {
-			flags |= queue.DescFWrite
-		}
-		if i+1 < len(bufs) {
-			flags |= queue.DescFNext
-			next = uint16(i + 1)
-		}
-		if err := writeDesc(d.Mem, t.addr+16*memory.GuestAddr(i), b.Addr, b.Len, flags, next); err != nil {
-			return 0, err
-		}
+	idx := make([]uint16, len(bufs))
+	for i := range idx {
+		idx[i] = uint16(i)
+	}
+	if err := d.writeChain(t.addr, idx, bufs); err != nil {
+		return 0, err
 	}
 	if err := d.SetDesc(h, t.addr, uint32(16*len(bufs)), queue.DescFIndirect, 0); err != nil {
 		return 0, err
