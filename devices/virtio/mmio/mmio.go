@@ -75,6 +75,14 @@ type IRQ interface {
 	Raise() error
 }
 
+// LevelIRQ is an IRQ with a level (KVM_IRQ_LINE on a level-triggered
+// pin): the transport lowers it when the driver has acknowledged every
+// InterruptStatus bit, and on reset. An edge/pulse irqfd needs only IRQ.
+type LevelIRQ interface {
+	IRQ
+	Lower() error
+}
+
 // Stats counts what the transport refused; a guest can trigger all of it.
 type Stats struct {
 	BadWidth      uint64 `json:"bad_width"`      // register access not 32 bits wide and aligned
@@ -236,7 +244,9 @@ func (t *Transport) Write(offset uint64, data []byte) {
 		return
 	}
 	if offset == RegInterruptACK {
-		t.isr.And(^v)
+		if t.isr.And(^v)&^v == 0 {
+			t.lower()
+		}
 		return
 	}
 	t.mu.Lock()
@@ -382,6 +392,24 @@ func (t *Transport) reset() {
 	t.active.Store(false)
 	t.dev.Reset() // waits for the device's goroutine, so no late used-ring writes
 	t.resetRegs()
+	t.lower()
+}
+
+// lower deasserts a level IRQ, then raises it again if a Trigger set a
+// bit in between, so the line is never left low with a bit pending.
+func (t *Transport) lower() {
+	l, ok := t.irq.(LevelIRQ)
+	if !ok {
+		return
+	}
+	if err := l.Lower(); err != nil {
+		t.irqErrors.Add(1)
+	}
+	if t.isr.Load() != 0 {
+		if err := l.Raise(); err != nil {
+			t.irqErrors.Add(1)
+		}
+	}
 }
 
 // QueueNotify tells the device the driver notified queue q. It is the

@@ -424,3 +424,31 @@ func TestCmdlineArg(t *testing.T) {
 		})
 	}
 }
+
+type levelIRQ struct{ up, raises, lowers int }
+
+func (l *levelIRQ) Raise() error { l.up, l.raises = 1, l.raises+1; return nil }
+func (l *levelIRQ) Lower() error { l.up, l.lowers = 0, l.lowers+1; return nil }
+
+// TestLevelIRQ: a level-triggered line stays up until the driver has
+// acknowledged every pending bit.
+func TestLevelIRQ(t *testing.T) {
+	r := newRig(t)
+	irq := &levelIRQ{}
+	r.tr = New(r.dev, r.mem, irq, nil)
+	_ = r.tr.Trigger(virtio.InterruptUsedRing, 0)
+	_ = r.tr.Trigger(virtio.InterruptConfigChange, 0)
+	r.wr(RegInterruptACK, 1)
+	if irq.up != 1 {
+		t.Fatal("line lowered while the config-change bit is pending")
+	}
+	r.wr(RegInterruptACK, 2)
+	if irq.up != 0 || r.rd(RegInterruptStatus) != 0 {
+		t.Fatalf("line %d, status %d after acknowledging everything", irq.up, r.rd(RegInterruptStatus))
+	}
+	_ = r.tr.Trigger(virtio.InterruptUsedRing, 0)
+	r.wr(RegStatus, 0)
+	if irq.up != 0 {
+		t.Fatal("reset left the line up")
+	}
+}
