@@ -25,7 +25,7 @@ func splitmix64(x uint64) uint64 {
 func patternBlock(seed, b uint64) []byte {
 	p := make([]byte, 4096)
 	for i := uint64(0); i < 512; i++ {
-		binary.LittleEndian.PutUint64(p[8*i:], splitmix64(seed*0x100000000+b*512+i))
+		binary.LittleEndian.PutUint64(p[8*i:], splitmix64(seed*0x100000000+b)+i*0x9e3779b97f4a7c15)
 	}
 	return p
 }
