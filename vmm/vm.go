@@ -75,6 +75,7 @@ type VM struct {
 
 	virtio   []*VirtioSlot
 	disks    []*Disk
+	nics     []*NIC
 	vcpus    []*vcpu
 	stopping atomic.Bool
 	exitOnce sync.Once

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm"
 )
@@ -31,6 +32,8 @@ type bootFlags struct {
 	bootTimer               bool
 	verbose                 bool
 	disks                   []string
+	nets                    []string
+	name                    string
 	metricsFile             string
 }
 
@@ -71,6 +74,9 @@ echo, crash, pio:N.`,
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log what rayvmm does to stderr")
 	fl.StringArrayVar(&f.disks, "disk", nil, "attach a virtio-blk disk (repeatable, in guest order vda, vdb, ...):\n"+
 		"path=FILE or volume=NAME, then optional ,readonly ,format=raw|qcow2 ,iops=N ,bps=N ,burst=N ,serial=ID")
+	fl.StringArrayVar(&f.nets, "net", nil, "attach a virtio-net NIC (repeatable): network=NAME or tap=IFNAME, then optional\n"+
+		",mac=MAC ,vlan=N ,trunk=N1:N2 ,rx-bps=N ,tx-bps=N ,rx-pps=N ,tx-pps=N")
+	fl.StringVar(&f.name, "name", "", "VM name; generated MACs are derived from it, so a name keeps them stable (default: rayvmm-PID)")
 	fl.StringVar(&f.metricsFile, "metrics-file", "", "write device metrics (JSON) to this file when the VM exits")
 	rootCmd.AddCommand(cmd)
 }
@@ -102,6 +108,17 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	if _, err := os.Stat(f.kvmDevice); err != nil {
 		return fmt.Errorf("--kvm-device: %w", err)
 	}
+	if f.name == "" {
+		f.name = fmt.Sprintf("rayvmm-%d", os.Getpid())
+	}
+	var nicSpecs []network.NICSpec
+	for _, s := range f.nets {
+		n, err := network.ParseNICSpec(s)
+		if err != nil {
+			return fmt.Errorf("--net: %w", err)
+		}
+		nicSpecs = append(nicSpecs, n)
+	}
 	var diskSpecs []storage.DiskSpec
 	for _, s := range f.disks {
 		d, err := storage.ParseDiskSpec(s)
@@ -132,6 +149,18 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	for _, d := range diskSpecs {
 		if _, err := v.AttachDisk(d, stateDir); err != nil {
 			return fmt.Errorf("--disk: %w", err)
+		}
+	}
+	if len(nicSpecs) > 0 {
+		nics, err := network.AttachAll(ctx, stateDir, f.name, nicSpecs)
+		if err != nil {
+			return fmt.Errorf("--net: %w", err)
+		}
+		for i, n := range nics {
+			if _, err := v.AttachNIC(n); err != nil {
+				network.CloseAll(nics[i+1:])
+				return fmt.Errorf("--net: %w", err)
+			}
 		}
 	}
 	if err := v.Prepare(); err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/devices/virtio/blk"
 	"github.com/rayvmm/rayvmm/devices/virtio/mmio"
+	vnet "github.com/rayvmm/rayvmm/devices/virtio/net"
 	"github.com/rayvmm/rayvmm/vmm"
 )
 
@@ -20,15 +21,31 @@ type diskMetrics struct {
 	Transport mmio.Stats   `json:"transport"`
 }
 
+type nicMetrics struct {
+	MAC       string        `json:"mac"`
+	TAPs      []string      `json:"taps"`
+	Metrics   vnet.Snapshot `json:"metrics"`
+	Transport mmio.Stats    `json:"transport"`
+}
+
 type vmMetrics struct {
 	Exit      string        `json:"exit"`
 	BootTimes vmm.BootTimes `json:"boot_times"`
 	Disks     []diskMetrics `json:"disks"`
+	NICs      []nicMetrics  `json:"nics"`
 }
 
 // writeMetrics writes the VM's device metrics as JSON, atomically.
 func writeMetrics(path string, v *vmm.VM) error {
-	m := vmMetrics{BootTimes: v.BootTimes(), Disks: []diskMetrics{}}
+	m := vmMetrics{BootTimes: v.BootTimes(), Disks: []diskMetrics{}, NICs: []nicMetrics{}}
+	for _, n := range v.NICs() {
+		m.NICs = append(m.NICs, nicMetrics{
+			MAC:       n.Host.MAC.String(),
+			TAPs:      n.Host.TAPs,
+			Metrics:   n.Device.Metrics().Snapshot(),
+			Transport: n.Slot.Transport.Stats(),
+		})
+	}
 	if e := v.Exit(); e != nil {
 		m.Exit = e.String()
 	}
