@@ -1,0 +1,79 @@
+package tests
+
+import (
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// goDirs returns the repository's Go package directories.
+func goDirs(t *testing.T) map[string][]string {
+	t.Helper()
+	dirs := map[string][]string{}
+	err := filepath.WalkDir(repoRoot, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata" || d.Name() == "build" || d.Name() == "bin") && p != repoRoot {
+			return filepath.SkipDir
+		}
+		if !d.IsDir() && strings.HasSuffix(p, ".go") {
+			dirs[filepath.Dir(p)] = append(dirs[filepath.Dir(p)], p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dirs
+}
+
+// TestPackageDocs checks that every package has a doc comment.
+func TestPackageDocs(t *testing.T) {
+	for dir, files := range goDirs(t) {
+		documented, hasNonTest := false, false
+		for _, f := range files {
+			if strings.HasSuffix(f, "_test.go") {
+				continue
+			}
+			hasNonTest = true
+			af, err := parser.ParseFile(token.NewFileSet(), f, nil, parser.PackageClauseOnly|parser.ParseComments)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if af.Doc != nil && strings.TrimSpace(af.Doc.Text()) != "" {
+				documented = true
+			}
+		}
+		if hasNonTest && !documented {
+			rel, _ := filepath.Rel(repoRoot, dir)
+			t.Errorf("package %s has no doc comment", rel)
+		}
+	}
+}
+
+// TestUnsafeOnlyInUnsafeFiles checks that package unsafe is imported only
+// by files named *_unsafe.go (or *_unsafe_test.go), gVisor's rule.
+func TestUnsafeOnlyInUnsafeFiles(t *testing.T) {
+	for _, files := range goDirs(t) {
+		for _, f := range files {
+			af, err := parser.ParseFile(token.NewFileSet(), f, nil, parser.ImportsOnly)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, imp := range af.Imports {
+				if imp.Path.Value == `"unsafe"` && !strings.HasSuffix(f, "_unsafe.go") && !strings.HasSuffix(f, "_unsafe_test.go") {
+					rel, _ := filepath.Rel(repoRoot, f)
+					t.Errorf("%s imports unsafe; move that code to a *_unsafe.go file", rel)
+				}
+			}
+		}
+	}
+	if _, err := os.Stat(filepath.Join(repoRoot, "vmm", "memory", "memory_unsafe.go")); err != nil {
+		t.Fatal("the walk found nothing to check")
+	}
+}
