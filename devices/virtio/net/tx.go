@@ -6,17 +6,17 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 )
 
-// txBatch is how many transmit chains the device completes before it
-// checks whether the driver wants an interrupt (it also checks whenever
-// the queue runs empty), so a busy driver can refill the ring while the
-// device works through it.
-const txBatch = 64
+// The device checks whether the driver wants an interrupt after
+// completing half a ring of transmit chains (and whenever the ring runs
+// empty), so a busy driver can refill the ring while the device works
+// through the other half.
 
 // txLoop sends the driver's frames to the port until a is reset.
 func (d *Device) txLoop(a *activation) {
 	defer close(a.txDone)
 	buf := make([]byte, HeaderLen+maxFrameLen(d.mtu))
 	completed := 0 // used entries added since the last interrupt check
+	batch := max(1, int(a.txq.Size())/2)
 	for {
 		a.mu.RLock()
 		if a.dead || a.broken.Load() {
@@ -63,7 +63,7 @@ func (d *Device) txLoop(a *activation) {
 		if uerr := a.txq.AddUsed(c.Head(), 0); uerr != nil && err == nil {
 			err = uerr
 		}
-		if completed++; completed >= txBatch || (d.txLimit != nil && err == nil) {
+		if completed++; completed >= batch || (d.txLimit != nil && err == nil) {
 			// A throttled frame waits next: let the driver reclaim
 			// its buffers first.
 			d.interrupt(a, a.txq, TxQueue)
