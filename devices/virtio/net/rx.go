@@ -188,13 +188,14 @@ func (d *Device) deliver(frame []byte) {
 		}
 		return
 	}
+	// Count, then publish: once the driver sees the frame it is counted.
+	d.metrics.RxFrames.Add(1)
+	d.metrics.RxBytes.Add(uint64(len(frame) - HeaderLen))
 	if err := a.rxq.AddUsed(c.Head(), uint32(len(frame))); err != nil {
 		d.broken(a, err)
 		return
 	}
 	a.rxUsed = true
-	d.metrics.RxFrames.Add(1)
-	d.metrics.RxBytes.Add(uint64(len(frame) - HeaderLen))
 }
 
 // scatter writes frame into the chain's device-writable buffers. The

@@ -112,7 +112,7 @@ func TestTAPPingsHost(t *testing.T) {
 	if !bytes.Equal(echo[42:], payload) || binary.BigEndian.Uint16(echo[38:]) != 0x4242 {
 		t.Fatalf("echo reply %x does not carry our id and payload", echo)
 	}
-	if s := h.dev.Metrics().Snapshot(); s.TxFrames != 2 || s.RxFrames < 2 {
+	if s := h.dev.Metrics().Snapshot(); s.TxFrames != 2 || s.RxFrames < 1 {
 		t.Fatalf("metrics %+v", s)
 	}
 }

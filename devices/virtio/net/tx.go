@@ -6,12 +6,10 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 )
 
-// The device checks whether the driver wants an interrupt after
-// completing half a ring of transmit chains (and whenever the ring runs
-// empty), so a busy driver can refill the ring while the device works
-// through the other half.
-
-// txLoop sends the driver's frames to the port until a is reset.
+// txLoop sends the driver's frames to the port until a is reset. It
+// checks whether the driver wants an interrupt after completing half a
+// ring of chains (and whenever the ring runs empty), so a busy driver can
+// refill the ring while the device works through the other half.
 func (d *Device) txLoop(a *activation) {
 	defer close(a.txDone)
 	buf := make([]byte, HeaderLen+maxFrameLen(d.mtu))
@@ -60,38 +58,50 @@ func (d *Device) txLoop(a *activation) {
 			continue
 		}
 		frame, err := d.gather(a, &c, buf)
-		if uerr := a.txq.AddUsed(c.Head(), 0); uerr != nil && err == nil {
-			err = uerr
-		}
-		if completed++; completed >= batch || (d.txLimit != nil && err == nil) {
-			// A throttled frame waits next: let the driver reclaim
-			// its buffers first.
-			d.interrupt(a, a.txq, TxQueue)
-			completed = 0
-		}
-		a.mu.RUnlock()
 		if err != nil {
+			a.txq.AddUsed(c.Head(), 0) // fails only for a head out of range
+			completed++
+			a.mu.RUnlock()
 			d.txDrop(err)
 			continue
 		}
 		if d.txLimit != nil {
+			if completed > 0 { // let the driver reclaim buffers while we wait
+				d.interrupt(a, a.txq, TxQueue)
+				completed = 0
+			}
+			a.mu.RUnlock()
 			waited, err := d.txLimit.Wait(a.ctx, uint64(len(frame)))
 			d.metrics.TxThrottledNs.Add(uint64(waited))
-			if err != nil {
-				if a.ctx.Err() != nil {
-					<-a.done
-					return
-				}
-				d.log.Warn("virtio-net: tx rate limiter", "err", err)
+			if err != nil && a.ctx.Err() != nil {
+				<-a.done
+				return
+			}
+			a.mu.RLock()
+			if a.dead {
+				a.mu.RUnlock()
+				return
 			}
 		}
+		// Send, count, then return the buffer (as Firecracker does): once
+		// the driver sees it used, the frame is on its way and counted.
 		if _, err := d.port.Write(frame); err != nil {
 			d.metrics.TxPortErrors.Add(1)
 			d.log.Warn("virtio-net: port write failed; frame dropped", "err", err)
+		} else {
+			d.metrics.TxFrames.Add(1)
+			d.metrics.TxBytes.Add(uint64(len(frame)))
+		}
+		if err := a.txq.AddUsed(c.Head(), 0); err != nil {
+			a.mu.RUnlock()
+			d.broken(a, err)
 			continue
 		}
-		d.metrics.TxFrames.Add(1)
-		d.metrics.TxBytes.Add(uint64(len(frame)))
+		if completed++; completed >= batch {
+			d.interrupt(a, a.txq, TxQueue)
+			completed = 0
+		}
+		a.mu.RUnlock()
 	}
 }
 
