@@ -54,6 +54,7 @@ func records(t *testing.T, stateDir string) []string {
 }
 
 func TestCreateInspectRemove(t *testing.T) {
+	nettest.RequireTool(t, "nft")
 	tests := []struct {
 		name      string
 		opts      CreateOptions
@@ -206,6 +207,7 @@ func isARPReplyTo(mac net.HardwareAddr) func([]byte) bool {
 }
 
 func TestAttachTAP(t *testing.T) {
+	nettest.RequireTool(t, "bridge")
 	ns := nettest.New(t)
 	dir := t.TempDir()
 	ctx := context.Background()

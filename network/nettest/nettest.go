@@ -35,6 +35,19 @@ func RequireRoot(t testing.TB) {
 	t.Skip(why)
 }
 
+// RequireTool skips the test when a host tool it runs is missing, and fails
+// it instead when RAYVMM_REQUIRE_KVM=1 (CI installs the tools).
+func RequireTool(t testing.TB, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err == nil {
+		return
+	}
+	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
+		t.Fatalf("%s is not installed, and RAYVMM_REQUIRE_KVM=1", name)
+	}
+	t.Skipf("needs %s", name)
+}
+
 // NS is a named network namespace owned by one test.
 type NS struct {
 	Name string
