@@ -225,6 +225,7 @@ func TestNetBridged(t *testing.T) {
 // 2. Guests on one network reach each other, and the bridge learned their
 // MACs (generated, stable per VM name).
 func TestNetTwoGuests(t *testing.T) {
+	requireTool(t, "bridge")
 	h := newHost(t)
 	h.must(t, "net", "create", "lan", "--subnet", "192.0.2.0/24")
 	h.serve(t, "alpha", "192.0.2.2/24", "network=lan")
