@@ -88,9 +88,19 @@ type result struct {
 // run runs rayvmm to completion with a deadline and returns its output.
 func run(t testing.TB, stdin io.Reader, timeout time.Duration, args ...string) result {
 	t.Helper()
+	return runCommand(t, stdin, timeout, func(ctx context.Context) *exec.Cmd {
+		return exec.CommandContext(ctx, rayvmm, args...)
+	})
+}
+
+// runCommand runs the command build makes (rayvmm, possibly behind a
+// prefix such as "ip netns exec NS") to completion with a deadline, and
+// fails the test on a timeout or a Go panic in its stderr.
+func runCommand(t testing.TB, stdin io.Reader, timeout time.Duration, build func(context.Context) *exec.Cmd) result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, rayvmm, args...)
+	cmd := build(ctx)
 	var out, errb bytes.Buffer
 	cmd.Stdin = stdin
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -98,12 +108,12 @@ func run(t testing.TB, stdin io.Reader, timeout time.Duration, args ...string) r
 	err := cmd.Run()
 	r := result{stdout: out.String(), stderr: errb.String(), elapsed: time.Since(start)}
 	if ctx.Err() != nil {
-		t.Fatalf("rayvmm %s did not finish in %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), timeout, r.stdout, r.stderr)
+		t.Fatalf("%s did not finish in %v\nstdout:\n%s\nstderr:\n%s", strings.Join(cmd.Args, " "), timeout, r.stdout, r.stderr)
 	}
 	if ee, ok := err.(*exec.ExitError); ok {
 		r.code = ee.ExitCode()
 	} else if err != nil {
-		t.Fatalf("rayvmm: %v", err)
+		t.Fatalf("%s: %v", cmd.Args[0], err)
 	}
 	checkNoPanic(t, r.stderr)
 	return r

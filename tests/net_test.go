@@ -42,23 +42,7 @@ func newHost(t *testing.T) *host {
 // rayvmm runs rayvmm in the namespace to completion.
 func (h *host) rayvmm(t *testing.T, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), guestWait)
-	defer cancel()
-	cmd := h.command(ctx, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	r := result{stdout: out.String(), stderr: errb.String()}
-	if ctx.Err() != nil {
-		t.Fatalf("rayvmm %s did not finish in %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), guestWait, r.stdout, r.stderr)
-	}
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("rayvmm: %v", err)
-	}
-	checkNoPanic(t, r.stderr)
-	return r
+	return runCommand(t, nil, guestWait, func(ctx context.Context) *exec.Cmd { return h.command(ctx, args...) })
 }
 
 func (h *host) command(ctx context.Context, args ...string) *exec.Cmd {
