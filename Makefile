@@ -22,8 +22,10 @@ vet:
 test: rayvmm vet
 	$(GO) test -count=1 -timeout 30m ./...
 
+# make bench: side-by-side benchmarks (tests/bench); writes
+# tests/bench/results and the README's Performance section. Needs root.
 bench: rayvmm
-	$(GO) run ./tests/bench
+	$(GO) run ./tests/bench $(BENCHFLAGS)
 
 clean:
 	rm -rf bin
