@@ -77,6 +77,8 @@ type VM struct {
 	disks    []*Disk
 	nics     []*NIC
 	vcpus    []*vcpu
+	memReady chan struct{} // closed once the memory slots are registered
+	memErr   error
 	stopping atomic.Bool
 	exitOnce sync.Once
 	exit     *Exit
@@ -154,11 +156,20 @@ func New(cfg Config) (_ *VM, err error) {
 	if v.mem, err = memory.New(boot.RAMRanges(cfg.MemoryBytes)...); err != nil {
 		return nil, fmt.Errorf("guest memory of %d MiB: %w", cfg.MemoryBytes>>20, err)
 	}
-	for _, r := range v.mem.Regions() {
-		if err = v.vm.SetMemoryRegion(uint64(r.Base), r.Size, r.HostAddr()); err != nil {
-			return nil, err
+	// Registering a memory slot costs milliseconds of grace-period waiting
+	// in KVM, whatever its size, so it runs while the rest of the VM (CPUID,
+	// devices, kernel, vCPUs) is set up; Run waits for it before the first
+	// KVM_RUN.
+	v.memReady = make(chan struct{})
+	go func() {
+		defer close(v.memReady)
+		for _, r := range v.mem.Regions() {
+			if err := v.vm.SetMemoryRegion(uint64(r.Base), r.Size, r.HostAddr()); err != nil {
+				v.memErr = err
+				return
+			}
 		}
-	}
+	}()
 	sup, err := v.sys.SupportedCPUID()
 	if err != nil {
 		return nil, err
@@ -273,6 +284,10 @@ func (v *VM) Run(ctx context.Context) (*Exit, error) {
 			setupErr = err
 		}
 	}
+	<-v.memReady
+	if setupErr == nil {
+		setupErr = v.memErr
+	}
 	if setupErr != nil {
 		v.stopping.Store(true)
 		close(start)
@@ -304,6 +319,9 @@ func (v *VM) finish(e *Exit) {
 
 // Close releases everything New and Run made.
 func (v *VM) Close() error {
+	if v.memReady != nil {
+		<-v.memReady // never unmap memory KVM is still being told about
+	}
 	if v.uart != nil {
 		v.uart.Close()
 	}
