@@ -9,11 +9,11 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/internal/starttime"
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm"
@@ -21,7 +21,7 @@ import (
 
 // started is as close to process start as Go code gets; the boot timer
 // measures from it.
-var started = time.Now()
+var started = starttime.T
 
 type bootFlags struct {
 	kernel, initrd, cmdline string
