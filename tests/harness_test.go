@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 // rayvmm is the path of the binary under test, built once in TestMain.
@@ -42,40 +44,18 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// requireKVM skips (or, under RAYVMM_REQUIRE_KVM=1, fails) a test that
-// needs root and a usable /dev/kvm.
+// requireKVM needs root and /dev/kvm (see testenv).
 func requireKVM(t testing.TB) {
 	t.Helper()
-	reason := ""
-	if os.Geteuid() != 0 {
-		reason = "needs root"
-	} else if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
-		reason = fmt.Sprintf("needs /dev/kvm: %v", err)
-	} else {
-		f.Close()
-	}
-	if reason == "" {
-		return
-	}
-	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-		t.Fatalf("RAYVMM_REQUIRE_KVM=1 but this test %s", reason)
-	}
-	t.Skip(reason)
+	testenv.RequireKVM(t)
 }
 
-// requireTool skips (or fails under RAYVMM_REQUIRE_KVM=1) when a host tool
-// the test needs is missing.
+// requireTool needs a host tool and returns its path.
 func requireTool(t testing.TB, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-		t.Fatalf("RAYVMM_REQUIRE_KVM=1 but %s is not installed (.ci/run installs it)", name)
-	}
-	t.Skipf("%s is not installed", name)
-	return ""
+	testenv.RequireTool(t, name)
+	p, _ := exec.LookPath(name)
+	return p
 }
 
 // result is what a finished rayvmm run produced.

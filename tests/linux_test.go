@@ -11,25 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rayvmm/rayvmm/internal/testenv"
 	"github.com/rayvmm/rayvmm/vmm/boot"
 )
-
-// debianBzImage finds the bzImage `make linux-kernel` unpacked.
-func debianBzImage(t *testing.T) string {
-	t.Helper()
-	dir := os.Getenv("RAYVMM_LINUX_DIR")
-	if dir == "" {
-		dir = filepath.Join(repoRoot, "build", "linux")
-	}
-	m, _ := filepath.Glob(filepath.Join(dir, "root", "boot", "vmlinuz-*"))
-	if len(m) == 0 {
-		if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-			t.Fatalf("no Debian kernel in %s: run `make linux-kernel` (.ci/run does)", dir)
-		}
-		t.Skipf("no Debian kernel in %s: run `make linux-kernel` to fetch linux-image-amd64", dir)
-	}
-	return m[0]
-}
 
 // extractVmlinux unpacks the ELF vmlinux from a bzImage: the setup header
 // says where the xz payload is; xz decompresses it (the payload ends with a
@@ -76,7 +60,7 @@ func extractVmlinux(t *testing.T, bz string) string {
 // looking for a root file system), and the test stops it with SIGTERM.
 func TestLinuxBoot(t *testing.T) {
 	requireKVM(t)
-	vmlinux := extractVmlinux(t, debianBzImage(t))
+	vmlinux := extractVmlinux(t, testenv.DebianBzImage(t))
 	const cmdline = "console=ttyS0 earlyprintk=serial"
 	cmd := exec.Command(rayvmm, "boot", "--kernel", vmlinux, "--memory", "256M", "--cmdline", cmdline)
 	out, errw := newLineWatcher(), newLineWatcher()

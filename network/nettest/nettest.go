@@ -14,38 +14,21 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// RequireRoot skips the test when it cannot make network namespaces (not
-// root, or no ip tool), and fails it instead when RAYVMM_REQUIRE_KVM=1.
+// RequireRoot needs root and the ip tool to make network namespaces.
 func RequireRoot(t testing.TB) {
 	t.Helper()
-	why := ""
-	if os.Geteuid() != 0 {
-		why = "needs root to make network namespaces"
-	} else if _, err := exec.LookPath("ip"); err != nil {
-		why = "needs the ip tool (iproute2)"
-	}
-	if why == "" {
-		return
-	}
-	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-		t.Fatalf("%s, and RAYVMM_REQUIRE_KVM=1", why)
-	}
-	t.Skip(why)
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "ip")
 }
 
-// RequireTool skips the test when a host tool it runs is missing, and fails
-// it instead when RAYVMM_REQUIRE_KVM=1 (CI installs the tools).
+// RequireTool needs a host tool (CI installs them from Debian).
 func RequireTool(t testing.TB, name string) {
 	t.Helper()
-	if _, err := exec.LookPath(name); err == nil {
-		return
-	}
-	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-		t.Fatalf("%s is not installed, and RAYVMM_REQUIRE_KVM=1", name)
-	}
-	t.Skipf("needs %s", name)
+	testenv.RequireTool(t, name)
 }
 
 // NS is a named network namespace owned by one test.

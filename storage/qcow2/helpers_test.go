@@ -9,20 +9,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// needQemu skips (or, with RAYVMM_REQUIRE_KVM=1, fails) when the qemu
-// tools the interop tests compare against are missing.
+// needQemu needs the qemu tools the interop tests compare against
+// (Debian's qemu-utils).
 func needQemu(t testing.TB, tools ...string) {
 	t.Helper()
-	for _, tool := range append([]string{"qemu-img"}, tools...) {
-		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-				t.Fatalf("%s not installed (apt-get install qemu-utils) and RAYVMM_REQUIRE_KVM=1", tool)
-			}
-			t.Skipf("%s not installed (apt-get install qemu-utils)", tool)
-		}
-	}
+	testenv.RequireTool(t, append([]string{"qemu-img"}, tools...)...)
 }
 
 func run(t testing.TB, name string, args ...string) string {

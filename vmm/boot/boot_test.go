@@ -6,10 +6,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
+	"github.com/rayvmm/rayvmm/internal/testenv"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
@@ -201,19 +201,8 @@ func TestZeroPageAndInitrd(t *testing.T) {
 // TestDebianBzImage parses the setup header of Debian's stock bzImage
 // (fetched by `make linux-kernel`) and loads it.
 func TestDebianBzImage(t *testing.T) {
-	_, file, _, _ := runtime.Caller(0)
-	dir := os.Getenv("RAYVMM_LINUX_DIR")
-	if dir == "" {
-		dir = filepath.Join(filepath.Dir(file), "..", "..", "build", "linux")
-	}
-	found, _ := filepath.Glob(filepath.Join(dir, "root", "boot", "vmlinuz-*"))
-	if len(found) == 0 {
-		if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-			t.Fatalf("no Debian bzImage under %s (make linux-kernel)", dir)
-		}
-		t.Skipf("no Debian bzImage under %s: run make linux-kernel", dir)
-	}
-	img, err := os.ReadFile(found[0])
+	bz := testenv.DebianBzImage(t)
+	img, err := os.ReadFile(bz)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +211,7 @@ func TestDebianBzImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%s: protocol %d.%02d, setup_sects %d, cmdline_size %d, initrd_addr_max %#x, init_size %#x, xloadflags %#x",
-		filepath.Base(found[0]), h.Version>>8, h.Version&0xff, h.SetupSects, h.CmdlineSize, h.InitrdAddrMax, h.InitSize, h.XLoadFlags)
+		filepath.Base(bz), h.Version>>8, h.Version&0xff, h.SetupSects, h.CmdlineSize, h.InitrdAddrMax, h.InitSize, h.XLoadFlags)
 	if h.Version < 0x20c || h.XLoadFlags&1 == 0 || !h.Relocatable || h.CmdlineSize != 2047 || h.InitrdAddrMax != 0x7fffffff {
 		t.Fatalf("unexpected header %+v", h)
 	}

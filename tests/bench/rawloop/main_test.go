@@ -2,33 +2,14 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/rayvmm/rayvmm/guestkernel"
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// requireKVM skips (or, under RAYVMM_REQUIRE_KVM=1, fails) without root and
-// a usable /dev/kvm.
-func requireKVM(t *testing.T) {
-	t.Helper()
-	reason := ""
-	if os.Geteuid() != 0 {
-		reason = "needs root"
-	} else if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
-		reason = fmt.Sprintf("needs /dev/kvm: %v", err)
-	} else {
-		f.Close()
-	}
-	if reason == "" {
-		return
-	}
-	if os.Getenv("RAYVMM_REQUIRE_KVM") == "1" {
-		t.Fatalf("RAYVMM_REQUIRE_KVM=1 but this test %s", reason)
-	}
-	t.Skip(reason)
-}
+func requireKVM(t *testing.T) { t.Helper(); testenv.RequireKVM(t) }
 
 // TestPIO runs rayguest's pio job in the raw loop: every port write must
 // come back as one exit, and the guest must get to its last line.
