@@ -91,27 +91,11 @@ func (c *vcpu) setup() error {
 	if err != nil {
 		return err
 	}
-	code := kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorCode, Typ: 0xb, Present: 1, S: 1, L: 1, G: 1}
-	data := kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorData, Typ: 0x3, Present: 1, S: 1, DB: 1, G: 1}
-	sregs.CS = code
-	sregs.DS, sregs.ES, sregs.FS, sregs.GS, sregs.SS = data, data, data, data, data
-	sregs.TR = kvm.Segment{Base: 0, Limit: 0xfffff, Selector: boot.SelectorTSS, Typ: 0xb, Present: 1, G: 1}
-	sregs.GDT.Base, sregs.GDT.Limit = boot.GDTAddr, uint16(8*len(boot.GDT)-1)
-	sregs.IDT.Base, sregs.IDT.Limit = 0, 0
-	sregs.CR3 = boot.PML4Addr
-	sregs.CR4 |= boot.CR4PAE
-	sregs.CR0 |= boot.CR0PE | boot.CR0PG | boot.CR0ET
-	sregs.EFER |= boot.EFERLME | boot.EFERLMA
+	boot.LongModeSregs(sregs)
 	if err := cpu.SetSregs(sregs); err != nil {
 		return err
 	}
-	return cpu.SetRegs(&kvm.Regs{
-		RIP:    v.kernel.Entry,
-		RSI:    boot.ZeroPageAddr,
-		RSP:    boot.BootStack,
-		RBP:    boot.BootStack,
-		RFLAGS: 2,
-	})
+	return cpu.SetRegs(boot.EntryRegs(v.kernel.Entry))
 }
 
 func (c *vcpu) run() {

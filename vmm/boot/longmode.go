@@ -3,6 +3,7 @@ package boot
 import (
 	"encoding/binary"
 
+	"github.com/rayvmm/rayvmm/vmm/kvm"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
@@ -66,3 +67,27 @@ const (
 	EFERLME = 1 << 8
 	EFERLMA = 1 << 10
 )
+
+// LongModeSregs changes a vCPU's special registers to the state the Linux
+// 64-bit boot protocol enters a kernel in: flat 64-bit code and data
+// segments from GDT, the identity page tables, paging and long mode on,
+// no IDT.
+func LongModeSregs(s *kvm.Sregs) {
+	code := kvm.Segment{Limit: 0xfffff, Selector: SelectorCode, Typ: 0xb, Present: 1, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Limit: 0xfffff, Selector: SelectorData, Typ: 0x3, Present: 1, S: 1, DB: 1, G: 1}
+	s.CS = code
+	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	s.TR = kvm.Segment{Limit: 0xfffff, Selector: SelectorTSS, Typ: 0xb, Present: 1, G: 1}
+	s.GDT.Base, s.GDT.Limit = GDTAddr, uint16(8*len(GDT)-1)
+	s.IDT.Base, s.IDT.Limit = 0, 0
+	s.CR3 = PML4Addr
+	s.CR4 |= CR4PAE
+	s.CR0 |= CR0PE | CR0PG | CR0ET
+	s.EFER |= EFERLME | EFERLMA
+}
+
+// EntryRegs are the general registers at kernel entry: RIP at the entry
+// point, RSI at the zero page, a stack below the page tables.
+func EntryRegs(entry uint64) *kvm.Regs {
+	return &kvm.Regs{RIP: entry, RSI: ZeroPageAddr, RSP: BootStack, RBP: BootStack, RFLAGS: 2}
+}

@@ -175,25 +175,11 @@ func setupBSP(sys *kvm.System, cpu *kvm.VCPU, entry uint64) error {
 	if err != nil {
 		return err
 	}
-	flat := func(sel uint16, typ uint8) kvm.Segment {
-		return kvm.Segment{Limit: 0xfffff, Selector: sel, Typ: typ, Present: 1, S: 1, G: 1}
-	}
-	s.CS = flat(boot.SelectorCode, 0xb)
-	s.CS.L = 1
-	data := flat(boot.SelectorData, 0x3)
-	data.DB = 1
-	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
-	s.TR = kvm.Segment{Limit: 0xfffff, Selector: boot.SelectorTSS, Typ: 0xb, Present: 1, G: 1}
-	s.GDT.Base, s.GDT.Limit = boot.GDTAddr, uint16(8*len(boot.GDT)-1)
-	s.IDT.Base, s.IDT.Limit = 0, 0
-	s.CR3 = boot.PML4Addr
-	s.CR4 |= boot.CR4PAE
-	s.CR0 |= boot.CR0PE | boot.CR0PG | boot.CR0ET
-	s.EFER |= boot.EFERLME | boot.EFERLMA
+	boot.LongModeSregs(s)
 	if err := cpu.SetSregs(s); err != nil {
 		return err
 	}
-	return cpu.SetRegs(&kvm.Regs{RIP: entry, RSI: boot.ZeroPageAddr, RSP: boot.BootStack, RFLAGS: 2})
+	return cpu.SetRegs(boot.EntryRegs(entry))
 }
 
 // loop runs the vCPU until the guest writes 0xfe to port 0x64.
