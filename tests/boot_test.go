@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 var bannerRE = regexp.MustCompile(`rayguest: rayguest \S+ memory (\d+) bytes \((\d+) MiB\) cpus (\d+)`)
@@ -213,105 +216,100 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+// ptyVM is rayvmm running in echo mode with a pseudo-terminal as its
+// controlling terminal and stdio, as a user at a shell would run it.
+type ptyVM struct {
+	cmd    *exec.Cmd
+	ptmx   *os.File
+	tty    *os.File
+	out    *lineWatcher
+	before *unix.Termios // the terminal's settings before rayvmm started
+}
+
+func startOnPTY(t *testing.T) *ptyVM {
+	t.Helper()
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		testenv.Need(t, fmt.Sprintf("needs a pseudo-terminal: %v", err))
+	}
+	t.Cleanup(func() { ptmx.Close(); tty.Close() })
+	before, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &ptyVM{ptmx: ptmx, tty: tty, out: newLineWatcher(), before: before}
+	go io.Copy(p.out, ptmx)
+	p.cmd = exec.Command(rayvmm, "boot", "--cmdline", "rayguest.run=echo")
+	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = tty, tty, tty
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.cmd.Process.Kill() })
+	p.out.waitFor(t, "cpus 1", 30*time.Second)
+	return p
+}
+
+// wait waits up to limit for rayvmm to exit and returns how long it took.
+func (p *ptyVM) wait(t *testing.T, limit time.Duration) (time.Duration, error) {
+	t.Helper()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- p.cmd.Wait() }()
+	select {
+	case err := <-done:
+		return time.Since(start), err
+	case <-time.After(limit):
+		t.Fatalf("rayvmm still running after %v\n%s", limit, p.out.String())
+		return 0, nil
+	}
+}
+
+// checkRestored fails unless the terminal is as rayvmm found it.
+func (p *ptyVM) checkRestored(t *testing.T) {
+	t.Helper()
+	after, err := unix.IoctlGetTermios(int(p.tty.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *after != *p.before {
+		t.Fatalf("terminal settings not restored:\nbefore %+v\nafter  %+v", p.before, after)
+	}
+}
+
 // TestSIGTERMRestoresTerminal runs rayvmm on a pseudo-terminal in echo mode
 // (raw mode, waiting for input), sends SIGTERM, and checks that it stops
 // within a second and leaves the terminal settings as it found them.
 func TestSIGTERMRestoresTerminal(t *testing.T) {
 	requireKVM(t)
-	ptmx, tty, err := pty.Open()
-	if err != nil {
-		t.Skipf("no pseudo-terminal: %v", err)
-	}
-	defer ptmx.Close()
-	defer tty.Close()
-	before, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := newLineWatcher()
-	go io.Copy(w, ptmx)
-	cmd := exec.Command(rayvmm, "boot", "--cmdline", "rayguest.run=echo")
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	w.waitFor(t, "rayguest: ready", 30*time.Second)
-	w.waitFor(t, "cpus 1", 30*time.Second)
-	raw, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
+	p := startOnPTY(t)
+	raw, err := unix.IoctlGetTermios(int(p.tty.Fd()), unix.TCGETS)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if raw.Lflag&unix.ICANON != 0 {
 		t.Fatalf("terminal still in canonical mode while the guest runs: rayvmm did not set raw mode")
 	}
-	start := time.Now()
-	cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("rayvmm still running 5s after SIGTERM\n%s", w.String())
-	}
-	took := time.Since(start)
-	t.Logf("stopped %v after SIGTERM", took)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	took, err := p.wait(t, 5*time.Second)
+	t.Logf("stopped %v after SIGTERM (%v)", took, err)
 	if took > time.Second {
 		t.Errorf("rayvmm took %v to stop after SIGTERM, want under a second", took)
 	}
-	after, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if *after != *before {
-		t.Fatalf("terminal settings not restored:\nbefore %+v\nafter  %+v", before, after)
-	}
-	checkNoPanic(t, w.String())
+	p.checkRestored(t)
+	checkNoPanic(t, p.out.String())
 }
 
 // TestCtrlAX types Ctrl-A x on a terminal: rayvmm quits with status 0 and
 // restores the terminal, and the keys before it reached the guest.
 func TestCtrlAX(t *testing.T) {
 	requireKVM(t)
-	ptmx, tty, err := pty.Open()
-	if err != nil {
-		t.Skipf("no pseudo-terminal: %v", err)
+	p := startOnPTY(t)
+	io.WriteString(p.ptmx, "typed\r")
+	p.out.waitFor(t, "rayguest: echo typed", 30*time.Second)
+	io.WriteString(p.ptmx, "\x01x")
+	if _, err := p.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("Ctrl-A x: %v\n%s", err, p.out.String())
 	}
-	defer ptmx.Close()
-	defer tty.Close()
-	before, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := newLineWatcher()
-	go io.Copy(w, ptmx)
-	cmd := exec.Command(rayvmm, "boot", "--cmdline", "rayguest.run=echo")
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	w.waitFor(t, "cpus 1", 30*time.Second)
-	io.WriteString(ptmx, "typed\r")
-	w.waitFor(t, "rayguest: echo typed", 30*time.Second)
-	io.WriteString(ptmx, "\x01x")
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Ctrl-A x: %v\n%s", err, w.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("Ctrl-A x did not stop rayvmm\n%s", w.String())
-	}
-	after, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if *after != *before {
-		t.Fatal("terminal settings not restored after Ctrl-A x")
-	}
+	p.checkRestored(t)
 }
