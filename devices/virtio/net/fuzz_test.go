@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
+	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
@@ -13,29 +14,20 @@ import (
 // the queue size (1 << data[0]%6); data[1] bit 0 EVENT_IDX, bit 1
 // INDIRECT_DESC, bit 2 walk the chains as receive chains (else transmit);
 // the rest is guest memory from address 0 with the descriptor table at 0,
-// the avail ring at fzAvail, the used ring at fzUsed, and nothing past
-// fzMem.
-const (
-	fzAvail = 0x200
-	fzUsed  = 0x280
-	fzMem   = 0x1000
-)
+// the avail ring at queuetest.FuzzAvail, the used ring at queuetest.FuzzUsed, and nothing past
+// queuetest.FuzzMem.
 
 // chains runs every chain of a guest-made image through the device's
 // transmit gather or receive scatter.
 func chains(t *testing.T, data []byte) {
-	if len(data) < 2 {
-		return
-	}
-	size := uint16(1) << (data[0] % 6)
-	mem := memory.FromBytes(0, make([]byte, fzMem))
-	raw, _ := mem.Slice(0, fzMem)
-	copy(raw, data[2:])
-	q, err := queue.New(mem, 256, queue.Config{Size: size, Desc: 0, Avail: fzAvail, Used: fzUsed,
-		EventIdx: data[1]&1 != 0, Indirect: data[1]&2 != 0})
+	mem, q, ok, err := queuetest.FuzzQueue(data)
 	if err != nil {
 		t.Fatalf("valid layout rejected: %v", err)
 	}
+	if !ok {
+		return
+	}
+	size := q.Size()
 	d := &Device{mtu: 1500}
 	a := &activation{mem: mem, rxq: q, txq: q}
 	rx := data[1]&4 != 0
@@ -74,7 +66,7 @@ func chains(t *testing.T, data []byte) {
 // known error kinds.
 func FuzzNetChain(f *testing.F) {
 	seed := func(flags byte, descs [][3]uint64, heads ...uint16) []byte {
-		b := make([]byte, 2+fzMem)
+		b := make([]byte, 2+queuetest.FuzzMem)
 		b[0], b[1] = 3, flags // 8 descriptors
 		m := b[2:]
 		for i, d := range descs {
@@ -84,9 +76,9 @@ func FuzzNetChain(f *testing.F) {
 			binary.LittleEndian.PutUint16(m[16*i+14:], uint16(i+1))
 		}
 		for i, h := range heads {
-			binary.LittleEndian.PutUint16(m[fzAvail+4+2*i:], h)
+			binary.LittleEndian.PutUint16(m[queuetest.FuzzAvail+4+2*i:], h)
 		}
-		binary.LittleEndian.PutUint16(m[fzAvail+2:], uint16(len(heads)))
+		binary.LittleEndian.PutUint16(m[queuetest.FuzzAvail+2:], uint16(len(heads)))
 		return b
 	}
 	const next, write = uint64(queue.DescFNext), uint64(queue.DescFWrite)

@@ -112,7 +112,15 @@ func TestTAPPingsHost(t *testing.T) {
 	if !bytes.Equal(echo[42:], payload) || binary.BigEndian.Uint16(echo[38:]) != 0x4242 {
 		t.Fatalf("echo reply %x does not carry our id and payload", echo)
 	}
-	if s := h.dev.Metrics().Snapshot(); s.TxFrames != 2 || s.RxFrames < 1 {
+	// The host can answer before the transmit goroutine, back from the
+	// TAP write, has counted the frame: wait for the counter to settle.
+	deadline := time.Now().Add(5 * time.Second)
+	s := h.dev.Metrics().Snapshot()
+	for s.TxFrames < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+		s = h.dev.Metrics().Snapshot()
+	}
+	if s.TxFrames != 2 || s.RxFrames < 1 {
 		t.Fatalf("metrics %+v", s)
 	}
 }

@@ -8,35 +8,26 @@ import (
 
 	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
-	"github.com/rayvmm/rayvmm/vmm/memory"
+	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
 )
 
 var updateSeeds = flag.Bool("update-seeds", false, "rewrite the fuzz seed corpus in testdata/fuzz")
 
 // Fuzz image layout: data[0] picks the queue size (1 << data[0]%6), data[1]
 // bit 0 EVENT_IDX and bit 1 INDIRECT_DESC; the rest is guest memory from
-// address 0: descriptor table at 0, avail ring at fzAvail, used ring at
-// fzUsed, buffers and indirect tables after, and nothing past fzMem.
-const (
-	fzAvail = 0x200
-	fzUsed  = 0x280
-	fzMem   = 0x1000
-)
+// address 0: descriptor table at 0, avail ring at queuetest.FuzzAvail, used ring at
+// queuetest.FuzzUsed, buffers and indirect tables after, and nothing past queuetest.FuzzMem.
 
 // walk is the fuzz body: pop and walk every chain the image offers.
 func walk(t *testing.T, data []byte) {
-	if len(data) < 2 {
-		return
-	}
-	size := uint16(1) << (data[0] % 6)
-	mem := memory.FromBytes(0, make([]byte, fzMem))
-	raw, _ := mem.Slice(0, fzMem)
-	copy(raw, data[2:])
-	q, err := queue.New(mem, 256, queue.Config{Size: size, Desc: 0, Avail: fzAvail, Used: fzUsed,
-		EventIdx: data[1]&1 != 0, Indirect: data[1]&2 != 0})
+	_, q, ok, err := queuetest.FuzzQueue(data)
 	if err != nil {
 		t.Fatalf("valid layout rejected: %v", err)
 	}
+	if !ok {
+		return
+	}
+	size := q.Size()
 	for range 3*int(size) + 3 {
 		c, ok, err := q.Pop()
 		if err != nil {
@@ -126,9 +117,9 @@ func image(sizeExp, feat byte, heads []uint16, availIdx uint16, descs []fzDesc, 
 			put(base+16*uint64(d.i), d)
 		}
 	}
-	binary.LittleEndian.PutUint16(m[fzAvail+2:], availIdx)
+	binary.LittleEndian.PutUint16(m[queuetest.FuzzAvail+2:], availIdx)
 	for i, h := range heads {
-		binary.LittleEndian.PutUint16(m[fzAvail+4+2*i:], h)
+		binary.LittleEndian.PutUint16(m[queuetest.FuzzAvail+4+2*i:], h)
 	}
 	return append([]byte{sizeExp, feat}, m...)
 }
@@ -153,7 +144,7 @@ func walkSeeds() []seed {
 			map[uint64][]fzDesc{0x800: {{0, 0x800, 32, I, 0}}})},
 		{"indirect-loop", image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x500, 16, N, 1}, {1, 0x500, 16, N, 0}}})},
-		{"indirect-table-outside", image(3, 2, []uint16{0}, 1, []fzDesc{{0, fzMem - 16, 64, I, 0}}, nil)},
+		{"indirect-table-outside", image(3, 2, []uint16{0}, 1, []fzDesc{{0, queuetest.FuzzMem - 16, 64, I, 0}}, nil)},
 		{"indirect-not-negotiated", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}}, nil)},
 		{"direct-then-indirect", image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 2}, {2, 0x800, 32, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x600, 512, W | N, 1}, {1, 0x700, 1, W, 0}}})},
