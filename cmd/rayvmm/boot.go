@@ -52,7 +52,9 @@ SIGINT/SIGTERM. On a terminal, stdin is in raw mode: keys go to the guest, and
 Ctrl-A x quits (Ctrl-A Ctrl-A sends one Ctrl-A).
 
 rayguest reads its job from the command line: rayguest.run=poweroff (default),
-echo, crash, pio:N.`,
+echo, crash, pio:N, blktest, blksum, blkwrite (virtio-blk; rayguest.seed=,
+rayguest.blocks=), serve and ping:ADDR (virtio-net; rayguest.ip=A.B.C.D/N,
+rayguest.gw=). The full list is in guestkernel/README.md.`,
 		Example: `  rayvmm boot
   rayvmm boot --cpus 2 --memory 256M
   rayvmm boot --cmdline rayguest.run=echo
