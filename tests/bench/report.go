@@ -238,7 +238,7 @@ func (r *Results) markdown(compact bool) string {
 	p("\n")
 	if ray := r.boot(nameRayvmm); ray != nil && ray.Timer != nil {
 		t := ray.Timer
-		p("rayvmm's own boot timer (`--boot-timer`, median; its wall clock starts when its main package initializes, after the runtime and every other package, so it reads lower than the first column): first KVM_RUN at %.2f ms wall / %.2f ms CPU, guest ready (port 0x440) at %.2f ms wall / %.2f ms CPU.\n\n",
+		p("rayvmm's own boot timer (`--boot-timer`, median; its wall clock starts when internal/starttime initializes, early in package init but after the Go runtime's own start, so it reads a little lower than the first column): first KVM_RUN at %.2f ms wall / %.2f ms CPU, guest ready (port 0x440) at %.2f ms wall / %.2f ms CPU.\n\n",
 			t.FirstRunWall.Median, t.FirstRunCPU.Median, t.ReadyWall.Median, t.ReadyCPU.Median)
 	}
 
