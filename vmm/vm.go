@@ -83,6 +83,7 @@ type VM struct {
 	done     chan struct{}
 
 	firstRun  sync.Once
+	readyOnce sync.Once
 	bootTimes BootTimes
 	closers   []func() error
 }
@@ -375,17 +376,22 @@ func (d bootTimerDev) Read(off uint64, data []byte) {
 	}
 }
 
+// Write records the first ready write only; vCPUs other than the one that
+// wrote first (a guest may write from several) are ignored.
 func (d bootTimerDev) Write(off uint64, data []byte) {
-	if len(data) == 0 || data[0] != BootTimerMagic || d.v.bootTimes.ReadyWall != 0 {
+	if len(data) == 0 || data[0] != BootTimerMagic {
 		return
 	}
-	d.v.bootTimes.ReadyWall = time.Since(d.v.cfg.Started)
-	d.v.bootTimes.ReadyCPU = cpuTime()
-	if d.v.cfg.BootTimer {
-		d.v.log.Info("boot timer: guest ready",
-			"wall", d.v.bootTimes.ReadyWall, "cpu", d.v.bootTimes.ReadyCPU,
-			"first_kvm_run_wall", d.v.bootTimes.FirstRunWall, "first_kvm_run_cpu", d.v.bootTimes.FirstRunCPU)
-	}
+	d.v.readyOnce.Do(func() {
+		bt := &d.v.bootTimes
+		bt.ReadyWall = time.Since(d.v.cfg.Started)
+		bt.ReadyCPU = cpuTime()
+		if d.v.cfg.BootTimer {
+			d.v.log.Info("boot timer: guest ready",
+				"wall", bt.ReadyWall, "cpu", bt.ReadyCPU,
+				"first_kvm_run_wall", bt.FirstRunWall, "first_kvm_run_cpu", bt.FirstRunCPU)
+		}
+	})
 }
 
 func timeSince(t time.Time) time.Duration { return time.Since(t) }
