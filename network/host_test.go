@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -292,6 +293,27 @@ func TestCloseUnblocksRead(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("Read still blocked after Close")
+	}
+}
+
+// TestTAPNotInherited: a child process started while a TAP is open does not
+// inherit its descriptor, so closing the TAP still removes it (a TAP held
+// by a child would outlive Close and the rayvmm process).
+func TestTAPNotInherited(t *testing.T) {
+	ns := nettest.New(t)
+	var tap *TAP
+	do(t, ns, func() (err error) { tap, err = OpenTAP("rvtinherit"); return err })
+	child := exec.Command("sleep", "600")
+	if err := child.Start(); err != nil {
+		tap.Close()
+		t.Fatal(err)
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	if err := tap.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if l := links(t, ns); slices.Contains(l, "rvtinherit") {
+		t.Fatalf("TAP rvtinherit still there after Close, held by child %d: %v", child.Process.Pid, l)
 	}
 }
 

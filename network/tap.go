@@ -49,21 +49,42 @@ func OpenTAP(name string) (*TAP, error) {
 	// water always issues TUNSETPERSIST with this flag: keep a TAP that was
 	// already there (and so persistent) persistent.
 	cfg.Persist = existing
-	ifc, err := water.New(cfg)
+	ifc, raw, err := openCloexec(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open TAP %s: %w", name, err)
+	}
+	return &TAP{ifc: ifc, raw: raw, name: ifc.Name(), created: !existing}, nil
+}
+
+// openCloexec is water.New with the descriptor made close-on-exec. water
+// opens /dev/net/tun without O_CLOEXEC, so a process started meanwhile (by
+// any goroutine) would inherit the TAP and keep it alive after Close and
+// after rayvmm exits. Holding syscall.ForkLock for reading until the flag
+// is set keeps os/exec from forking in between, as the standard library
+// does for descriptors it cannot open close-on-exec atomically.
+func openCloexec(cfg water.Config) (*water.Interface, syscall.RawConn, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	ifc, err := water.New(cfg)
+	if err != nil {
+		return nil, nil, err
 	}
 	f, ok := ifc.ReadWriteCloser.(*os.File)
 	if !ok {
 		ifc.Close()
-		return nil, fmt.Errorf("open TAP %s: water returned a %T, not a file", name, ifc.ReadWriteCloser)
+		return nil, nil, fmt.Errorf("water returned a %T, not a file", ifc.ReadWriteCloser)
 	}
+	// Not f.Fd(): it would put the descriptor in blocking mode, and Close
+	// could no longer interrupt a Read.
 	raw, err := f.SyscallConn()
+	if err == nil {
+		err = raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
+	}
 	if err != nil {
 		ifc.Close()
-		return nil, fmt.Errorf("open TAP %s: %w", name, err)
+		return nil, nil, err
 	}
-	return &TAP{ifc: ifc, raw: raw, name: ifc.Name(), created: !existing}, nil
+	return ifc, raw, nil
 }
 
 // Name is the interface name.
