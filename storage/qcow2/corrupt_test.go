@@ -69,6 +69,11 @@ func TestCorruptImagesRefused(t *testing.T) {
 			be.PutUint32(b[16:], 10)
 			return b
 		}, want: ErrCorrupt},
+		{name: "backing name offset wraps around", mutate: func(b []byte) []byte {
+			be.PutUint64(b[8:], 1<<64-1)
+			be.PutUint32(b[16:], 2)
+			return b
+		}, want: ErrCorrupt},
 		{name: "header extension runs off the cluster", mutate: func(b []byte) []byte {
 			be.PutUint32(b[112:], 0x12345678)
 			be.PutUint32(b[116:], 1<<20)

@@ -210,7 +210,7 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 		if h.backingLen == 0 || h.backingLen > maxBackingName {
 			return nil, corruptf("backing file name length %d invalid", h.backingLen)
 		}
-		if h.backingOff+uint64(h.backingLen) > cs {
+		if h.backingOff > cs || uint64(h.backingLen) > cs-h.backingOff {
 			return nil, corruptf("backing file name at %#x+%d outside the first cluster", h.backingOff, h.backingLen)
 		}
 		if h.backingOff+uint64(h.backingLen) > uint64(len(buf)) {
