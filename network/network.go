@@ -302,7 +302,10 @@ func Inspect(stateDir, name string) (*Status, error) {
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
-	s, err := openStore(stateDir, false, false)
+	// Exclusively: the attach test takes the attach lock exclusively for a
+	// moment, so two inspections under a shared lock would each see the
+	// other's test as a running VM.
+	s, err := openStore(stateDir, true, false)
 	if err != nil {
 		return nil, err
 	}

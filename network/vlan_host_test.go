@@ -354,6 +354,39 @@ func TestConcurrentCreate(t *testing.T) {
 	}
 }
 
+// TestConcurrentInspect: "net inspect" run by several processes at once
+// (a monitor polling, say) never reports a VM attached when none is.
+func TestConcurrentInspect(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+	const workers, rounds = 8, 200
+	var wg sync.WaitGroup
+	errs := make([]error, workers)
+	for i := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = ns.Do(func() error {
+				for range rounds {
+					st, err := Inspect(dir, "lan")
+					if err != nil {
+						return err
+					}
+					if st.Attached {
+						return errors.New("Inspect reports a VM attached, with none running")
+					}
+				}
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestAttachAllUndoes: when the second NIC cannot be made, the first one's
 // TAP is gone again.
 func TestAttachAllUndoes(t *testing.T) {
