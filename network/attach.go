@@ -95,7 +95,11 @@ func attach(ctx context.Context, stateDir, vmName string, spec NICSpec, mac net.
 	if spec.Tap != "" {
 		return attachTap(vmName, spec, mac)
 	}
-	s, err := openStore(stateDir, false, false)
+	// Exclusively: Attach may (re)create the network's bridges, address
+	// and NAT rule, and undoes what it made if a later step fails. Two
+	// attaches at once would both install the NAT rule, and one's undo could
+	// delete a bridge the other had just put its TAP on.
+	s, err := openStore(stateDir, true, false)
 	if err != nil {
 		return nil, err
 	}

@@ -16,12 +16,13 @@ import (
 // The state of networks lives in <state-dir>/networks: one JSON file per
 // network (NAME.json), written atomically (temp file, fsync, rename, fsync
 // of the directory). Every command takes a flock on networks/.lock: shared
-// to list or attach, exclusive to create, remove or inspect (whose attach
-// tests would otherwise see each other as VMs), so concurrent rayvmm
-// processes never see or write half a record. A VM attached to network NAME
-// holds a shared flock on networks/NAME.attach for as long as it runs; the
-// kernel drops it when the process dies, also on SIGKILL, so "attached" is
-// derived from live processes, never from a record a crashed VMM left.
+// to list, exclusive to create, remove, attach (which may recreate the
+// network's pieces) or inspect (whose attach tests would otherwise see each
+// other as VMs), so concurrent rayvmm processes never see or write half a
+// record. A VM attached to network NAME holds a shared flock on
+// networks/NAME.attach for as long as it runs; the kernel drops it when the
+// process dies, also on SIGKILL, so "attached" is derived from live
+// processes, never from a record a crashed VMM left.
 
 const (
 	storeDirName = "networks"

@@ -387,6 +387,51 @@ func TestConcurrentInspect(t *testing.T) {
 	}
 }
 
+// TestConcurrentAttachRecreates: VMs booting at once after a host reboot
+// (bridge and NAT table gone) recreate the network once: one bridge, one
+// masquerade rule, every NIC on the bridge.
+func TestConcurrentAttachRecreates(t *testing.T) {
+	nettest.RequireTool(t, "nft")
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true})
+	spec, _ := ParseNICSpec("network=lan")
+	for round := range 5 {
+		ns.MustRun(t, "ip", "link", "del", "rv-lan")
+		ns.MustRun(t, "nft", "delete", "table", "ip", "rayvmm-lan")
+		const workers = 6
+		nics := make([]*NIC, workers)
+		errs := make([]error, workers)
+		var wg sync.WaitGroup
+		for i := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = ns.Do(func() (err error) { nics[i], err = Attach(ctx, dir, fmt.Sprintf("vm%d", i), spec); return err })
+			}()
+		}
+		wg.Wait()
+		var st *Status
+		do(t, ns, func() (err error) { st, err = Inspect(dir, "lan"); return err })
+		rules := strings.Count(ns.MustRun(t, "nft", "list", "table", "ip", "rayvmm-lan"), "masquerade")
+		for _, n := range nics {
+			if n != nil {
+				n.Close()
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if rules != 1 {
+			t.Fatalf("round %d: %d masquerade rules after concurrent attaches, want 1", round, rules)
+		}
+		if len(st.Bridges) != 1 || len(st.Bridges[0].Ports) != workers {
+			t.Fatalf("round %d: bridges %+v, want rv-lan with %d ports", round, st.Bridges, workers)
+		}
+	}
+}
+
 // TestAttachAllUndoes: when the second NIC cannot be made, the first one's
 // TAP is gone again.
 func TestAttachAllUndoes(t *testing.T) {
