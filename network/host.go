@@ -194,13 +194,19 @@ func delLink(name string) error {
 	return nil
 }
 
-// checkHostFree refuses a network whose bridge name is taken or whose
-// subnet overlaps a route the namespace already has.
+// checkHostFree refuses a network whose bridge or VXLAN device name is
+// taken or whose subnet overlaps a route the namespace already has.
 func checkHostFree(n *Network) error {
-	if l, err := netlink.LinkByName(n.Bridge); err == nil {
-		return fmt.Errorf("%w: interface %s already exists (a %s)", ErrExists, n.Bridge, l.Type())
-	} else if !isNotFound(err) {
-		return fmt.Errorf("look up %s: %w", n.Bridge, err)
+	names := []string{n.Bridge}
+	if n.Overlay != nil {
+		names = append(names, n.Overlay.Device)
+	}
+	for _, name := range names {
+		if l, err := netlink.LinkByName(name); err == nil {
+			return fmt.Errorf("%w: interface %s already exists (a %s)", ErrExists, name, l.Type())
+		} else if !isNotFound(err) {
+			return fmt.Errorf("look up %s: %w", name, err)
+		}
 	}
 	if n.Isolated {
 		return nil

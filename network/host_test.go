@@ -128,6 +128,7 @@ func TestCreateRefused(t *testing.T) {
 	ns.MustRun(t, "ip", "addr", "add", "198.51.100.1/24", "dev", "dum0")
 	ns.MustRun(t, "ip", "link", "set", "dum0", "up")
 	ns.MustRun(t, "ip", "link", "add", "rv-taken", "type", "veth", "peer", "name", "taken1")
+	ns.MustRun(t, "ip", "link", "add", "rvx-vxtaken", "type", "vxlan", "id", "9", "dstport", "4789")
 	tests := []struct {
 		name    string
 		opts    CreateOptions
@@ -139,6 +140,7 @@ func TestCreateRefused(t *testing.T) {
 		{name: "overlaps route", opts: CreateOptions{Name: "wan", Subnet: "198.51.100.0/24"}, wantErr: ErrOverlap, msg: "host route 198.51.100.0/24 on dum0"},
 		{name: "bridge name taken", opts: CreateOptions{Name: "taken", Subnet: "203.0.113.0/24"}, wantErr: ErrExists, msg: "rv-taken already exists"},
 		{name: "name too long", opts: CreateOptions{Name: "abcdefghijklm", Subnet: "203.0.113.0/24"}, wantErr: ErrInvalidName, msg: "longer than Linux's limit of 15"},
+		{name: "VXLAN device name taken", opts: CreateOptions{Name: "vxtaken", Subnet: "203.0.113.0/24", Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"}, wantErr: ErrExists, msg: "rvx-vxtaken already exists"},
 		{name: "bad overlay", opts: CreateOptions{Name: "ov", Subnet: "203.0.113.0/24", Overlay: "vxlan:1"}, wantErr: ErrInvalid, msg: "required"},
 	}
 	before := links(t, ns)
