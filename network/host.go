@@ -87,7 +87,21 @@ func ensureVXLAN(n *Network, br netlink.Link, undo *undoList) error {
 		if _, ok := l.(*netlink.Vxlan); !ok {
 			return fmt.Errorf("interface %s exists and is a %s, not a VXLAN device", o.Device, l.Type())
 		}
+		// A bridge deleted and recreated lost its ports: put the device
+		// back on it.
+		if l.Attrs().MasterIndex != br.Attrs().Index {
+			if err := netlink.LinkSetMaster(l, br); err != nil {
+				return fmt.Errorf("attach %s to %s: %w", o.Device, br.Attrs().Name, err)
+			}
+		}
+		if l.Attrs().Flags&net.FlagUp == 0 {
+			if err := netlink.LinkSetUp(l); err != nil {
+				return fmt.Errorf("set %s up: %w", o.Device, err)
+			}
+		}
 		return nil
+	} else if !isNotFound(err) {
+		return fmt.Errorf("look up %s: %w", o.Device, err)
 	}
 	attrs := netlink.NewLinkAttrs()
 	attrs.Name, attrs.MTU = o.Device, n.MTU

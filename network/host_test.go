@@ -262,6 +262,23 @@ func TestAttachTAP(t *testing.T) {
 	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 }
 
+// TestAttachRecreatesOverlay: when the bridge of an overlay network is gone
+// (deleted by hand), attaching recreates it and puts the VXLAN device,
+// which survived, back on it.
+func TestAttachRecreatesOverlay(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	createNet(t, ns, dir, CreateOptions{Name: "ov", Subnet: "192.0.2.0/24", Isolated: true, Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"})
+	ns.MustRun(t, "ip", "link", "del", "rv-ov")
+	spec, _ := ParseNICSpec("network=ov")
+	var nic *NIC
+	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", spec); return err })
+	defer nic.Close()
+	if vx := ns.MustRun(t, "ip", "-o", "link", "show", "rvx-ov"); !strings.Contains(vx, "master rv-ov") || !strings.Contains(vx, ",UP") {
+		t.Fatalf("VXLAN device after attach: %q, want up on rv-ov", vx)
+	}
+}
+
 func TestRemoveRefusedWithForeignTAP(t *testing.T) {
 	ns := nettest.New(t)
 	dir := t.TempDir()
