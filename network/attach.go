@@ -71,6 +71,9 @@ func Attach(ctx context.Context, stateDir, vmName string, spec NICSpec) (*NIC, e
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	if err := spec.validate(); err != nil {
+		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
+	}
 	mac := spec.MAC
 	if mac == nil {
 		mac = GenerateMAC(vmName, spec.Index)

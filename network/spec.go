@@ -165,25 +165,62 @@ func ParseNICSpec(s string) (NICSpec, error) {
 			return spec, fmt.Errorf("%w: %s: %w", ErrInvalidSpec, k, err)
 		}
 	}
+	return spec, spec.validate()
+}
+
+// validate checks what ParseNICSpec guarantees, for specs built in code
+// too: Attach refuses an invalid spec before it makes anything (a VLAN
+// outside 1..4094 would get a bridge "net rm" does not know is the
+// network's).
+func (s NICSpec) validate() error {
 	switch {
-	case spec.Network == "" && spec.Tap == "":
-		return spec, fmt.Errorf("%w: need network=NAME or tap=IFNAME", ErrInvalidSpec)
-	case spec.Network != "" && spec.Tap != "":
-		return spec, fmt.Errorf("%w: network= and tap= are exclusive", ErrInvalidSpec)
-	case spec.VLAN != 0 && spec.Trunk != nil:
-		return spec, fmt.Errorf("%w: vlan= and trunk= are exclusive", ErrInvalidSpec)
-	case spec.Tap != "" && (spec.VLAN != 0 || spec.Trunk != nil):
-		return spec, fmt.Errorf("%w: vlan= and trunk= need network=", ErrInvalidSpec)
+	case s.Network == "" && s.Tap == "":
+		return fmt.Errorf("%w: need network=NAME or tap=IFNAME", ErrInvalidSpec)
+	case s.Network != "" && s.Tap != "":
+		return fmt.Errorf("%w: network= and tap= are exclusive", ErrInvalidSpec)
+	case s.VLAN != 0 && len(s.Trunk) != 0:
+		return fmt.Errorf("%w: vlan= and trunk= are exclusive", ErrInvalidSpec)
+	case s.Tap != "" && (s.VLAN != 0 || len(s.Trunk) != 0):
+		return fmt.Errorf("%w: vlan= and trunk= need network=", ErrInvalidSpec)
 	}
-	for _, l := range []Limits{spec.RX, spec.TX} {
+	var err error
+	switch {
+	case s.Network != "":
+		err = ValidateName(s.Network)
+	default:
+		err = checkIfName(s.Tap, "tap")
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidSpec, err)
+	}
+	vlans := s.Trunk
+	if s.VLAN != 0 {
+		vlans = []uint16{s.VLAN}
+	}
+	seen := map[uint16]bool{}
+	for _, v := range vlans {
+		switch {
+		case v < 1 || v > 4094:
+			return fmt.Errorf("%w: VLAN %d out of range 1..4094", ErrInvalidSpec, v)
+		case seen[v]:
+			return fmt.Errorf("%w: trunk: VLAN %d listed twice", ErrInvalidSpec, v)
+		}
+		seen[v] = true
+	}
+	if s.MAC != nil {
+		if _, err := parseMAC(s.MAC.String()); err != nil {
+			return fmt.Errorf("%w: mac: %w", ErrInvalidSpec, err)
+		}
+	}
+	for _, l := range []Limits{s.RX, s.TX} {
 		if (l.BurstBytes != 0 && l.Bps == 0) || (l.BurstPkts != 0 && l.Pps == 0) {
-			return spec, fmt.Errorf("%w: a burst needs its rate (rx-burst needs rx-bps, rx-pps-burst needs rx-pps)", ErrInvalidSpec)
+			return fmt.Errorf("%w: a burst needs its rate (rx-burst needs rx-bps, rx-pps-burst needs rx-pps)", ErrInvalidSpec)
 		}
 		if _, err := l.Limiter(); err != nil {
-			return spec, fmt.Errorf("%w: %w", ErrInvalidSpec, err)
+			return fmt.Errorf("%w: %w", ErrInvalidSpec, err)
 		}
 	}
-	return spec, nil
+	return nil
 }
 
 func parseMAC(v string) (net.HardwareAddr, error) {

@@ -246,6 +246,46 @@ func TestAttachRefused(t *testing.T) {
 	}
 }
 
+// TestAttachRefusesInvalidSpec: a NICSpec built in code rather than by
+// ParseNICSpec gets the same checks, before anything is made. (A VLAN
+// bridge "rv-lan.5000" would be one "net rm" does not know to delete.)
+func TestAttachRefusesInvalidSpec(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+	tests := []struct {
+		name    string
+		spec    NICSpec
+		wantErr string
+	}{
+		{name: "vlan 5000", spec: NICSpec{Network: "lan", VLAN: 5000}, wantErr: "out of range 1..4094"},
+		{name: "trunk vlan 0", spec: NICSpec{Network: "lan", Trunk: []uint16{0, 10}}, wantErr: "out of range 1..4094"},
+		{name: "trunk vlan twice", spec: NICSpec{Network: "lan", Trunk: []uint16{10, 10}}, wantErr: "listed twice"},
+		{name: "vlan and trunk", spec: NICSpec{Network: "lan", VLAN: 10, Trunk: []uint16{20}}, wantErr: "exclusive"},
+		{name: "neither", spec: NICSpec{}, wantErr: "need network=NAME or tap=IFNAME"},
+		{name: "both", spec: NICSpec{Network: "lan", Tap: "tap0"}, wantErr: "exclusive"},
+		{name: "bad network name", spec: NICSpec{Network: "../lan"}, wantErr: "network name"},
+		{name: "vlan on tap", spec: NICSpec{Tap: "tap0", VLAN: 10}, wantErr: "need network="},
+		{name: "multicast mac", spec: NICSpec{Network: "lan", MAC: net.HardwareAddr{1, 0, 0, 0, 0, 1}}, wantErr: "multicast"},
+	}
+	before := links(t, ns)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var nic *NIC
+			err := ns.Do(func() (err error) { nic, err = Attach(context.Background(), dir, "vm", tt.spec); return err })
+			if err == nil {
+				nic.Close()
+			}
+			if !errors.Is(err, ErrInvalidSpec) || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Attach(%+v) = %v, want ErrInvalidSpec containing %q", tt.spec, err, tt.wantErr)
+			}
+			if after := links(t, ns); !slices.Equal(after, before) {
+				t.Fatalf("links changed: %v -> %v", before, after)
+			}
+		})
+	}
+}
+
 // TestKillReleases kills a process that attached a NIC with SIGKILL: its
 // TAP disappears and the network can be removed.
 func TestKillReleases(t *testing.T) {
