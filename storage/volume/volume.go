@@ -373,7 +373,10 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 		return nil, fmt.Errorf("%w: volume %q is %s", ErrInvalid, name, v.State)
 	}
 	// The snapshot takes the current image; the volume gets an overlay.
-	sv := &Volume{Name: snap, Format: v.Format, Size: v.Size, Path: v.Path, Parent: v.Parent, ReadOnly: true}
+	// Until both records change together the image stays the volume's
+	// alone: a snapshot interrupted before then leaves a record without a
+	// path, which volume rm removes without touching the volume's image.
+	sv := &Volume{Name: snap, Format: v.Format, Size: v.Size, Parent: v.Parent, ReadOnly: true}
 	overlay := s.newImagePath(name, "qcow2")
 	if err := s.reserve(sv); err != nil {
 		return nil, err
@@ -387,7 +390,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 	}
 	if err == nil {
 		err = s.update(func(b *bolt.Bucket) error {
-			sv.State = Available
+			sv.State, sv.Path = Available, v.Path
 			nv := *v
 			nv.Path, nv.Format, nv.Parent = overlay, "qcow2", snap
 			return errors.Join(s.put(b, sv), s.put(b, &nv))
