@@ -49,10 +49,11 @@ func (s *Store) Import(path, name string, opts ImportOptions) (*Volume, error) {
 		return nil, fmt.Errorf("%w: import %s: the image is empty", ErrInvalid, path)
 	}
 	v := &Volume{Name: name, Format: format, Size: size, Path: s.newImagePath(name, format)}
-	if err := s.reserve(v); err != nil {
+	l, err := s.reserve(v)
+	if err != nil {
 		return nil, err
 	}
-	return s.finish(v, copyDisk(v.Path, format, size, src, opts.Progress))
+	return s.finish(v, l, copyDisk(v.Path, format, size, src, opts.Progress))
 }
 
 func copyDisk(dst, format string, size int64, src storage.Disk, progress func(int64, int64)) (err error) {

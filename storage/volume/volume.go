@@ -197,9 +197,19 @@ func children(b *bolt.Bucket, name string) []string {
 	return out
 }
 
-// reserve adds a record in state Created, refusing a name in use.
-func (s *Store) reserve(v *Volume) error {
-	return s.update(func(b *bolt.Bucket) error {
+// reserve adds a record in state Created, refusing a name in use. It
+// returns the new volume's lock, held until finish: while a volume is
+// being made, volume rm and attach of it are refused, and a maker that
+// dies (kill -9 included) leaves a created record that rm can remove.
+func (s *Store) reserve(v *Volume) (*lock, error) {
+	l, err := s.lockVolume(v.Name, true)
+	if err != nil {
+		if _, gerr := s.getRecord(v.Name); gerr == nil {
+			return nil, fmt.Errorf("volume %q %w", v.Name, ErrExists)
+		}
+		return nil, err
+	}
+	err = s.update(func(b *bolt.Bucket) error {
 		if old, err := s.get(b, v.Name); err == nil {
 			if old.State == Deleted {
 				return fmt.Errorf("volume %q %w and is being deleted (run volume rm %s to finish)", v.Name, ErrExists, v.Name)
@@ -210,25 +220,35 @@ func (s *Store) reserve(v *Volume) error {
 		v.Created = time.Now().UTC().Truncate(time.Second)
 		return s.put(b, v)
 	})
+	if err != nil {
+		return nil, errors.Join(err, l.release())
+	}
+	l.setOwner()
+	return l, nil
 }
 
 // finish marks a reserved record available, or on failure removes it and
-// the image.
-func (s *Store) finish(v *Volume, err error) (*Volume, error) {
+// the image; then it releases the volume's lock.
+func (s *Store) finish(v *Volume, l *lock, err error) (*Volume, error) {
 	if err == nil {
 		err = s.update(func(b *bolt.Bucket) error {
 			v.State = Available
 			return s.put(b, v)
 		})
-		if err == nil {
-			return s.Get(v.Name)
+	}
+	if err != nil {
+		os.Remove(v.Path)
+		if derr := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(v.Name)) }); derr != nil {
+			err = errors.Join(err, derr)
 		}
 	}
-	os.Remove(v.Path)
-	if derr := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(v.Name)) }); derr != nil {
-		err = errors.Join(err, derr)
+	if rerr := l.release(); rerr != nil && err == nil {
+		err = rerr
 	}
-	return nil, err
+	if err != nil {
+		return nil, err
+	}
+	return s.Get(v.Name)
 }
 
 // Create makes a new empty volume of size bytes in format "raw" or "qcow2".
@@ -243,14 +263,15 @@ func (s *Store) Create(name string, size int64, format string) (*Volume, error) 
 		return nil, fmt.Errorf("%w: format %q (want raw or qcow2)", ErrInvalid, format)
 	}
 	v := &Volume{Name: name, Format: format, Size: size, Path: s.newImagePath(name, format)}
-	if err := s.reserve(v); err != nil {
+	l, err := s.reserve(v)
+	if err != nil {
 		return nil, err
 	}
 	d, err := storage.CreateDisk(v.Path, format, size)
 	if err == nil {
 		err = d.Close()
 	}
-	return s.finish(v, err)
+	return s.finish(v, l, err)
 }
 
 func checkSize(size int64) error {
@@ -378,7 +399,8 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 	// path, which volume rm removes without touching the volume's image.
 	sv := &Volume{Name: snap, Format: v.Format, Size: v.Size, Parent: v.Parent, ReadOnly: true}
 	overlay := s.newImagePath(name, "qcow2")
-	if err := s.reserve(sv); err != nil {
+	sl, err := s.reserve(sv)
+	if err != nil {
 		return nil, err
 	}
 	im, err := qcow2.Create(overlay, v.Size, qcow2.CreateOptions{BackingFile: filepath.Base(v.Path), BackingFormat: v.Format})
@@ -400,8 +422,11 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 		os.Remove(overlay)
 		os.Chmod(v.Path, 0o644)
 		sv.Path = "" // the image is the volume's: finish must not remove it
-		_, ferr := s.finish(sv, fmt.Errorf("snapshot %q as %q: %w", name, snap, err))
+		_, ferr := s.finish(sv, sl, fmt.Errorf("snapshot %q as %q: %w", name, snap, err))
 		return nil, ferr
+	}
+	if err := sl.release(); err != nil {
+		return nil, err
 	}
 	return s.Get(snap)
 }
@@ -432,14 +457,15 @@ func (s *Store) Clone(snap, name string) (*Volume, error) {
 		return nil, fmt.Errorf("%w: snapshot %q is %s", ErrInvalid, snap, sv.State)
 	}
 	v := &Volume{Name: name, Format: "qcow2", Size: sv.Size, Path: s.newImagePath(name, "qcow2"), Parent: snap}
-	if err := s.reserve(v); err != nil {
+	l, err := s.reserve(v)
+	if err != nil {
 		return nil, err
 	}
 	im, err := qcow2.Create(v.Path, sv.Size, qcow2.CreateOptions{BackingFile: filepath.Base(sv.Path), BackingFormat: sv.Format})
 	if err == nil {
 		err = im.Close()
 	}
-	return s.finish(v, err)
+	return s.finish(v, l, err)
 }
 
 // Remove deletes a volume and its image. It refuses while the volume is

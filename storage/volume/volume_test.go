@@ -501,9 +501,11 @@ func TestStateDirCanMove(t *testing.T) {
 func TestInterruptedCreateCanBeRemoved(t *testing.T) {
 	s := newStore(t)
 	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
-	if err := s.reserve(v); err != nil {
+	l, err := s.reserve(v)
+	if err != nil {
 		t.Fatal(err)
 	}
+	l.f.Close() // the process dies: its lock goes, the lock file stays
 	if st := state(t, s, "half"); st != Created {
 		t.Fatalf("state %s, want created", st)
 	}
@@ -629,5 +631,30 @@ func TestInterruptedSnapshotKeepsVolume(t *testing.T) {
 	}
 	if _, err := s.Snapshot("vol", "snap"); err != nil {
 		t.Fatalf("snapshot after cleaning up: %v", err)
+	}
+}
+
+// A volume being made cannot be removed under its maker: rm during an
+// import is refused, and the import finishes with a usable volume.
+func TestRemoveDuringImport(t *testing.T) {
+	s := newStore(t)
+	data := fillBytes(6, 3<<20)
+	src := writeTemp(t, data)
+	var rmErr error
+	tried := false
+	_, err := s.Import(src, "imp", ImportOptions{Progress: func(done, total int64) {
+		if !tried {
+			tried = true
+			rmErr = s.Remove("imp")
+		}
+	}})
+	if rmErr == nil {
+		t.Fatalf("rm during the import succeeded (import: %v)", err)
+	}
+	if err != nil {
+		t.Fatalf("import: %v", err)
+	}
+	if !bytes.Equal(readVol(t, s, "imp"), data) {
+		t.Fatal("imported volume differs from its source")
 	}
 }
