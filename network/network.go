@@ -203,23 +203,27 @@ func Create(ctx context.Context, stateDir string, o CreateOptions) (*Network, er
 	if err := checkHostFree(n); err != nil {
 		return nil, fmt.Errorf("create network %q: %w", n.Name, err)
 	}
+	// The record goes first: a process killed from here on leaves a
+	// network that "net rm" removes (or "boot" completes), never a bridge
+	// or NAT table that no record names.
+	if err := s.save(n); err != nil {
+		return nil, err
+	}
 	var undo undoList
-	if err := ensureNetwork(ctx, n, &undo); err != nil {
+	fail := func(err error) (*Network, error) {
 		undo.run()
+		s.remove(n.Name)
 		return nil, fmt.Errorf("create network %q: %w", n.Name, err)
 	}
 	// The attach lock file lives as long as the network, so attaching
 	// leaves no file behind.
 	f, err := os.OpenFile(s.attachPath(n.Name), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		undo.run()
-		return nil, fmt.Errorf("create network %q: attach lock: %w", n.Name, err)
+		return fail(fmt.Errorf("attach lock: %w", err))
 	}
 	f.Close()
-	if err := s.save(n); err != nil {
-		os.Remove(s.attachPath(n.Name))
-		undo.run()
-		return nil, err
+	if err := ensureNetwork(ctx, n, &undo); err != nil {
+		return fail(err)
 	}
 	return n, nil
 }

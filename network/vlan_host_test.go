@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -335,11 +336,81 @@ func helperAttach(dir string) {
 	select {}
 }
 
+// helperCreate is the process TestKilledCreate kills while it creates a
+// network.
+func helperCreate(dir string) {
+	fmt.Println("ready")
+	if _, err := Create(context.Background(), dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true}); err != nil {
+		fmt.Fprintln(os.Stderr, "helper:", err)
+		os.Exit(1)
+	}
+	fmt.Println("created")
+	os.Exit(0)
+}
+
 func TestMain(m *testing.M) {
 	if dir := os.Getenv("RAYVMM_NETWORK_HELPER"); dir != "" {
 		helperAttach(dir)
 	}
+	if dir := os.Getenv("RAYVMM_NETWORK_CREATE_HELPER"); dir != "" {
+		helperCreate(dir)
+	}
 	os.Exit(m.Run())
+}
+
+// TestKilledCreate kills "net create" at moments spread over its run: a
+// bridge or NAT table is never left without the record that lets "net rm"
+// remove it.
+func TestKilledCreate(t *testing.T) {
+	nettest.RequireTool(t, "nft")
+	ns := nettest.New(t)
+	ctx := context.Background()
+	var created, partial int
+	for i := range 40 {
+		dir := t.TempDir()
+		cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), "RAYVMM_NETWORK_CREATE_HELPER="+dir)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := bufio.NewReader(out)
+		if line, err := r.ReadString('\n'); err != nil || line != "ready\n" {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("helper: %q, %v", line, err)
+		}
+		time.Sleep(time.Duration(i) * 150 * time.Microsecond)
+		cmd.Process.Signal(syscall.SIGKILL)
+		rest, _ := r.ReadString('\n')
+		cmd.Wait()
+		_, recErr := os.Stat(filepath.Join(dir, "networks", "lan.json"))
+		record := recErr == nil
+		bridge := slices.Contains(links(t, ns), "rv-lan")
+		_, tableErr := ns.Run("nft", "list", "table", "ip", "rayvmm-lan")
+		table := tableErr == nil
+		if !record && (bridge || table) {
+			t.Fatalf("killed after %d µs: bridge %v, NAT table %v, and no record to remove them by", i*150, bridge, table)
+		}
+		if !record {
+			continue
+		}
+		if rest == "created\n" {
+			created++
+		} else {
+			partial++
+		}
+		do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+		_, tableErr = ns.Run("nft", "list", "table", "ip", "rayvmm-lan")
+		if slices.Contains(links(t, ns), "rv-lan") || tableErr == nil {
+			t.Fatalf("killed after %d µs: net rm left the bridge or the NAT table", i*150)
+		}
+	}
+	t.Logf("%d creates finished, %d killed with a record, the rest killed before it", created, partial)
 }
 
 // TestConcurrentCreate races rayvmm processes' worth of creates on one state
