@@ -216,6 +216,18 @@ func (s *Store) reserve(v *Volume) (*lock, error) {
 			}
 			return fmt.Errorf("volume %q %w", v.Name, ErrExists)
 		}
+		// The parent is checked in the same transaction as the one in
+		// which volume rm looks for children, so one of the two sees the
+		// other.
+		if v.Parent != "" {
+			p, err := s.get(b, v.Parent)
+			if err != nil {
+				return err
+			}
+			if p.State != Available {
+				return fmt.Errorf("%w: snapshot %q is %s", ErrInvalid, v.Parent, p.State)
+			}
+		}
 		v.State = Created
 		v.Created = time.Now().UTC().Truncate(time.Second)
 		return s.put(b, v)

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 func newStore(t *testing.T) *Store {
@@ -656,5 +658,46 @@ func TestRemoveDuringImport(t *testing.T) {
 	}
 	if !bytes.Equal(readVol(t, s, "imp"), data) {
 		t.Fatal("imported volume differs from its source")
+	}
+}
+
+// A clone's record is refused once volume rm of its snapshot has begun,
+// even if the clone read the snapshot as available just before.
+func TestCloneRacingRemoveOfItsSnapshot(t *testing.T) {
+	s := newStore(t)
+	mustCreate(t, s, "vol", 1<<20, "qcow2")
+	if _, err := s.Snapshot("vol", "snap"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Clone("snap", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	// What rm's first transaction leaves once it has found no children.
+	for _, name := range []string{"c1", "vol"} {
+		if err := s.Remove(name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.update(func(b *bolt.Bucket) error {
+		v, err := s.get(b, "snap")
+		if err != nil {
+			return err
+		}
+		v.State = Deleted
+		return s.put(b, v)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	v := &Volume{Name: "c2", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("c2", "qcow2"), Parent: "snap"}
+	l, err := s.reserve(v)
+	if err == nil {
+		l.release()
+		t.Fatal("clone record reserved on a snapshot being removed")
+	}
+	if err := s.Remove("snap"); err != nil {
+		t.Fatalf("rm finishing: %v", err)
+	}
+	if got := leftovers(t, s); len(got) != 0 {
+		t.Fatalf("left behind: %v", got)
 	}
 }
