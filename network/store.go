@@ -124,13 +124,27 @@ func (s *store) all() ([]*Network, error) {
 	return out, nil
 }
 
-// save writes a record atomically.
+// tempPattern matches the temporary files save writes for network name.
+func (s *store) tempPattern(name string) string { return "." + name + ".json.*" }
+
+// removeTemps deletes the temporary files of network name that a process
+// killed inside save left. Only with the lock held exclusively: then no
+// save is running.
+func (s *store) removeTemps(name string) {
+	m, _ := filepath.Glob(filepath.Join(s.dir, s.tempPattern(name)))
+	for _, p := range m {
+		os.Remove(p)
+	}
+}
+
+// save writes a record atomically. The lock must be held exclusively.
 func (s *store) save(n *Network) error {
 	b, err := json.MarshalIndent(n, "", "  ")
 	if err != nil {
 		return fmt.Errorf("save network %q: %w", n.Name, err)
 	}
-	tmp, err := os.CreateTemp(s.dir, "."+n.Name+".json.*")
+	s.removeTemps(n.Name)
+	tmp, err := os.CreateTemp(s.dir, s.tempPattern(n.Name))
 	if err != nil {
 		return fmt.Errorf("save network %q: %w", n.Name, err)
 	}
@@ -154,12 +168,14 @@ func (s *store) save(n *Network) error {
 	return nil
 }
 
-// remove deletes a record and its attach lock file.
+// remove deletes a record, its attach lock file and any temporary file a
+// killed save left. The lock must be held exclusively.
 func (s *store) remove(name string) error {
 	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove network %q record: %w", name, err)
 	}
 	os.Remove(s.attachPath(name))
+	s.removeTemps(name)
 	return syncDir(s.dir)
 }
 

@@ -360,7 +360,8 @@ func TestMain(m *testing.M) {
 
 // TestKilledCreate kills "net create" at moments spread over its run: a
 // bridge or NAT table is never left without the record that lets "net rm"
-// remove it.
+// remove it, and after the user creates and removes the network no state
+// file is left.
 func TestKilledCreate(t *testing.T) {
 	nettest.RequireTool(t, "nft")
 	ns := nettest.New(t)
@@ -396,18 +397,26 @@ func TestKilledCreate(t *testing.T) {
 		if !record && (bridge || table) {
 			t.Fatalf("killed after %d µs: bridge %v, NAT table %v, and no record to remove them by", i*150, bridge, table)
 		}
-		if !record {
-			continue
-		}
-		if rest == "created\n" {
+		switch {
+		case !record: // the user runs the command again
+			createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true})
+		case rest == "created\n":
 			created++
-		} else {
+		default:
 			partial++
 		}
 		do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 		_, tableErr = ns.Run("nft", "list", "table", "ip", "rayvmm-lan")
 		if slices.Contains(links(t, ns), "rv-lan") || tableErr == nil {
 			t.Fatalf("killed after %d µs: net rm left the bridge or the NAT table", i*150)
+		}
+		ents, _ := os.ReadDir(filepath.Join(dir, "networks"))
+		if len(ents) != 1 || ents[0].Name() != lockName {
+			var names []string
+			for _, e := range ents {
+				names = append(names, e.Name())
+			}
+			t.Fatalf("killed after %d µs, then create and rm: state files %v, want only %s", i*150, names, lockName)
 		}
 	}
 	t.Logf("%d creates finished, %d killed with a record, the rest killed before it", created, partial)
