@@ -87,7 +87,8 @@ type Config struct {
 	// RX limits frames toward the guest, TX frames from it (one op and
 	// the frame's bytes per frame); nil is unlimited.
 	RX, TX *ratelimit.Limiter
-	// QueueSize is the maximum queue size; 0 means DefaultQueueSize.
+	// QueueSize is the maximum queue size (a power of two); 0 means
+	// DefaultQueueSize.
 	QueueSize uint16
 	// Log receives rate-limited reports of what the guest got wrong.
 	Log *slog.Logger
@@ -158,6 +159,9 @@ func New(cfg Config) (*Device, error) {
 	}
 	if cfg.QueueSize == 0 {
 		cfg.QueueSize = DefaultQueueSize
+	}
+	if qs := cfg.QueueSize; qs&(qs-1) != 0 || qs > queue.MaxSize {
+		return nil, fmt.Errorf("virtio-net: queue size %d is not a power of two in [1, %d]", qs, queue.MaxSize)
 	}
 	d := &Device{
 		port: cfg.Port, mtu: cfg.MTU, queueSize: cfg.QueueSize,

@@ -55,9 +55,20 @@ func TestConfigSpace(t *testing.T) {
 	if !bytes.Equal(p, testMAC) || d.metrics.ConfigWrites.Load() != 1 {
 		t.Fatalf("config write changed the MAC to %x", p)
 	}
-	for _, bad := range []Config{{MAC: testMAC[:5], Port: newMemPort()}, {MAC: testMAC}, {MAC: testMAC, MTU: 10, Port: newMemPort()}} {
-		if _, err := New(bad); err == nil {
-			t.Fatalf("New(%+v) accepted", bad)
+	for _, bad := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"short MAC", Config{MAC: testMAC[:5], Port: newMemPort()}},
+		{"no port", Config{MAC: testMAC}},
+		{"MTU below 68", Config{MAC: testMAC, MTU: 10, Port: newMemPort()}},
+		// A split virtqueue's size is a power of two (virtio 1.x §2.7):
+		// Linux refuses to set up a queue whose QueueNumMax is not one.
+		{"queue size not a power of two", Config{MAC: testMAC, Port: newMemPort(), QueueSize: 100}},
+		{"queue size 2^16-1", Config{MAC: testMAC, Port: newMemPort(), QueueSize: 0xffff}},
+	} {
+		if _, err := New(bad.cfg); err == nil {
+			t.Fatalf("%s: New(%+v) accepted", bad.name, bad.cfg)
 		}
 	}
 }
