@@ -294,18 +294,9 @@ func TestKillReleases(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "RAYVMM_NETWORK_HELPER="+dir)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, out := startHelper(t, ns, "RAYVMM_NETWORK_HELPER="+dir)
 	defer cmd.Process.Kill()
-	line, err := bufio.NewReader(out).ReadString('\n')
+	line, err := out.ReadString('\n')
 	if err != nil {
 		t.Fatalf("helper: %v", err)
 	}
@@ -322,6 +313,23 @@ func TestKillReleases(t *testing.T) {
 		t.Fatalf("TAP %s survived SIGKILL: %v", tap, l)
 	}
 	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
+}
+
+// startHelper starts this test binary inside ns as a helper process
+// chosen by env (see TestMain) and returns it with its standard output.
+func startHelper(t *testing.T, ns *nettest.NS, env string) (*exec.Cmd, *bufio.Reader) {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), env)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, bufio.NewReader(out)
 }
 
 // helperAttach is the process TestKillReleases kills.
@@ -369,17 +377,7 @@ func TestKilledCreate(t *testing.T) {
 	var created, partial int
 	for i := range 40 {
 		dir := t.TempDir()
-		cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), "RAYVMM_NETWORK_CREATE_HELPER="+dir)
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		r := bufio.NewReader(out)
+		cmd, r := startHelper(t, ns, "RAYVMM_NETWORK_CREATE_HELPER="+dir)
 		if line, err := r.ReadString('\n'); err != nil || line != "ready\n" {
 			cmd.Process.Kill()
 			cmd.Wait()
