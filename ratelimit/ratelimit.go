@@ -129,8 +129,8 @@ func (b *Bucket) refill(now time.Time) {
 func (b *Bucket) timeFor(target int64, now time.Time) time.Duration {
 	deficit := uint64(target - b.budget)
 	d := mulDiv(deficit, uint64(b.refillNs), uint64(b.size))
-	if mulDiv(d, uint64(b.size), uint64(b.refillNs)) < deficit {
-		d++ // round up so that waiting d is always enough
+	if d < math.MaxInt64 && mulDiv(d, uint64(b.size), uint64(b.refillNs)) < deficit {
+		d++ // round up so that waiting d is always enough (a saturated d is)
 	}
 	return max(1, time.Duration(d)-now.Sub(b.last))
 }

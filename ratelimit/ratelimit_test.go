@@ -3,6 +3,7 @@ package ratelimit
 import (
 	"context"
 	"errors"
+	"math"
 	"testing"
 	"time"
 )
@@ -77,6 +78,10 @@ func TestBytesBucket(t *testing.T) {
 			{advance: 500 * time.Millisecond, bytes: 250, ok: true}, // budget 100 -> -150
 			{bytes: 1, ok: false, wait: 1510 * time.Millisecond},
 			{advance: 1510 * time.Millisecond, bytes: 1, ok: true},
+		}},
+		{name: "a debt too long for a time.Duration waits the longest one, not a nanosecond", bucket: BucketConfig{Size: 1, RefillTimeMs: 1000}, steps: []step{
+			{bytes: 1 << 40, ok: true},
+			{bytes: 1, ok: false, wait: math.MaxInt64},
 		}},
 		{name: "rounds waits up", bucket: BucketConfig{Size: 3, RefillTimeMs: 1}, steps: []step{
 			{bytes: 3, ok: true},
