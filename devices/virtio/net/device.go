@@ -133,7 +133,9 @@ type activation struct {
 
 	// mu is held shared by the device goroutines around every access to
 	// the queues and guest memory, and exclusively by Reset, so once
-	// Reset returns nothing touches the driver's memory.
+	// Reset returns nothing touches the driver's memory. Reset also waits
+	// for the transmit goroutine; the receive goroutine and SetLink, which
+	// it does not wait for, interrupt the driver only under mu.
 	mu     sync.RWMutex
 	dead   bool
 	broken atomic.Bool // a ring is corrupt; idle until reset
@@ -224,7 +226,13 @@ func (d *Device) SetLink(up bool) {
 	if d.status.Swap(v) == v {
 		return
 	}
-	if a := d.act.Load(); a != nil {
+	a := d.act.Load()
+	if a == nil {
+		return
+	}
+	a.mu.RLock() // not once Reset has returned: the driver may be re-initialising
+	defer a.mu.RUnlock()
+	if !a.dead {
 		_ = a.irq.Trigger(virtio.InterruptConfigChange, 0)
 	}
 }

@@ -135,11 +135,15 @@ func (d *Device) waitRxBuffer(a *activation) bool {
 		if err == nil && n > 0 {
 			err = a.rxq.DisableNotification()
 		}
-		a.mu.RUnlock()
 		if err != nil {
+			// Under the lock: Reset does not wait for this goroutine, so
+			// a NeedsReset after the unlock could reach a device that was
+			// reset (and re-initialised) in between.
 			d.broken(a, err)
+			a.mu.RUnlock()
 			return false
 		}
+		a.mu.RUnlock()
 		if n > 0 {
 			return true
 		}
