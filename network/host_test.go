@@ -3,8 +3,10 @@ package network
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -276,6 +278,66 @@ func TestAttachRecreatesOverlay(t *testing.T) {
 	defer nic.Close()
 	if vx := ns.MustRun(t, "ip", "-o", "link", "show", "rvx-ov"); !strings.Contains(vx, "master rv-ov") || !strings.Contains(vx, ",UP") {
 		t.Fatalf("VXLAN device after attach: %q, want up on rv-ov", vx)
+	}
+}
+
+// TestDamagedRecord: a record edited or damaged so that it names an
+// interface that is not the network's own is refused, so that "net rm"
+// cannot delete someone else's bridge or VXLAN device and "boot" cannot
+// put TAPs on it.
+func TestDamagedRecord(t *testing.T) {
+	ns := nettest.New(t)
+	ctx := context.Background()
+	tests := []struct {
+		name string
+		edit func(*Network)
+	}{
+		{name: "foreign bridge", edit: func(n *Network) { n.Bridge = "br-foreign" }},
+		{name: "foreign VXLAN device", edit: func(n *Network) { n.Overlay.Device = "vx-foreign" }},
+		{name: "MTU out of range", edit: func(n *Network) { n.MTU = 70000 }},
+		{name: "subnet with host bits", edit: func(n *Network) { n.Subnet = netip.MustParsePrefix("192.0.2.7/24") }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			createNet(t, ns, dir, CreateOptions{Name: "ov", Subnet: "192.0.2.0/24", Isolated: true, Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"})
+			defer func() {
+				for _, l := range []string{"rv-ov", "rvx-ov", "br-foreign", "vx-foreign"} {
+					ns.Run("ip", "link", "del", l)
+				}
+			}()
+			ns.MustRun(t, "ip", "link", "add", "br-foreign", "type", "bridge")
+			ns.MustRun(t, "ip", "link", "add", "vx-foreign", "type", "vxlan", "id", "7", "dstport", "4789")
+			path := filepath.Join(dir, "networks", "ov.json")
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var n Network
+			if err := json.Unmarshal(b, &n); err != nil {
+				t.Fatal(err)
+			}
+			tt.edit(&n)
+			if b, err = json.Marshal(&n); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			err = ns.Do(func() error { return Remove(ctx, dir, "ov") })
+			if err == nil || !strings.Contains(err.Error(), path) {
+				t.Fatalf("Remove with a damaged record = %v, want an error naming %s", err, path)
+			}
+			spec, _ := ParseNICSpec("network=ov")
+			var nic *NIC
+			if err := ns.Do(func() (err error) { nic, err = Attach(ctx, dir, "vm", spec); return err }); err == nil {
+				nic.Close()
+				t.Fatal("Attach with a damaged record succeeded")
+			}
+			if l := links(t, ns); !slices.Contains(l, "br-foreign") || !slices.Contains(l, "vx-foreign") {
+				t.Fatalf("foreign interfaces gone: %v", l)
+			}
+		})
 	}
 }
 

@@ -96,7 +96,35 @@ func (s *store) load(name string) (*Network, error) {
 	if n.Name != name {
 		return nil, fmt.Errorf("read network %q: %s names network %q", name, s.path(name), n.Name)
 	}
+	if err := n.check(); err != nil {
+		return nil, fmt.Errorf("read network %q: %s: %w", name, s.path(name), err)
+	}
 	return &n, nil
+}
+
+// check reports whether a record read from disk is one Create could have
+// written: the network is rebuilt from its options and the names,
+// addresses and MTU derived from them must match. A damaged or edited
+// record could otherwise name someone else's bridge or VXLAN device for
+// "net rm" to delete and "boot" to put TAPs on.
+func (n *Network) check() error {
+	o := CreateOptions{Name: n.Name, Subnet: n.Subnet.String(), Isolated: n.Isolated, NAT: n.NAT, MTU: n.MTU}
+	if n.Overlay != nil {
+		o.Overlay = n.Overlay.String()
+	}
+	want, err := newNetwork(o)
+	if err != nil {
+		return err
+	}
+	switch {
+	case n.Bridge != want.Bridge:
+		return fmt.Errorf("%w: bridge %q, want %q", ErrInvalid, n.Bridge, want.Bridge)
+	case n.HostAddr != want.HostAddr:
+		return fmt.Errorf("%w: host address %s, want %s", ErrInvalid, n.HostAddr, want.HostAddr)
+	case n.Overlay != nil && n.Overlay.Device != want.Overlay.Device:
+		return fmt.Errorf("%w: VXLAN device %q, want %q", ErrInvalid, n.Overlay.Device, want.Overlay.Device)
+	}
+	return nil
 }
 
 // all reads every record, sorted by name.
