@@ -46,7 +46,7 @@ func TestRequests(t *testing.T) {
 		}
 		return a
 	}
-	var dataAt memory.GuestAddr // set by build, read by check
+	var dataAt, gapAt memory.GuestAddr // set by build, read by check
 	rangeBuf := func(h *harness, ranges ...[3]uint64) memory.GuestAddr {
 		a := h.alloc(uint64(16 * len(ranges)))
 		for i, r := range ranges {
@@ -81,11 +81,18 @@ func TestRequests(t *testing.T) {
 			name: "read 8 sectors in 3 indirect segments", indirect: true,
 			build: func(h *harness) ([]queuetest.Buf, memory.GuestAddr) {
 				dataAt = h.alloc(4096)
-				gap := h.alloc(4096) // non-contiguous middle piece
+				gapAt = h.alloc(4096) // non-contiguous middle piece
 				s := h.status()
-				return []queuetest.Buf{rd(h.header(TypeIn, capacity-8), 16), wr(dataAt, 1024), wr(gap, 2048), wr(dataAt+1024, 1024), wr(s, 1)}, s
+				return []queuetest.Buf{rd(h.header(TypeIn, capacity-8), 16), wr(dataAt, 1024), wr(gapAt, 2048), wr(dataAt+1024, 1024), wr(s, 1)}, s
 			},
 			wantStatus: int(StatusOK), wantUsed: 4097, wantErr: -1, fileSame: true,
+			check: func(t *testing.T, h *harness, before []byte) {
+				last := before[(capacity-8)*512:]
+				got := append(append(h.guestBytes(dataAt, 1024), h.guestBytes(gapAt, 2048)...), h.guestBytes(dataAt+1024, 1024)...)
+				if !bytes.Equal(got, last) {
+					t.Fatal("the three segments do not hold the last 8 sectors in order")
+				}
+			},
 		},
 		{
 			name: "read with data and status in one descriptor",
@@ -114,6 +121,25 @@ func TestRequests(t *testing.T) {
 				}
 				if !bytes.Equal(got[:100*512], before[:100*512]) || !bytes.Equal(got[102*512:], before[102*512:]) {
 					t.Fatal("bytes outside sectors 100-101 changed")
+				}
+			},
+		},
+		{
+			name: "write 3 sectors from 3 descriptors, the first two contiguous", indirect: true,
+			build: func(h *harness) ([]queuetest.Buf, memory.GuestAddr) {
+				a, b, c := writeData(h, 512, 0xa1), writeData(h, 1024, 0xb2), writeData(h, 1024, 0xc3) // b follows a: one merged piece
+				s := h.status()
+				return []queuetest.Buf{rd(h.header(TypeOut, 200), 16), rd(a, 512), rd(b, 512), rd(c, 512), wr(s, 1)}, s
+			},
+			wantStatus: int(StatusOK), wantUsed: 1, wantErr: -1,
+			check: func(t *testing.T, h *harness, before []byte) {
+				got := h.fileBytes()
+				want := append(append(bytes.Repeat([]byte{0xa1}, 512), bytes.Repeat([]byte{0xb2}, 512)...), bytes.Repeat([]byte{0xc3}, 512)...)
+				if !bytes.Equal(got[200*512:203*512], want) {
+					t.Fatal("sectors 200-202 do not hold the three buffers in order")
+				}
+				if !bytes.Equal(got[:200*512], before[:200*512]) || !bytes.Equal(got[203*512:], before[203*512:]) {
+					t.Fatal("bytes outside sectors 200-202 changed")
 				}
 			},
 		},
