@@ -273,3 +273,32 @@ func TestDataClusterPastEndOfFile(t *testing.T) {
 	want := append(fill(1, 4096)[:2048], make([]byte, 2048)...)
 	sameBytes(t, "short cluster", got, want)
 }
+
+// A refcount table whose entries all name empty refcount blocks must not
+// make a read-write open read each of them: scanning for where allocation
+// may start is bounded, and an image that would need more is refused for
+// writing (it still opens read-only).
+func TestRefcountTableOfEmptyBlocks(t *testing.T) {
+	b := goodImage(t)
+	const empty = 6 << 16 // a zero cluster appended to the file
+	b = append(b, make([]byte, 1<<16)...)
+	for i := 1; i < 1<<16/8; i++ {
+		be.PutUint64(b[1<<16+i*8:], empty)
+	}
+	p := filepath.Join(t.TempDir(), "x.qcow2")
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("read-only open: %v", err)
+	}
+	sameBytes(t, "read", readAll(t, im)[:4096], fill(1, 4096))
+	im.Close()
+	if im, err := Open(p, Options{}); !errors.Is(err, ErrCorrupt) {
+		if err == nil {
+			im.Close()
+		}
+		t.Fatalf("read-write open: %v, want ErrCorrupt", err)
+	}
+}

@@ -13,6 +13,10 @@ import (
 // the file back.
 const extendStep = 1 << 20
 
+// maxRefBlocksPastEOF bounds how many refcount blocks initWrite reads to
+// find where allocation may start.
+const maxRefBlocksPastEOF = 16
+
 var be = binary.BigEndian
 
 // initWrite loads what writing needs: the refcount table, and where
@@ -38,11 +42,19 @@ func (im *Image) initWrite() error {
 		}
 		im.rt[i] = e
 	}
+	// Find the last cluster with a refcount. Only clusters past the end of
+	// the file matter (allocation starts there anyway), and a valid image
+	// has at most a couple of refcount blocks for them; reading more, as a
+	// hostile table of empty blocks would make us, is refused.
 	last := int64(-1)
 	per := im.cs / 2
-	for i := len(im.rt) - 1; i >= 0 && last < 0; i-- {
+	reads := 0
+	for i := len(im.rt) - 1; i >= 0 && int64(i) >= roundUp(im.fileSize, im.cs)/im.cs/per && last < 0; i-- {
 		if im.rt[i] == 0 {
 			continue
+		}
+		if reads++; reads > maxRefBlocksPastEOF {
+			return corruptf("more than %d refcount blocks for clusters past the end of the file", maxRefBlocksPastEOF)
 		}
 		blk, err := im.readRefBlock(int64(im.rt[i]))
 		if err != nil {
