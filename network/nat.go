@@ -46,10 +46,16 @@ func masqueradeExprs(n *Network) []expr.Any {
 }
 
 // ensureNAT installs the masquerade rule for n's subnet and turns on IPv4
-// forwarding in the namespace (NAT is useless without it).
+// forwarding in the namespace (NAT is useless without it). Forwarding is
+// turned on also when the rule is already there: a ruleset restored at
+// boot brings back the table, not the sysctl.
 func ensureNAT(ctx context.Context, n *Network, undo *undoList) error {
-	if ok, err := natPresent(n); err != nil || ok {
+	ok, err := natPresent(n)
+	if err != nil {
 		return err
+	}
+	if ok {
+		return enableForwarding()
 	}
 	c, err := nftables.New()
 	if err != nil {
@@ -68,6 +74,10 @@ func ensureNAT(ctx context.Context, n *Network, undo *undoList) error {
 		return fmt.Errorf("nftables: add masquerade for %s: %w", n.Subnet, err)
 	}
 	undo.add(func() { removeNAT(ctx, n) })
+	return enableForwarding()
+}
+
+func enableForwarding() error {
 	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}

@@ -3,6 +3,8 @@ package network
 import (
 	"context"
 	"net"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,6 +47,34 @@ func TestNATMasquerades(t *testing.T) {
 	}
 	if ip := from.(*net.UDPAddr).IP.String(); ip != "198.51.100.1" {
 		t.Fatalf("far host saw the datagram from %s, want the NAT address 198.51.100.1", ip)
+	}
+}
+
+// TestAttachRestoresForwarding: after a reboot that restored the NAT table
+// (a saved nftables ruleset) but not IPv4 forwarding, attaching to the NAT
+// network turns forwarding on again, or the guests could not get out.
+func TestAttachRestoresForwarding(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	createNet(t, ns, dir, CreateOptions{Name: "nat", Subnet: "192.0.2.0/24", NAT: true})
+	forwarding := func() (v string) {
+		do(t, ns, func() error {
+			b, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+			v = strings.TrimSpace(string(b))
+			return err
+		})
+		return v
+	}
+	if v := forwarding(); v != "1" {
+		t.Fatalf("ip_forward after create = %s, want 1", v)
+	}
+	do(t, ns, func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0\n"), 0) })
+	spec, _ := ParseNICSpec("network=nat")
+	var nic *NIC
+	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", spec); return err })
+	defer nic.Close()
+	if v := forwarding(); v != "1" {
+		t.Fatalf("ip_forward after attach = %s, want 1", v)
 	}
 }
 
