@@ -98,8 +98,13 @@ func ParseOverlay(s string) (*Overlay, error) {
 		return nil, fmt.Errorf("%w: overlay %q: VXLAN ID %q out of range 1..16777215", ErrInvalid, s, fields[0])
 	}
 	o := &Overlay{VNI: uint32(id), Port: vxlanPort}
+	seen := map[string]bool{}
 	for _, f := range fields[1:] {
 		k, v, _ := strings.Cut(f, "=")
+		if seen[k] {
+			return nil, fmt.Errorf("%w: overlay %q: %s given twice", ErrInvalid, s, k)
+		}
+		seen[k] = true
 		switch k {
 		case "remote", "local":
 			a, err := netip.ParseAddr(v)

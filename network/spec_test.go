@@ -108,6 +108,7 @@ func TestParseOverlay(t *testing.T) {
 		{name: "multicast", in: "vxlan:42,remote=239.1.1.1,local=203.0.113.1", wantErr: "unicast IPv4"},
 		{name: "same", in: "vxlan:42,remote=203.0.113.1,local=203.0.113.1", wantErr: "same address"},
 		{name: "unknown", in: "vxlan:42,remote=203.0.113.2,local=203.0.113.1,ttl=3", wantErr: "unknown key"},
+		{name: "remote twice", in: "vxlan:42,remote=203.0.113.2,local=203.0.113.1,remote=203.0.113.3", wantErr: "remote given twice"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
