@@ -6,9 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/storage/raw"
 )
 
 func TestParseSize(t *testing.T) {
@@ -115,6 +117,26 @@ func TestOpenDiskErrors(t *testing.T) {
 				t.Fatalf("error %q does not mention %q", err, tt.want)
 			}
 		})
+	}
+	// A FIFO or a character device is refused at once: a read-only open
+	// of a FIFO, or format detection, must not wait for a writer.
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{fifo, "/dev/null"} {
+		for _, format := range []string{"", "raw", "qcow2"} {
+			for _, ro := range []bool{true, false} {
+				d, err := storage.OpenDisk(path, format, ro)
+				if err == nil {
+					d.Close()
+					t.Fatalf("open %s (format %q, read-only %v) succeeded", path, format, ro)
+				}
+				if !errors.Is(err, raw.ErrNotFile) {
+					t.Fatalf("open %s (format %q, read-only %v): %v, want %v", path, format, ro, err, raw.ErrNotFile)
+				}
+			}
+		}
 	}
 	if _, err := storage.CreateDisk(filepath.Join(dir, "x"), "vmdk", 1); err == nil {
 		t.Fatal("CreateDisk of an unknown format succeeded")

@@ -111,7 +111,7 @@ func openChain(path string, opts Options, c *chain) (*Image, error) {
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := os.OpenFile(path, flag, 0)
+	f, _, err := raw.OpenFile(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("open qcow2 image: %w", err)
 	}
@@ -262,7 +262,7 @@ func (im *Image) openBacking(c *chain) error {
 // DetectFormat returns "qcow2" if the file at path starts with the qcow2
 // magic, else "raw".
 func DetectFormat(path string) (string, error) {
-	f, err := os.Open(path)
+	f, _, err := raw.OpenFile(path, os.O_RDONLY)
 	if err != nil {
 		return "", fmt.Errorf("detect format: %w", err)
 	}

@@ -47,32 +47,50 @@ func Create(path string, size int64) (*File, error) {
 	return &File{f: f, size: size}, nil
 }
 
+// ErrNotFile is returned for a path that is neither a regular file nor a
+// block device.
+var ErrNotFile = errors.New("not a regular file or block device")
+
+// OpenFile opens an image file (flag is os.O_RDONLY or os.O_RDWR) and
+// returns it with its mode. It refuses anything but a regular file or a
+// block device, and never blocks: a read-only open of a FIFO would wait
+// for a writer for ever.
+func OpenFile(path string, flag int) (*os.File, os.FileInfo, error) {
+	f, err := os.OpenFile(path, flag|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() && st.Mode().Type() != os.ModeDevice {
+		err = fmt.Errorf("%s: %w", path, ErrNotFile)
+	}
+	if err == nil {
+		err = unix.SetNonblock(int(f.Fd()), false)
+	}
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return f, st, nil
+}
+
 // Open opens an existing raw image or block device.
 func Open(path string, readOnly bool) (*File, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := os.OpenFile(path, flag, 0)
+	f, st, err := OpenFile(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("open raw image: %w", err)
 	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("open raw image %s: %w", path, err)
-	}
 	d := &File{f: f, size: st.Size(), readOnly: readOnly}
-	switch {
-	case st.Mode()&os.ModeDevice != 0:
+	if st.Mode().Type() == os.ModeDevice {
 		d.blockDev = true
 		if d.size, err = f.Seek(0, io.SeekEnd); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("open raw image %s: size: %w", path, err)
 		}
-	case st.IsDir() || !st.Mode().IsRegular():
-		f.Close()
-		return nil, fmt.Errorf("open raw image %s: not a regular file or block device", path)
 	}
 	return d, nil
 }
