@@ -415,6 +415,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 	if err != nil {
 		return nil, err
 	}
+	testHookSnapshotReserved()
 	im, err := qcow2.Create(overlay, v.Size, qcow2.CreateOptions{BackingFile: filepath.Base(v.Path), BackingFormat: v.Format})
 	if err == nil {
 		err = im.Close()
@@ -442,6 +443,10 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 	}
 	return s.Get(snap)
 }
+
+// testHookSnapshotReserved lets a test stop a snapshot between its two
+// records.
+var testHookSnapshotReserved = func() {}
 
 func (s *Store) getRecord(name string) (*Volume, error) {
 	var v *Volume
