@@ -131,6 +131,7 @@ func TestCreateRefused(t *testing.T) {
 	ns.MustRun(t, "ip", "link", "set", "dum0", "up")
 	ns.MustRun(t, "ip", "link", "add", "rv-taken", "type", "veth", "peer", "name", "taken1")
 	ns.MustRun(t, "ip", "link", "add", "rvx-vxtaken", "type", "vxlan", "id", "9", "dstport", "4789")
+	ns.MustRun(t, "ip", "link", "add", "vx-same", "type", "vxlan", "id", "77", "dstport", "4789", "local", "203.0.113.1", "remote", "203.0.113.2")
 	tests := []struct {
 		name    string
 		opts    CreateOptions
@@ -143,6 +144,7 @@ func TestCreateRefused(t *testing.T) {
 		{name: "bridge name taken", opts: CreateOptions{Name: "taken", Subnet: "203.0.113.0/24"}, wantErr: ErrExists, msg: "rv-taken already exists"},
 		{name: "name too long", opts: CreateOptions{Name: "abcdefghijklm", Subnet: "203.0.113.0/24"}, wantErr: ErrInvalidName, msg: "longer than Linux's limit of 15"},
 		{name: "VXLAN device name taken", opts: CreateOptions{Name: "vxtaken", Subnet: "203.0.113.0/24", Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"}, wantErr: ErrExists, msg: "rvx-vxtaken already exists"},
+		{name: "VNI in use (fails after the bridge is made)", opts: CreateOptions{Name: "vni", Subnet: "203.0.113.0/24", Overlay: "vxlan:77,remote=203.0.113.2,local=203.0.113.1"}, wantErr: os.ErrExist, msg: "create VXLAN device rvx-vni"},
 		{name: "bad overlay", opts: CreateOptions{Name: "ov", Subnet: "203.0.113.0/24", Overlay: "vxlan:1"}, wantErr: ErrInvalid, msg: "required"},
 	}
 	before := links(t, ns)
@@ -155,8 +157,13 @@ func TestCreateRefused(t *testing.T) {
 			if after := links(t, ns); !slices.Equal(after, before) {
 				t.Fatalf("links changed: %v -> %v", before, after)
 			}
-			if r := records(t, dir); len(r) != 1 {
-				t.Fatalf("records = %v, want only lan", r)
+			ents, _ := os.ReadDir(filepath.Join(dir, "networks"))
+			var files []string
+			for _, e := range ents {
+				files = append(files, e.Name())
+			}
+			if want := []string{lockName, "lan.attach", "lan.json"}; !slices.Equal(files, want) {
+				t.Fatalf("state files = %v, want %v", files, want)
 			}
 		})
 	}
