@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -245,6 +246,29 @@ func TestAttachRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAttachFailsHalfway: a trunk whose second TAP cannot be made (its
+// name is taken by a veth) leaves nothing behind: not the first TAP, not
+// the VLAN bridges this attach created, not the hold on the network.
+func TestAttachFailsHalfway(t *testing.T) {
+	ns := nettest.New(t)
+	dir := t.TempDir()
+	ctx := context.Background()
+	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
+	before := links(t, ns)
+	next := tapPrefix + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(int(tapSeq.Load()+1))
+	ns.MustRun(t, "ip", "link", "add", next, "type", "veth", "peer", "name", "squat1")
+	spec, _ := ParseNICSpec("network=lan,trunk=10:20")
+	err := ns.Do(func() error { _, err := Attach(ctx, dir, "vm", spec); return err })
+	if err == nil || !strings.Contains(err.Error(), "is a veth, not a TAP") {
+		t.Fatalf("Attach = %v, want the taken name refused", err)
+	}
+	ns.MustRun(t, "ip", "link", "del", next)
+	if after := links(t, ns); !slices.Equal(after, before) {
+		t.Fatalf("links changed: %v -> %v", before, after)
+	}
+	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 }
 
 // TestAttachRefusesInvalidSpec: a NICSpec built in code rather than by
