@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -377,6 +378,10 @@ func TestConcurrentIO(t *testing.T) {
 				got := make([]byte, n)
 				if _, err := im.ReadAt(got, off); err != nil {
 					errs <- err
+					return
+				}
+				if !bytes.Equal(got, d) {
+					errs <- fmt.Errorf("worker %d: read at %d does not return what it just wrote", w, off)
 					return
 				}
 				if i%50 == 0 {
