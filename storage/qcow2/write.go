@@ -167,8 +167,6 @@ func (im *Image) writeChunk(p []byte, off int64) (int, error) {
 func (im *Image) allocWrite(p []byte, off int64, m mapping) error {
 	coff := off % im.cs
 	switch m.kind {
-	case kindCompressed:
-		return unsupportedf("writing into a compressed cluster (guest offset %#x)", off)
 	case kindZeroAlloc:
 		if m.entry&flagCopied == 0 {
 			return corruptf("zero cluster at %#x lacks the COPIED flag", m.host)
@@ -180,17 +178,26 @@ func (im *Image) allocWrite(p []byte, off int64, m mapping) error {
 		}
 		return im.fail(im.setL2(off, uint64(m.host)|flagCopied))
 	}
-	// The rest of the cluster comes from the backing file (unallocated)
-	// or is zero (zero cluster, or no backing file).
+	// The rest of the cluster comes from the backing file (unallocated),
+	// from the compressed data (a compressed cluster is never written in
+	// place: it gets a cluster of its own), or is zero (zero cluster, or
+	// no backing file).
 	var base []byte
-	if m.kind == kindUnallocated && im.backing != nil && int64(len(p)) < im.cs {
+	switch {
+	case int64(len(p)) == im.cs:
+	case m.kind == kindUnallocated && im.backing != nil:
 		base = make([]byte, im.cs)
 		if err := im.readBacking(base, off-coff); err != nil {
 			return err
 		}
-		if isZero(base) {
-			base = nil
+	case m.kind == kindCompressed:
+		var err error
+		if base, err = im.readCompressed(m.entry); err != nil {
+			return fmt.Errorf("qcow2 write at %#x: %w", off, err)
 		}
+	}
+	if isZero(base) {
+		base = nil
 	}
 	if _, _, err := im.l2For(off, true); err != nil {
 		return im.fail(err)
@@ -210,7 +217,31 @@ func (im *Image) allocWrite(p []byte, off int64, m mapping) error {
 	if err != nil {
 		return err // the cluster leaks; nothing points to it
 	}
-	return im.fail(im.setL2(off, uint64(host)|flagCopied))
+	if err := im.setL2(off, uint64(host)|flagCopied); err != nil {
+		return im.fail(err)
+	}
+	if m.kind == kindCompressed {
+		return im.fail(im.freeCompressed(m.entry))
+	}
+	return nil
+}
+
+// freeCompressed drops the references a compressed cluster's L2 entry
+// held: one on each host cluster its data touches, as qemu counts them
+// (qcow2.txt, "Compressed Clusters Descriptor"). Called with mu held,
+// after nothing points to the data any more: a crash before it only
+// leaks.
+func (im *Image) freeCompressed(e uint64) error {
+	x := 62 - (im.h.clusterBits - 8)
+	start := int64(e&(uint64(1)<<x-1)) &^ 511
+	sectors := int64((e>>x)&(uint64(1)<<(im.h.clusterBits-8)-1)) + 1
+	end := start + sectors*512
+	for c := start &^ (im.cs - 1); c < end; c += im.cs {
+		if err := im.addRef(c, -1); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func isZero(b []byte) bool {
@@ -509,7 +540,7 @@ func (im *Image) zeroCluster(off int64, unmap bool) error {
 		}
 		e = flagZero
 	case kindCompressed:
-		return unsupportedf("zeroing a compressed cluster (guest offset %#x)", off)
+		e = flagZero
 	case kindData, kindZeroAlloc:
 		if m.entry&flagCopied == 0 {
 			return corruptf("cluster at %#x lacks the COPIED flag", m.host)
@@ -526,6 +557,9 @@ func (im *Image) zeroCluster(off int64, unmap bool) error {
 	}
 	if err := im.setL2(off, e); err != nil {
 		return im.fail(err)
+	}
+	if m.kind == kindCompressed {
+		return im.fail(im.freeCompressed(m.entry))
 	}
 	if unmap && (m.kind == kindData || m.kind == kindZeroAlloc) {
 		// Nothing points to the cluster any more; a crash here only leaks it.
