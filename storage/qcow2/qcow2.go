@@ -166,6 +166,14 @@ func newImage(f *os.File, path string, readOnly bool, c *chain) (*Image, error) 
 			return nil, err
 		}
 	}
+	if !readOnly {
+		if err := im.clearAutoclear(); err != nil {
+			if im.backing != nil {
+				im.backing.Close()
+			}
+			return nil, err
+		}
+	}
 	return im, nil
 }
 

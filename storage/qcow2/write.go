@@ -68,18 +68,22 @@ func (im *Image) initWrite() error {
 		}
 	}
 	im.allocEnd = max(roundUp(im.fileSize, im.cs), (last+1)*im.cs)
-	if h.autoclear != 0 {
-		// Autoclear features we do not maintain must be cleared by a
-		// writer (qemu's bitmaps, say), so readers know they are stale.
-		if _, err := im.f.WriteAt(make([]byte, 8), offAutoclear); err != nil {
-			return fmt.Errorf("clear autoclear features: %w", err)
-		}
-		h.autoclear = 0
-		if err := im.sync(); err != nil {
-			return err
-		}
-	}
 	return nil
+}
+
+// clearAutoclear clears the autoclear features, which we do not maintain
+// (qemu's bitmaps, say): a writer must, so that readers know they are
+// stale. It is the first change a read-write open makes, once nothing
+// else can fail.
+func (im *Image) clearAutoclear() error {
+	if im.h.autoclear == 0 {
+		return nil
+	}
+	if _, err := im.f.WriteAt(make([]byte, 8), offAutoclear); err != nil {
+		return fmt.Errorf("clear autoclear features: %w", err)
+	}
+	im.h.autoclear = 0
+	return im.sync()
 }
 
 func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
