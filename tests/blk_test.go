@@ -490,3 +490,41 @@ func TestBlkAttachedElsewhere(t *testing.T) {
 	}
 	rayvmmOK(t, state, "volume", "rm", "v")
 }
+
+// TestBlkImageInUse: an image file one VM writes cannot be attached by a
+// second VM, read-write or read-only, nor written by qemu-io; several VMs
+// may share an image read-only.
+func TestBlkImageInUse(t *testing.T) {
+	requireKVM(t)
+	img := sparseFile(t, 8<<20)
+	first := exec.Command(rayvmm, "boot", "--disk", "path="+img+",format=raw", "--cmdline", "rayguest.run=echo")
+	w := newLineWatcher()
+	first.Stdout, first.Stderr = w, w
+	stdin, _ := first.StdinPipe()
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Process.Kill()
+	w.waitFor(t, "rayguest: ready", time.Minute)
+	for _, spec := range []string{"path=" + img + ",format=raw", "path=" + img + ",format=raw,readonly"} {
+		r := run(t, nil, time.Minute, "boot", "--disk", spec)
+		if r.code == 0 || !strings.Contains(r.stderr, "in use") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Fatalf("--disk %s while another VM writes it: exit %d, %q", spec, r.code, r.stderr)
+		}
+	}
+	if _, err := exec.LookPath("qemu-io"); err == nil {
+		if exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", img).Run() == nil {
+			t.Fatal("qemu-io wrote an image a VM is using")
+		}
+	}
+	stdin.Write([]byte("quit\n"))
+	if err := first.Wait(); err != nil {
+		t.Fatalf("first VM: %v\n%s", err, w.String())
+	}
+	// Readers share: two read-only disks on one image in one VM.
+	out := bootOK(t, t.TempDir(), "--disk", "path="+img+",format=raw,readonly", "--disk", "path="+img+",format=raw,readonly",
+		"--cmdline", "rayguest.run=blksum rayguest.blocks=2")
+	if s := blkSums(t, out); s["vda"] == "" || s["vda"] != s["vdb"] {
+		t.Fatalf("two readers: %v", s)
+	}
+}

@@ -254,6 +254,7 @@ func TestOutOfRangeIO(t *testing.T) {
 			}
 		})
 	}
+	im.Close() // a read-write open excludes read-only ones (image locking)
 	ro, err := Open(p, Options{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)

@@ -67,11 +67,86 @@ func OpenFile(path string, flag int) (*os.File, os.FileInfo, error) {
 	if err == nil {
 		err = unix.SetNonblock(int(f.Fd()), false)
 	}
+	if err == nil {
+		err = lockImage(f, path, flag)
+	}
 	if err != nil {
 		f.Close()
 		return nil, nil, err
 	}
 	return f, st, nil
+}
+
+// ErrInUse is returned when another open of an image (in this process or
+// another, rayvmm's or QEMU's) uses it in a way that conflicts.
+var ErrInUse = errors.New("image is in use")
+
+// Image locking follows QEMU's protocol (block/file-posix.c), so rayvmm,
+// QEMU, qemu-img and qemu-io respect each other: an open holds a shared
+// open-file-description lock on byte 100+P for each permission P it uses,
+// and on byte 200+P for each permission it does not let others use; before
+// that it checks that no other open holds 200+P for a permission it wants,
+// or 100+P for one it denies. Locks go with the file descriptor, also when
+// the process is killed.
+const (
+	lockPermBase   = 100
+	lockSharedBase = 200
+
+	permConsistentRead = 0
+	permWrite          = 1
+	permWriteUnchanged = 2
+	permResize         = 3
+)
+
+var permNames = [...]string{"consistent read", "write", "write unchanged", "resize"}
+
+// lockImage locks an image for a read-write open (a VM's writable disk:
+// read, write, and let no one else write or resize it) or a read-only one
+// (a read-only disk or a backing file: read, and let no one write or
+// resize it underneath).
+func lockImage(f *os.File, path string, flag int) error {
+	want := []int{permConsistentRead}
+	if flag&(os.O_WRONLY|os.O_RDWR) != 0 {
+		want = append(want, permWrite, permWriteUnchanged)
+	}
+	deny := []int{permWrite, permResize}
+	fd := f.Fd()
+	held := func(off int) (bool, error) {
+		lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart, Start: int64(off), Len: 1}
+		if err := unix.FcntlFlock(fd, unix.F_OFD_GETLK, &lk); err != nil {
+			return false, err
+		}
+		return lk.Type != unix.F_UNLCK, nil
+	}
+	for _, p := range want {
+		if h, err := held(lockSharedBase + p); err != nil {
+			return fmt.Errorf("%s: lock: %w", path, err)
+		} else if h {
+			return fmt.Errorf("%s: %w: another user does not allow %s", path, ErrInUse, permNames[p])
+		}
+	}
+	for _, p := range deny {
+		if h, err := held(lockPermBase + p); err != nil {
+			return fmt.Errorf("%s: lock: %w", path, err)
+		} else if h {
+			return fmt.Errorf("%s: %w: another user holds %s access", path, ErrInUse, permNames[p])
+		}
+	}
+	take := func(off int) error {
+		lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: io.SeekStart, Start: int64(off), Len: 1}
+		return unix.FcntlFlock(fd, unix.F_OFD_SETLK, &lk)
+	}
+	for _, p := range want {
+		if err := take(lockPermBase + p); err != nil {
+			return fmt.Errorf("%s: lock: %w", path, err)
+		}
+	}
+	for _, p := range deny {
+		if err := take(lockSharedBase + p); err != nil {
+			return fmt.Errorf("%s: lock: %w", path, err)
+		}
+	}
+	return nil
 }
 
 // Open opens an existing raw image or block device.

@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 func allocated(t *testing.T, p string) int64 {
@@ -95,5 +99,106 @@ func TestRawFile(t *testing.T) {
 	}
 	if ro.Size() != 16<<20 {
 		t.Errorf("size %d", ro.Size())
+	}
+}
+
+func TestImageLocking(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "disk.img")
+	d, err := Create(p, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	open := func(ro bool) (*File, error) { return Open(p, ro) }
+	rw, err := open(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open(false); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second read-write open: %v, want ErrInUse", err)
+	}
+	if _, err := open(true); !errors.Is(err, ErrInUse) {
+		t.Fatalf("read-only open of an image open for writing: %v, want ErrInUse", err)
+	}
+	rw.Close()
+	r1, err := open(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r1.Close()
+	r2, err := open(true)
+	if err != nil {
+		t.Fatalf("two readers: %v", err)
+	}
+	defer r2.Close()
+	if _, err := open(false); !errors.Is(err, ErrInUse) {
+		t.Fatalf("writer over readers (a backing file in use): %v, want ErrInUse", err)
+	}
+}
+
+// TestImageLockingWithQEMU checks the protocol against QEMU's tools:
+// qemu-img and qemu-io refuse an image rayvmm writes and qemu-io cannot
+// write one it reads (qemu-img still reads it), and rayvmm refuses to write
+// an image qemu-nbd exports.
+func TestImageLockingWithQEMU(t *testing.T) {
+	testenv.RequireTool(t, "qemu-img", "qemu-io", "qemu-nbd")
+	dir := t.TempDir()
+	p := filepath.Join(dir, "disk.img")
+	d, err := Create(p, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	qemu := func(args ...string) error { return exec.Command(args[0], args[1:]...).Run() }
+	convert := func() error {
+		return qemu("qemu-img", "convert", "-f", "raw", "-O", "raw", p, filepath.Join(dir, "copy"))
+	}
+	write := func() error { return qemu("qemu-io", "-f", "raw", "-c", "write 0 512", p) }
+
+	rw, err := Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if convert() == nil {
+		t.Error("qemu-img convert read an image rayvmm is writing")
+	}
+	if write() == nil {
+		t.Error("qemu-io wrote an image rayvmm is writing")
+	}
+	rw.Close()
+	ro, err := Open(p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := convert(); err != nil {
+		t.Errorf("qemu-img convert of an image rayvmm only reads: %v", err)
+	}
+	if write() == nil {
+		t.Error("qemu-io wrote an image rayvmm is reading")
+	}
+	ro.Close()
+	if err := write(); err != nil {
+		t.Errorf("qemu-io after rayvmm closed the image: %v", err)
+	}
+
+	nbd := exec.Command("qemu-nbd", "-f", "raw", "--socket", filepath.Join(dir, "nbd.sock"), p)
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { nbd.Process.Kill(); nbd.Wait() }()
+	// qemu-nbd opens the image before it listens: wait for the socket.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(dir, "nbd.sock")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("qemu-nbd did not start")
+		}
+	}
+	if f, err := Open(p, false); !errors.Is(err, ErrInUse) {
+		if err == nil {
+			f.Close()
+		}
+		t.Fatalf("rayvmm opened for writing an image qemu-nbd exports: %v", err)
 	}
 }
