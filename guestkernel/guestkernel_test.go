@@ -214,7 +214,10 @@ func startQEMU(t *testing.T, g guest, netns string) *vm {
 	}
 	v := &vm{cmd: exec.Command(name, args...), lines: make(chan string, 1024), done: make(chan struct{})}
 	// Its own process group, so stop reaches QEMU behind "ip netns exec".
-	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the forking OS thread exits, not the
+	// process, and inNetns ends locked threads, which killed QEMU at
+	// random in the middle of a test. The test's cleanup kills the group.
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	v.cmd.Stdin = strings.NewReader(g.stdin)
 	v.cmd.Stderr = &v.errb
 	out, err := v.cmd.StdoutPipe()
