@@ -137,23 +137,10 @@ func runRequest(t *testing.T, disk *fileDisk, data []byte) {
 
 func FuzzBlkRequest(f *testing.F) {
 	for _, s := range requestSeeds() {
-		f.Add(s.data)
+		f.Add(s.Data)
 	}
 	disk, _ := newDiskFile(f, f.TempDir(), fzDiskSize)
 	f.Fuzz(func(t *testing.T, data []byte) { runRequest(t, disk, data) })
-}
-
-type seed struct {
-	name string
-	data []byte
-}
-
-func corpus(ss []seed) []seedcorpus.Seed {
-	out := make([]seedcorpus.Seed, len(ss))
-	for i, s := range ss {
-		out[i] = seedcorpus.Seed{Name: s.name, Data: s.data}
-	}
-	return out
 }
 
 type fzBuf struct {
@@ -194,39 +181,39 @@ func rangeBytes(sector uint64, n, flags uint32) []byte {
 	return b[:]
 }
 
-func requestSeeds() []seed {
+func requestSeeds() []seedcorpus.Seed {
 	const d = fzData
 	hdr := fzBuf{d, 16, false}
 	status := fzBuf{d + 0x1000, 1, true}
 	data := func(n uint32, w bool) fzBuf { return fzBuf{d + 0x100, n, w} }
 	payload := bytes.Repeat([]byte{0x5a}, 512)
-	return []seed{
-		{"read", input(0, []fzBuf{hdr, data(512, true), status}, hdrMem(TypeIn, 1))},
-		{"read-indirect", input(2, []fzBuf{hdr, data(1024, true), status}, hdrMem(TypeIn, 126))},
-		{"write", input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 2, make([]byte, 0xf0)...))},
-		{"write-one-descriptor", input(0, []fzBuf{{d, 16 + 512, false}, status}, hdrMem(TypeOut, 3, payload...))},
-		{"write-read-only", input(1, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 2))},
-		{"flush", input(0, []fzBuf{hdr, status}, hdrMem(TypeFlush, 0))},
-		{"get-id", input(0, []fzBuf{hdr, data(20, true), status}, hdrMem(TypeGetID, 0))},
-		{"discard", input(0, []fzBuf{{d, 32, false}, status}, hdrMem(TypeDiscard, 0, rangeBytes(8, 8, 0)...))},
-		{"write-zeroes", input(0, []fzBuf{{d, 48, false}, status}, hdrMem(TypeWriteZeroes, 0, append(rangeBytes(8, 8, 1), rangeBytes(32, 1, 0)...)...))},
-		{"discard-not-negotiated", input(4, []fzBuf{{d, 32, false}, status}, hdrMem(TypeDiscard, 0, rangeBytes(8, 8, 0)...))},
-		{"unknown-type", input(0, []fzBuf{hdr, status}, hdrMem(99, 0))},
-		{"short-chain", input(0, []fzBuf{hdr}, hdrMem(TypeIn, 0))},
-		{"short-header", input(0, []fzBuf{{d, 8, false}, status}, hdrMem(TypeIn, 0))},
-		{"wrong-direction", input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeIn, 0))},
-		{"sector-past-end", input(0, []fzBuf{hdr, data(512, true), status}, hdrMem(TypeIn, fzDiskSize/512))},
-		{"sector-overflow", input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 1<<55+1))},
-		{"addr-outside-memory", input(0, []fzBuf{hdr, {1 << 40, 512, true}, status}, hdrMem(TypeIn, 0))},
-		{"len-4GiB", input(0, []fzBuf{hdr, {d + 0x100, 0xffffffff - 17, true}, status}, hdrMem(TypeIn, 0))},
-		{"status-outside-memory", input(0, []fzBuf{hdr, {fzMem, 1, true}}, hdrMem(TypeFlush, 0))},
-		{"status-addr-wraps", input(0, []fzBuf{hdr, {^uint64(0), 2, true}}, hdrMem(TypeFlush, 0))},
-		{"too-many-ranges", input(0, []fzBuf{{d, 16 + 16*33, false}, status}, hdrMem(TypeDiscard, 0, bytes.Repeat(rangeBytes(0, 1, 0), 33)...))},
+	return []seedcorpus.Seed{
+		{Name: "read", Data: input(0, []fzBuf{hdr, data(512, true), status}, hdrMem(TypeIn, 1))},
+		{Name: "read-indirect", Data: input(2, []fzBuf{hdr, data(1024, true), status}, hdrMem(TypeIn, 126))},
+		{Name: "write", Data: input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 2, make([]byte, 0xf0)...))},
+		{Name: "write-one-descriptor", Data: input(0, []fzBuf{{d, 16 + 512, false}, status}, hdrMem(TypeOut, 3, payload...))},
+		{Name: "write-read-only", Data: input(1, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 2))},
+		{Name: "flush", Data: input(0, []fzBuf{hdr, status}, hdrMem(TypeFlush, 0))},
+		{Name: "get-id", Data: input(0, []fzBuf{hdr, data(20, true), status}, hdrMem(TypeGetID, 0))},
+		{Name: "discard", Data: input(0, []fzBuf{{d, 32, false}, status}, hdrMem(TypeDiscard, 0, rangeBytes(8, 8, 0)...))},
+		{Name: "write-zeroes", Data: input(0, []fzBuf{{d, 48, false}, status}, hdrMem(TypeWriteZeroes, 0, append(rangeBytes(8, 8, 1), rangeBytes(32, 1, 0)...)...))},
+		{Name: "discard-not-negotiated", Data: input(4, []fzBuf{{d, 32, false}, status}, hdrMem(TypeDiscard, 0, rangeBytes(8, 8, 0)...))},
+		{Name: "unknown-type", Data: input(0, []fzBuf{hdr, status}, hdrMem(99, 0))},
+		{Name: "short-chain", Data: input(0, []fzBuf{hdr}, hdrMem(TypeIn, 0))},
+		{Name: "short-header", Data: input(0, []fzBuf{{d, 8, false}, status}, hdrMem(TypeIn, 0))},
+		{Name: "wrong-direction", Data: input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeIn, 0))},
+		{Name: "sector-past-end", Data: input(0, []fzBuf{hdr, data(512, true), status}, hdrMem(TypeIn, fzDiskSize/512))},
+		{Name: "sector-overflow", Data: input(0, []fzBuf{hdr, data(512, false), status}, hdrMem(TypeOut, 1<<55+1))},
+		{Name: "addr-outside-memory", Data: input(0, []fzBuf{hdr, {1 << 40, 512, true}, status}, hdrMem(TypeIn, 0))},
+		{Name: "len-4GiB", Data: input(0, []fzBuf{hdr, {d + 0x100, 0xffffffff - 17, true}, status}, hdrMem(TypeIn, 0))},
+		{Name: "status-outside-memory", Data: input(0, []fzBuf{hdr, {fzMem, 1, true}}, hdrMem(TypeFlush, 0))},
+		{Name: "status-addr-wraps", Data: input(0, []fzBuf{hdr, {^uint64(0), 2, true}}, hdrMem(TypeFlush, 0))},
+		{Name: "too-many-ranges", Data: input(0, []fzBuf{{d, 16 + 16*33, false}, status}, hdrMem(TypeDiscard, 0, bytes.Repeat(rangeBytes(0, 1, 0), 33)...))},
 	}
 }
 
 // TestSeedCorpus keeps testdata/fuzz/FuzzBlkRequest in step with requestSeeds
 // (go test runs the files; -update-seeds rewrites them).
 func TestSeedCorpus(t *testing.T) {
-	seedcorpus.Check(t, "FuzzBlkRequest", corpus(requestSeeds()), *updateSeeds)
+	seedcorpus.Check(t, "FuzzBlkRequest", requestSeeds(), *updateSeeds)
 }

@@ -70,22 +70,9 @@ func walk(t *testing.T, data []byte) {
 
 func FuzzQueueWalk(f *testing.F) {
 	for _, s := range walkSeeds() {
-		f.Add(s.data)
+		f.Add(s.Data)
 	}
 	f.Fuzz(walk)
-}
-
-type seed struct {
-	name string
-	data []byte
-}
-
-func corpus(ss []seed) []seedcorpus.Seed {
-	out := make([]seedcorpus.Seed, len(ss))
-	for i, s := range ss {
-		out[i] = seedcorpus.Seed{Name: s.name, Data: s.data}
-	}
-	return out
 }
 
 // image builds a fuzz input: a queue of 1<<sizeExp, the given features and
@@ -124,29 +111,29 @@ func image(sizeExp, feat byte, heads []uint16, availIdx uint16, descs []fzDesc, 
 	return append([]byte{sizeExp, feat}, m...)
 }
 
-func walkSeeds() []seed {
+func walkSeeds() []seedcorpus.Seed {
 	const N, W, I = queue.DescFNext, queue.DescFWrite, queue.DescFIndirect
-	return []seed{
-		{"empty", image(3, 0, nil, 0, nil, nil)},
-		{"direct-blk-read", image(3, 1, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 1}, {1, 0x600, 512, W | N, 2}, {2, 0x700, 1, W, 0}}, nil)},
-		{"two-chains", image(3, 0, []uint16{0, 3}, 2, []fzDesc{{0, 0x500, 16, 0, 0}, {3, 0x500, 16, N, 4}, {4, 0x600, 8, W, 0}}, nil)},
-		{"indirect", image(3, 3, []uint16{1}, 1, []fzDesc{{1, 0x800, 48, I, 0}},
+	return []seedcorpus.Seed{
+		{Name: "empty", Data: image(3, 0, nil, 0, nil, nil)},
+		{Name: "direct-blk-read", Data: image(3, 1, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 1}, {1, 0x600, 512, W | N, 2}, {2, 0x700, 1, W, 0}}, nil)},
+		{Name: "two-chains", Data: image(3, 0, []uint16{0, 3}, 2, []fzDesc{{0, 0x500, 16, 0, 0}, {3, 0x500, 16, N, 4}, {4, 0x600, 8, W, 0}}, nil)},
+		{Name: "indirect", Data: image(3, 3, []uint16{1}, 1, []fzDesc{{1, 0x800, 48, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x500, 16, N, 1}, {1, 0x600, 512, N, 2}, {2, 0x700, 1, W, 0}}})},
-		{"loop", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 1}, {1, 0x500, 16, N, 0}}, nil)},
-		{"self-loop", image(5, 0, []uint16{5}, 1, []fzDesc{{5, 0x500, 16, N, 5}}, nil)},
-		{"next-out-of-range", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 200}}, nil)},
-		{"head-out-of-range", image(3, 0, []uint16{0xffff}, 1, nil, nil)},
-		{"avail-idx-too-far", image(3, 0, nil, 9, nil, nil)},
-		{"addr-outside-memory", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 1 << 40, 16, 0, 0}}, nil)},
-		{"addr-wraps", image(3, 0, []uint16{0}, 1, []fzDesc{{0, ^uint64(0) - 8, 16, 0, 0}}, nil)},
-		{"len-4GiB", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 0xffffffff, N, 1}, {1, 0x500, 0xffffffff, 0, 0}}, nil)},
-		{"nested-indirect", image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}},
+		{Name: "loop", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 1}, {1, 0x500, 16, N, 0}}, nil)},
+		{Name: "self-loop", Data: image(5, 0, []uint16{5}, 1, []fzDesc{{5, 0x500, 16, N, 5}}, nil)},
+		{Name: "next-out-of-range", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 200}}, nil)},
+		{Name: "head-out-of-range", Data: image(3, 0, []uint16{0xffff}, 1, nil, nil)},
+		{Name: "avail-idx-too-far", Data: image(3, 0, nil, 9, nil, nil)},
+		{Name: "addr-outside-memory", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, 1 << 40, 16, 0, 0}}, nil)},
+		{Name: "addr-wraps", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, ^uint64(0) - 8, 16, 0, 0}}, nil)},
+		{Name: "len-4GiB", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x500, 0xffffffff, N, 1}, {1, 0x500, 0xffffffff, 0, 0}}, nil)},
+		{Name: "nested-indirect", Data: image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x800, 32, I, 0}}})},
-		{"indirect-loop", image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}},
+		{Name: "indirect-loop", Data: image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x500, 16, N, 1}, {1, 0x500, 16, N, 0}}})},
-		{"indirect-table-outside", image(3, 2, []uint16{0}, 1, []fzDesc{{0, queuetest.FuzzMem - 16, 64, I, 0}}, nil)},
-		{"indirect-not-negotiated", image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}}, nil)},
-		{"direct-then-indirect", image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 2}, {2, 0x800, 32, I, 0}},
+		{Name: "indirect-table-outside", Data: image(3, 2, []uint16{0}, 1, []fzDesc{{0, queuetest.FuzzMem - 16, 64, I, 0}}, nil)},
+		{Name: "indirect-not-negotiated", Data: image(3, 0, []uint16{0}, 1, []fzDesc{{0, 0x800, 32, I, 0}}, nil)},
+		{Name: "direct-then-indirect", Data: image(3, 2, []uint16{0}, 1, []fzDesc{{0, 0x500, 16, N, 2}, {2, 0x800, 32, I, 0}},
 			map[uint64][]fzDesc{0x800: {{0, 0x600, 512, W | N, 1}, {1, 0x700, 1, W, 0}}})},
 	}
 }
@@ -154,5 +141,5 @@ func walkSeeds() []seed {
 // TestSeedCorpus keeps testdata/fuzz/FuzzQueueWalk in step with walkSeeds
 // (go test runs the files; -update-seeds rewrites them).
 func TestSeedCorpus(t *testing.T) {
-	seedcorpus.Check(t, "FuzzQueueWalk", corpus(walkSeeds()), *updateSeeds)
+	seedcorpus.Check(t, "FuzzQueueWalk", walkSeeds(), *updateSeeds)
 }
