@@ -91,6 +91,8 @@ func copyDisk(dst, format string, size int64, src storage.Disk, progress func(in
 	return nil
 }
 
-var zeroChunk = make([]byte, importChunk)
-
-func allZero(b []byte) bool { return bytes.Equal(b, zeroChunk[:len(b)]) }
+// allZero reports whether b holds only zero bytes. It needs no zero
+// buffer, so nothing is allocated at start-up by every rayvmm command.
+func allZero(b []byte) bool {
+	return len(b) == 0 || b[0] == 0 && bytes.Equal(b[1:], b[:len(b)-1])
+}
