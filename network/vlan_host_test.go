@@ -1,7 +1,6 @@
 package network
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -9,16 +8,15 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rayvmm/rayvmm/internal/testenv"
 	"github.com/rayvmm/rayvmm/network/nettest"
 )
 
@@ -318,75 +316,67 @@ func TestKillReleases(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-	cmd, out := startHelper(t, ns, "RAYVMM_NETWORK_HELPER="+dir)
-	defer cmd.Process.Kill()
-	line, err := out.ReadString('\n')
-	if err != nil {
-		t.Fatalf("helper: %v", err)
+	h := startHelper(t, ns, "attach", dir)
+	line := h.Line(t, `the "attached TAP" line`, helperWait)
+	tap, ok := strings.CutPrefix(line, "attached ")
+	if !ok {
+		t.Fatalf("helper: %q, want \"attached TAP\"", line)
 	}
-	tap := strings.TrimSpace(strings.TrimPrefix(line, "attached "))
 	if !slices.Contains(links(t, ns), tap) {
 		t.Fatalf("helper's TAP %q not in %v", tap, links(t, ns))
 	}
 	if err := ns.Do(func() error { return Remove(ctx, dir, "lan") }); !errors.Is(err, ErrInUse) {
 		t.Fatalf("Remove while the helper runs = %v, want ErrInUse", err)
 	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	h.Kill(t, helperWait)
 	if l := links(t, ns); slices.Contains(l, tap) {
 		t.Fatalf("TAP %s survived SIGKILL: %v", tap, l)
 	}
 	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 }
 
-// startHelper starts this test binary inside ns as a helper process
-// chosen by env (see TestMain) and returns it with its standard output.
-func startHelper(t *testing.T, ns *nettest.NS, env string) (*exec.Cmd, *bufio.Reader) {
+// helperWait bounds each wait for a helper process: it turns a hang into
+// a failure that names what was awaited; it measures nothing.
+const helperWait = time.Minute
+
+// startHelper starts this test binary inside ns as the helper name (see
+// TestMain), working on the state directory dir.
+func startHelper(t *testing.T, ns *nettest.NS, name, dir string) *testenv.HelperProc {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), env)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	return cmd, bufio.NewReader(out)
+	return testenv.StartHelper(t, name, testenv.HelperOptions{
+		Env:    []string{"RAYVMM_NETWORK_HELPER_DIR=" + dir},
+		Prefix: []string{"ip", "netns", "exec", ns.Name},
+	})
 }
 
-// helperAttach is the process TestKillReleases kills.
-func helperAttach(dir string) {
+// helperAttach is the process TestKillReleases kills: it attaches a NIC,
+// says so, and holds it.
+func helperAttach() int {
 	spec, _ := ParseNICSpec("network=lan")
-	nic, err := Attach(context.Background(), dir, "killme", spec)
+	nic, err := Attach(context.Background(), os.Getenv("RAYVMM_NETWORK_HELPER_DIR"), "killme", spec)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
-		os.Exit(1)
+		return 1
 	}
 	fmt.Println("attached", nic.TAPs[0])
-	select {}
+	testenv.Hold()
+	return 0
 }
 
 // helperCreate is the process TestKilledCreate kills while it creates a
 // network.
-func helperCreate(dir string) {
+func helperCreate() int {
 	fmt.Println("ready")
-	if _, err := Create(context.Background(), dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true}); err != nil {
+	if _, err := Create(context.Background(), os.Getenv("RAYVMM_NETWORK_HELPER_DIR"), CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true}); err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
-		os.Exit(1)
+		return 1
 	}
 	fmt.Println("created")
-	os.Exit(0)
+	return 0
 }
 
 func TestMain(m *testing.M) {
-	if dir := os.Getenv("RAYVMM_NETWORK_HELPER"); dir != "" {
-		helperAttach(dir)
-	}
-	if dir := os.Getenv("RAYVMM_NETWORK_CREATE_HELPER"); dir != "" {
-		helperCreate(dir)
-	}
+	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "create": helperCreate})
 	os.Exit(m.Run())
 }
 
@@ -401,16 +391,13 @@ func TestKilledCreate(t *testing.T) {
 	var created, partial int
 	for i := range 40 {
 		dir := t.TempDir()
-		cmd, r := startHelper(t, ns, "RAYVMM_NETWORK_CREATE_HELPER="+dir)
-		if line, err := r.ReadString('\n'); err != nil || line != "ready\n" {
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatalf("helper: %q, %v", line, err)
+		h := startHelper(t, ns, "create", dir)
+		if line := h.Line(t, `the "ready" line`, helperWait); line != "ready" {
+			t.Fatalf("helper: %q, want \"ready\"", line)
 		}
+		// Not a wait for anything: where the kill lands is what varies.
 		time.Sleep(time.Duration(i) * 150 * time.Microsecond)
-		cmd.Process.Signal(syscall.SIGKILL)
-		rest, _ := r.ReadString('\n')
-		cmd.Wait()
+		rest, _ := h.Kill(t, helperWait)
 		_, recErr := os.Stat(filepath.Join(dir, "networks", "lan.json"))
 		record := recErr == nil
 		bridge := slices.Contains(links(t, ns), "rv-lan")
@@ -422,7 +409,7 @@ func TestKilledCreate(t *testing.T) {
 		switch {
 		case !record: // the user runs the command again
 			createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true})
-		case rest == "created\n":
+		case slices.Equal(rest, []string{"created"}):
 			created++
 		default:
 			partial++
