@@ -1,7 +1,6 @@
 package volume
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -13,11 +12,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 func newStore(t *testing.T) *Store {
@@ -248,47 +248,41 @@ func TestAttachStates(t *testing.T) {
 	}
 }
 
-// TestAttachHelper holds a volume attached in a child process until
-// killed; it does nothing in a normal run.
-func TestAttachHelper(t *testing.T) {
-	dir, name := os.Getenv("RAYVMM_VOLUME_STATE"), os.Getenv("RAYVMM_VOLUME_NAME")
-	if dir == "" {
-		t.Skip("helper process for TestAttachReleasedOnKill")
+// helperAttach holds a volume attached in a child process until killed.
+func helperAttach() int {
+	s, err := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
+	if err == nil {
+		_, err = s.Attach(os.Getenv("RAYVMM_VOLUME_NAME"), false)
 	}
-	s, _ := Open(dir)
-	if _, err := s.Attach(name, false); err != nil {
-		os.Stdout.WriteString("E " + err.Error() + "\n")
-		os.Exit(1)
+	if err != nil {
+		fmt.Println("E", err)
+		return 1
 	}
-	os.Stdout.WriteString("attached\n")
-	select {}
+	fmt.Println("attached")
+	testenv.Hold()
+	return 0
 }
+
+// helperWait bounds each wait for a helper process: it turns a hang into
+// a failure that names what was awaited; it measures nothing.
+const helperWait = time.Minute
 
 func TestAttachReleasedOnKill(t *testing.T) {
 	state0 := t.TempDir()
 	s, _ := Open(state0)
 	mustCreate(t, s, "v", 1<<20, "raw")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestAttachHelper$")
-	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_STATE="+state0, "RAYVMM_VOLUME_NAME=v")
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	if line != "attached\n" {
-		cmd.Process.Kill()
-		cmd.Wait()
-		t.Fatalf("helper: %q", line)
+	h := testenv.StartHelper(t, "attach", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + state0, "RAYVMM_VOLUME_NAME=v"}})
+	if line := h.Line(t, `the "attached" line`, helperWait); line != "attached" {
+		t.Fatalf("helper: %q, want \"attached\"", line)
 	}
 	v, _ := s.Get("v")
-	if v.State != Attached || v.AttachedBy != cmd.Process.Pid {
-		t.Fatalf("while the helper holds it: state %s by %d, want attached by %d", v.State, v.AttachedBy, cmd.Process.Pid)
+	if v.State != Attached || v.AttachedBy != h.Cmd.Process.Pid {
+		t.Fatalf("while the helper holds it: state %s by %d, want attached by %d", v.State, v.AttachedBy, h.Cmd.Process.Pid)
 	}
 	if _, err := s.Attach("v", false); !errors.Is(err, ErrAttached) {
 		t.Fatalf("attach while another process has it: %v", err)
 	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	h.Kill(t, helperWait)
 	if st := state(t, s, "v"); st != Available {
 		t.Fatalf("after kill -9 of the holder: %s, want available", st)
 	}
@@ -563,19 +557,21 @@ func TestAttachRace(t *testing.T) {
 	}
 }
 
-// TestSnapshotHelper snapshots a volume in a child process and dies as if
-// killed once the snapshot's record is made; it does nothing in a normal
-// run.
-func TestSnapshotHelper(t *testing.T) {
-	dir := os.Getenv("RAYVMM_VOLUME_SNAP_STATE")
-	if dir == "" {
-		t.Skip("helper process for TestInterruptedSnapshotKeepsVolume")
-	}
+// helperSnapshot snapshots a volume in a child process and dies as if
+// killed once the snapshot's record is made.
+func helperSnapshot() int {
 	testHookSnapshotReserved = func() { os.Exit(3) }
-	s, _ := Open(dir)
-	_, err := s.Snapshot("vol", "snap")
-	os.Stdout.WriteString(fmt.Sprintf("snapshot returned: %v\n", err))
-	os.Exit(1)
+	s, err := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
+	if err == nil {
+		_, err = s.Snapshot("vol", "snap")
+	}
+	fmt.Printf("snapshot returned: %v\n", err)
+	return 1
+}
+
+func TestMain(m *testing.M) {
+	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "snapshot": helperSnapshot})
+	os.Exit(m.Run())
 }
 
 // A snapshot killed half way (after its record was made) leaves a record
@@ -587,11 +583,10 @@ func TestInterruptedSnapshotKeepsVolume(t *testing.T) {
 	mustCreate(t, s, "vol", 1<<20, "raw")
 	data := fillBytes(3, 1<<20)
 	writeVol(t, s, "vol", data, 0)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSnapshotHelper$")
-	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_SNAP_STATE="+dir)
-	out, err := cmd.Output()
+	h := testenv.StartHelper(t, "snapshot", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + dir}})
+	out, err := h.Wait(t, helperWait)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
-		t.Fatalf("helper: %v: %s", err, out)
+		t.Fatalf("helper: %v: %q %s", err, out, h.Stderr())
 	}
 	if st := state(t, s, "snap"); st != Created {
 		t.Fatalf("interrupted snapshot: state %s, want created", st)
