@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"debug/elf"
 	"math"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/rayvmm/rayvmm/guestkernel"
 )
@@ -199,5 +201,39 @@ func TestChecks(t *testing.T) {
 	}
 	if why := pioFailure(outcome{Output: "rayguest: pio 2000 done\n"}, 20000); why == "" {
 		t.Error("a pio run with the wrong count passed")
+	}
+}
+
+// TestBootRunStamps: a run counts as ready with the launcher's ready time,
+// and a run whose ready stamp is later than its exit is never published
+// as ready.
+func TestBootRunStamps(t *testing.T) {
+	v := vmmUnderTest{name: "qemu", cleanExit: poweredOff}
+	ms := time.Millisecond
+	out := "rayguest: ready\nrayguest: poweroff\n"
+	tests := []struct {
+		name      string
+		o         outcome
+		wantReady bool
+		wantWhy   string
+	}{
+		{"ready before exit", outcome{Ready: 40 * ms, Exit: 50 * ms, Output: out}, true, ""},
+		{"ready at exit", outcome{Ready: 50 * ms, Exit: 50 * ms, Output: out}, true, ""},
+		{"ready after exit", outcome{Ready: 51 * ms, Exit: 50 * ms, Output: out}, false, "after the exit"},
+		{"never ready", outcome{Exit: 50 * ms, Output: "rayguest: poweroff\n"}, false, "no \"rayguest: ready\" line"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			br := v.bootRun(tt.o)
+			if br.Ready != tt.wantReady || !strings.Contains(br.Why, tt.wantWhy) || (tt.wantWhy == "") != (br.Why == "") {
+				t.Fatalf("ready %v (%.1f ms), why %q; want ready %v, why containing %q", br.Ready, br.ReadyMS, br.Why, tt.wantReady, tt.wantWhy)
+			}
+			if br.ReadyMS > br.ExitMS {
+				t.Fatalf("published ready %.1f ms after exit %.1f ms", br.ReadyMS, br.ExitMS)
+			}
+			if br.Ready != br.CleanExit {
+				t.Fatalf("clean exit %v for a run that was ready=%v and powered off", br.CleanExit, br.Ready)
+			}
+		})
 	}
 }

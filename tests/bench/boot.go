@@ -149,19 +149,7 @@ func bootCompare(ctx context.Context, vmms []vmmUnderTest, runs, probeRuns int, 
 		for k := range vmms {
 			i := (k + r) % len(vmms)
 			v := vmms[i]
-			o := run(ctx, v.req)
-			br := BootRun{ExitMS: ms(o.Exit), MaxRSSKiB: o.MaxRSSKiB, Code: o.Code, Ready: o.Ready > 0, ReadyMS: ms(o.Ready),
-				RSSBound: o.MaxRSSKiB <= o.ParentHWMKiB}
-			switch {
-			case o.Err != "":
-				br.Why = o.Err
-			case !br.Ready:
-				br.Why = fmt.Sprintf("no %q line (exit status %d): %s", readyLine, o.Code, lastLines(o.Output+o.Stderr, 3))
-			default:
-				br.CleanExit, br.Why = v.cleanExit(o)
-			}
-			br.Timer = parseBootTimer(o.Stderr)
-			res[i].RunsDetail = append(res[i].RunsDetail, br)
+			res[i].RunsDetail = append(res[i].RunsDetail, v.bootRun(run(ctx, v.req)))
 		}
 		logf("boot: round %d/%d done", r+1, runs)
 	}
@@ -184,6 +172,29 @@ func bootCompare(ctx context.Context, vmms []vmmUnderTest, runs, probeRuns int, 
 		}
 	}
 	return res
+}
+
+// bootRun is what one launcher outcome of v contributes to the results.
+// The launcher stamps a line no later than the exit (package launch); a run
+// whose stamps say otherwise counts as failed, so no published ready time
+// is ever later than its run's exit.
+func (v vmmUnderTest) bootRun(o outcome) BootRun {
+	if o.Ready > o.Exit {
+		o.Err = fmt.Sprintf("launcher stamped %q at %v, after the exit at %v", readyLine, o.Ready, o.Exit)
+		o.Ready = 0
+	}
+	br := BootRun{ExitMS: ms(o.Exit), MaxRSSKiB: o.MaxRSSKiB, Code: o.Code, Ready: o.Ready > 0, ReadyMS: ms(o.Ready),
+		RSSBound: o.MaxRSSKiB <= o.ParentHWMKiB}
+	switch {
+	case o.Err != "":
+		br.Why = o.Err
+	case !br.Ready:
+		br.Why = fmt.Sprintf("no %q line (exit status %d): %s", readyLine, o.Code, lastLines(o.Output+o.Stderr, 3))
+	default:
+		br.CleanExit, br.Why = v.cleanExit(o)
+	}
+	br.Timer = parseBootTimer(o.Stderr)
+	return br
 }
 
 func (b *BootResult) summarize() {

@@ -211,7 +211,7 @@ func (r *Results) markdown(compact bool) string {
 		h = "####"
 	}
 	p("%s Boot: %d MiB, %d vCPU, command line %q, %d runs each, interleaved\n\n", h, s.MemoryMiB, s.CPUs, s.Cmdline, s.Runs)
-	p("Wall time from just before fork/exec; median (min–max). Peak RSS is wait4's ru_maxrss.\n\n")
+	p("Wall time from just before fork/exec to the launcher reading the ready line, and to the end of the run (process reaped and its console output ended); median (min–max). Peak RSS is wait4's ru_maxrss.\n\n")
 	p("| VMM | to `rayguest: ready` | to process exit | peak RSS | peak RSS − touched guest RAM | ready / clean exit |\n")
 	p("|---|---|---|---|---|---|\n")
 	for _, x := range r.Boot {
