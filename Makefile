@@ -11,8 +11,10 @@ all: rayvmm
 rayvmm:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm ./cmd/rayvmm
 
+# make guestkernel: rebuild rayguest from scratch, rewriting
+# guestkernel/rayguest.elf and guestkernel/toolchain.txt (commit both).
 guestkernel:
-	$(MAKE) -C guestkernel
+	$(MAKE) -C guestkernel clean all
 
 vet:
 	$(GO) vet ./...
