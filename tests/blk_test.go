@@ -308,19 +308,12 @@ func TestBlkKill9Qcow2(t *testing.T) {
 			seed := uint64(10 + i)
 			cmd := exec.Command(rayvmm, "--state-dir", state, "boot", "--disk", "volume=v",
 				"--cmdline", fmt.Sprintf("rayguest.run=blktest rayguest.seed=%d rayguest.blocks=4096 rayguest.flushevery=64", seed))
-			w := newLineWatcher()
-			cmd.Stdout, cmd.Stderr = w, w
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			go func() { cmd.Wait(); w.close() }()
-			w.waitFor(t, fmt.Sprintf("flushed blocks=%d\n", 64*after), 3*time.Minute)
+			p := startProc(t, cmd)
+			p.out.waitFor(t, fmt.Sprintf("flushed blocks=%d\n", 64*after), 3*time.Minute)
 			cmd.Process.Signal(syscall.SIGKILL)
-			for !w.isClosed() {
-				time.Sleep(10 * time.Millisecond)
-			}
+			p.exited(t, "SIGKILL", time.Minute)
 			flushed := 0
-			for _, m := range flushedRE.FindAllStringSubmatch(w.String(), -1) {
+			for _, m := range flushedRE.FindAllStringSubmatch(p.out.String(), -1) {
 				fmt.Sscan(m[1], &flushed)
 			}
 			if flushed >= 4096 {
@@ -462,14 +455,9 @@ func TestBlkAttachedElsewhere(t *testing.T) {
 	state := t.TempDir()
 	rayvmmOK(t, state, "volume", "create", "v", "--size", "8M")
 	cmd := exec.Command(rayvmm, "--state-dir", state, "boot", "--disk", "volume=v", "--cmdline", "rayguest.run=echo")
-	w := newLineWatcher()
-	cmd.Stdout, cmd.Stderr = w, w
 	stdin, _ := cmd.StdinPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	w.waitFor(t, "rayguest: ready", time.Minute)
+	p := startProc(t, cmd)
+	p.out.waitFor(t, "rayguest: ready", time.Minute)
 	if v := inspect(t, state, "v"); v.State != "attached" {
 		t.Fatalf("state while a VM runs: %s", v.State)
 	}
@@ -482,8 +470,8 @@ func TestBlkAttachedElsewhere(t *testing.T) {
 		t.Fatalf("rm while attached: exit %d %s", r.code, r.stderr)
 	}
 	stdin.Write([]byte("quit\n"))
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("first VM: %v\n%s", err, w.String())
+	if err := p.exited(t, `"quit"`, time.Minute); err != nil {
+		t.Fatalf("first VM: %v\n%s", err, p.out.String())
 	}
 	if v := inspect(t, state, "v"); v.State != "available" {
 		t.Fatalf("state after the VM exited: %s", v.State)
@@ -496,30 +484,24 @@ func TestBlkAttachedElsewhere(t *testing.T) {
 // may share an image read-only.
 func TestBlkImageInUse(t *testing.T) {
 	requireKVM(t)
+	requireTool(t, "qemu-io")
 	img := sparseFile(t, 8<<20)
-	first := exec.Command(rayvmm, "boot", "--disk", "path="+img+",format=raw", "--cmdline", "rayguest.run=echo")
-	w := newLineWatcher()
-	first.Stdout, first.Stderr = w, w
-	stdin, _ := first.StdinPipe()
-	if err := first.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer first.Process.Kill()
-	w.waitFor(t, "rayguest: ready", time.Minute)
+	cmd := exec.Command(rayvmm, "boot", "--disk", "path="+img+",format=raw", "--cmdline", "rayguest.run=echo")
+	stdin, _ := cmd.StdinPipe()
+	first := startProc(t, cmd)
+	first.out.waitFor(t, "rayguest: ready", time.Minute)
 	for _, spec := range []string{"path=" + img + ",format=raw", "path=" + img + ",format=raw,readonly"} {
 		r := run(t, nil, time.Minute, "boot", "--disk", spec)
 		if r.code == 0 || !strings.Contains(r.stderr, "in use") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
 			t.Fatalf("--disk %s while another VM writes it: exit %d, %q", spec, r.code, r.stderr)
 		}
 	}
-	if _, err := exec.LookPath("qemu-io"); err == nil {
-		if exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", img).Run() == nil {
-			t.Fatal("qemu-io wrote an image a VM is using")
-		}
+	if exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", img).Run() == nil {
+		t.Fatal("qemu-io wrote an image a VM is using")
 	}
 	stdin.Write([]byte("quit\n"))
-	if err := first.Wait(); err != nil {
-		t.Fatalf("first VM: %v\n%s", err, w.String())
+	if err := first.exited(t, `"quit"`, time.Minute); err != nil {
+		t.Fatalf("first VM: %v\n%s", err, first.out.String())
 	}
 	// Readers share: two read-only disks on one image in one VM.
 	out := bootOK(t, t.TempDir(), "--disk", "path="+img+",format=raw,readonly", "--disk", "path="+img+",format=raw,readonly",

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -167,5 +168,61 @@ func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 		case <-deadline:
 			t.Fatalf("no %q within %v; output so far:\n%s", s, timeout, w.String())
 		}
+	}
+}
+
+// proc is a rayvmm process a test started and talks to while it runs.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *lineWatcher // stdout and stderr
+	done chan struct{}
+	err  error // cmd.Wait's result, valid once done is closed
+}
+
+// startProc starts cmd (set Stdin first if the test writes to it) with
+// its output watched; the test's cleanup kills it if it still runs.
+func startProc(t testing.TB, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{cmd: cmd, out: newLineWatcher(), done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", cmd.Args[0], err)
+	}
+	go func() { p.err = cmd.Wait(); p.out.close(); close(p.done) }()
+	t.Cleanup(func() {
+		if err := p.kill(); err != nil {
+			t.Error(err)
+		}
+	})
+	return p
+}
+
+// exited waits for the process to exit after what the test did (for the
+// failure message: "quit", "SIGTERM"), and returns cmd.Wait's error.
+func (p *proc) exited(t testing.TB, after string, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case <-p.done:
+		checkNoPanic(t, p.out.String())
+		return p.err
+	case <-time.After(timeout):
+		t.Fatalf("%s still running %v after %s; output:\n%s", p.cmd.Args[0], timeout, after, p.out.String())
+		return nil
+	}
+}
+
+// kill ends the process with SIGKILL, if it still runs, and waits for it.
+func (p *proc) kill() error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(time.Minute):
+		return fmt.Errorf("%s (pid %d) still running a minute after SIGKILL", p.cmd.Args[0], p.cmd.Process.Pid)
 	}
 }
