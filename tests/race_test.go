@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 // TestRaceDetector builds rayvmm with the race detector and runs real
@@ -17,9 +19,7 @@ import (
 func TestRaceDetector(t *testing.T) {
 	requireKVM(t)
 	requireTool(t, "gcc") // -race needs cgo
-	if testing.Short() {
-		t.Skip("builds rayvmm again with -race")
-	}
+	testenv.Short(t, "builds rayvmm again with -race")
 	bin := filepath.Join(t.TempDir(), "rayvmm-race")
 	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/rayvmm")
 	build.Dir = repoRoot
