@@ -4,7 +4,7 @@ export CGO_ENABLED = 0
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: all rayvmm guestkernel test unit integration bench vet fmt clean
+.PHONY: all rayvmm guestkernel test test-repeat unit integration bench vet fmt clean
 
 all: rayvmm
 
@@ -23,6 +23,13 @@ vet:
 # make test: every test (unit, fuzz seed corpora, integration on /dev/kvm).
 test: rayvmm vet
 	$(GO) test -count=1 -timeout 30m ./...
+
+# make test-repeat [N=5]: the whole suite N times over (each a separate
+# go test -json run), then each test's failure count; fails if any test
+# failed even once. For hunting flaky tests; CI does not run it.
+N ?= 5
+test-repeat:
+	$(GO) run ./internal/testrepeat -n $(N) -- -timeout 30m ./...
 
 # make bench: side-by-side benchmarks (tests/bench); writes
 # tests/bench/results and the README's Performance section. Needs root.
