@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -372,7 +373,7 @@ func TestCloseUnblocksRead(t *testing.T) {
 		_, err := tap.Read(make([]byte, 2048))
 		errc <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let Read block; the test passes either way
+	waitBlocked(t, "(*TAP).Read")
 	tap.Close()
 	select {
 	case err := <-errc:
@@ -446,5 +447,25 @@ func TestAttachTapSpec(t *testing.T) {
 				t.Fatalf("after Close %s exists = %v, want %v", spec.Tap, got, tt.remains)
 			}
 		})
+	}
+}
+
+// waitBlocked waits until a goroutine is blocked in a read (parked on the
+// poller, "IO wait", or in a system call) inside fn, as runtime.Stack shows.
+func waitBlocked(t *testing.T, fn string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	buf := make([]byte, 1<<20)
+	for {
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		for _, g := range strings.Split(stacks, "\n\n") {
+			if (strings.Contains(g, "[IO wait") || strings.Contains(g, "[syscall")) && strings.Contains(g, fn) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no goroutine blocked in %s within a minute:\n%s", fn, stacks)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
