@@ -114,13 +114,8 @@ func TestTAPPingsHost(t *testing.T) {
 	}
 	// The host can answer before the transmit goroutine, back from the
 	// TAP write, has counted the frame: wait for the counter to settle.
-	deadline := time.Now().Add(5 * time.Second)
-	s := h.dev.Metrics().Snapshot()
-	for s.TxFrames < 2 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-		s = h.dev.Metrics().Snapshot()
-	}
-	if s.TxFrames != 2 || s.RxFrames < 1 {
+	eventually(t, "the transmit counter to reach the 2 frames sent", func() bool { return h.dev.Metrics().Snapshot().TxFrames >= 2 })
+	if s := h.dev.Metrics().Snapshot(); s.TxFrames != 2 || s.RxFrames < 1 {
 		t.Fatalf("metrics %+v", s)
 	}
 }
