@@ -158,15 +158,36 @@ func (w *lineWatcher) String() string {
 // waitFor waits until the output contains s.
 func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 	t.Helper()
+	w.waitUntil(t, fmt.Sprintf("%q", s), timeout, func(out string) bool { return strings.Contains(out, s) })
+}
+
+// waitForLine waits until the output holds a whole line (ended by a
+// newline) that contains s: output arrives in pieces, and a piece can end
+// in the middle of a line.
+func (w *lineWatcher) waitForLine(t testing.TB, s string, timeout time.Duration) {
+	t.Helper()
+	w.waitUntil(t, fmt.Sprintf("a whole line containing %q", s), timeout, func(out string) bool {
+		i := strings.Index(out, s)
+		return i >= 0 && strings.Contains(out[i:], "\n")
+	})
+}
+
+// waitUntil waits until done holds for the output so far; what names it
+// for the failure message.
+func (w *lineWatcher) waitUntil(t testing.TB, what string, timeout time.Duration, done func(string) bool) {
+	t.Helper()
 	deadline := time.After(timeout)
-	for !strings.Contains(w.String(), s) {
+	for !done(w.String()) {
 		if w.isClosed() {
-			t.Fatalf("process exited without printing %q; output:\n%s", s, w.String())
+			if done(w.String()) { // the last output came with the close
+				return
+			}
+			t.Fatalf("process exited without printing %s; output:\n%s", what, w.String())
 		}
 		select {
 		case <-w.cond:
 		case <-deadline:
-			t.Fatalf("no %q within %v; output so far:\n%s", s, timeout, w.String())
+			t.Fatalf("no %s within %v; output so far:\n%s", what, timeout, w.String())
 		}
 	}
 }
