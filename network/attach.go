@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/rayvmm/rayvmm/ratelimit"
+	"github.com/rayvmm/rayvmm/state"
 )
 
 // NIC is a guest NIC's host side, made by Attach.
@@ -31,7 +32,7 @@ type NIC struct {
 	// unlimited): RX for frames toward the guest, TX for frames from it.
 	RX, TX *ratelimit.Limiter
 
-	attachLock *os.File
+	attachLock *state.Lock
 	once       sync.Once
 	closeErr   error
 }
@@ -43,9 +44,7 @@ func (n *NIC) Close() error {
 		if n.Port != nil {
 			n.closeErr = n.Port.Close()
 		}
-		if n.attachLock != nil {
-			n.attachLock.Close()
-		}
+		n.attachLock.Release()
 	})
 	return n.closeErr
 }

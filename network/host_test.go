@@ -16,7 +16,10 @@ import (
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"github.com/rayvmm/rayvmm/network/nettest"
+	"github.com/rayvmm/rayvmm/state"
 )
 
 // These tests make real bridges, TAPs, VXLAN devices and nftables rules,
@@ -51,10 +54,46 @@ func links(t *testing.T, ns *nettest.NS) []string {
 	return names
 }
 
-func records(t *testing.T, stateDir string) []string {
+// recorded lists the names of the networks in the state store.
+func recorded(t *testing.T, stateDir string) []string {
 	t.Helper()
-	m, _ := filepath.Glob(filepath.Join(stateDir, "networks", "*.json"))
-	return m
+	nets, err := List(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, n := range nets {
+		names = append(names, n.Name)
+	}
+	return names
+}
+
+// editRecord changes network name's record in the state store behind
+// rayvmm's back, as a damaged or hand-edited record would: straight in
+// the bbolt file, past the checks rayvmm makes when it writes.
+func editRecord(t *testing.T, stateDir, name string, edit func(*Network)) {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(stateDir, state.DBName), 0o600, &bolt.Options{Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("networks"))
+		var n Network
+		if err := json.Unmarshal(b.Get([]byte(name)), &n); err != nil {
+			return err
+		}
+		edit(&n)
+		raw, err := json.Marshal(&n)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte(name), raw)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestCreateInspectRemove(t *testing.T) {
@@ -116,7 +155,7 @@ func TestCreateInspectRemove(t *testing.T) {
 			if out, _ := ns.Run("nft", "list", "ruleset"); strings.Contains(out, "rayvmm") {
 				t.Fatalf("ruleset after rm still has rayvmm: %q", out)
 			}
-			if r := records(t, dir); len(r) != 0 {
+			if r := recorded(t, dir); len(r) != 0 {
 				t.Fatalf("records after rm: %v", r)
 			}
 		})
@@ -163,8 +202,11 @@ func TestCreateRefused(t *testing.T) {
 			for _, e := range ents {
 				files = append(files, e.Name())
 			}
-			if want := []string{lockName, "lan.attach", "lan.json"}; !slices.Equal(files, want) {
+			if want := []string{lockName}; !slices.Equal(files, want) {
 				t.Fatalf("state files = %v, want %v", files, want)
+			}
+			if r := recorded(t, dir); !slices.Equal(r, []string{"lan"}) {
+				t.Fatalf("networks recorded = %v, want [lan]", r)
 			}
 		})
 	}
@@ -316,25 +358,11 @@ func TestDamagedRecord(t *testing.T) {
 			}()
 			ns.MustRun(t, "ip", "link", "add", "br-foreign", "type", "bridge")
 			ns.MustRun(t, "ip", "link", "add", "vx-foreign", "type", "vxlan", "id", "7", "dstport", "4789")
-			path := filepath.Join(dir, "networks", "ov.json")
-			b, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var n Network
-			if err := json.Unmarshal(b, &n); err != nil {
-				t.Fatal(err)
-			}
-			tt.edit(&n)
-			if b, err = json.Marshal(&n); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(path, b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			err = ns.Do(func() error { return Remove(ctx, dir, "ov") })
-			if err == nil || !strings.Contains(err.Error(), path) {
-				t.Fatalf("Remove with a damaged record = %v, want an error naming %s", err, path)
+			editRecord(t, dir, "ov", tt.edit)
+			path := filepath.Join(dir, state.DBName)
+			err := ns.Do(func() error { return Remove(ctx, dir, "ov") })
+			if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), `networks record "ov"`) {
+				t.Fatalf("Remove with a damaged record = %v, want an error naming %s and the record", err, path)
 			}
 			spec, _ := ParseNICSpec("network=ov")
 			var nic *NIC

@@ -398,8 +398,7 @@ func TestKilledCreate(t *testing.T) {
 		// Not a wait for anything: where the kill lands is what varies.
 		time.Sleep(time.Duration(i) * 150 * time.Microsecond)
 		rest, _ := h.Kill(t, helperWait)
-		_, recErr := os.Stat(filepath.Join(dir, "networks", "lan.json"))
-		record := recErr == nil
+		record := slices.Contains(recorded(t, dir), "lan")
 		bridge := slices.Contains(links(t, ns), "rv-lan")
 		_, tableErr := ns.Run("nft", "list", "table", "ip", "rayvmm-lan")
 		table := tableErr == nil

@@ -23,7 +23,8 @@ var volumeCmd = &cobra.Command{
 	Use:   "volume",
 	Short: "Manage volumes: disk images kept under the state directory",
 	Long: `Volumes are raw or qcow2 disk images that rayvmm keeps under
-<state-dir>/volumes, with their metadata in a bbolt database there.
+<state-dir>/volumes, with their metadata in the state store
+(<state-dir>/state.db).
 
 A snapshot freezes a volume's current image as a read-only parent and gives
 the volume a new qcow2 overlay on top of it; a clone is a new volume on top

@@ -4,7 +4,9 @@
 // Everything in an image file is untrusted: the header, its extensions and
 // every L1, L2 and refcount entry are validated and bounds-checked against
 // the file before use, and a malformed image yields an error wrapping
-// ErrCorrupt, never a panic.
+// ErrCorrupt, never a panic. Compressed clusters are read with deflate
+// (qemu's zlib type) or zstd (github.com/klauspost/compress, decoded into
+// no more than the cluster), and copied out before a write changes them.
 //
 // Writes are ordered so that a process killed at any point (kill -9)
 // leaves an image that `qemu-img check` finds consistent apart from leaked
@@ -26,8 +28,6 @@
 package qcow2
 
 import (
-	"bytes"
-	"compress/flate"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -37,6 +37,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/storage/raw"
@@ -91,6 +92,13 @@ type Image struct {
 	zero     []byte           // one cluster of zeroes
 	growing  bool             // the refcount table is being moved
 	failed   error            // a metadata update failed half way
+
+	// The zstd decoder, made on the first read of a zstd cluster (see
+	// zstdDecoder). It is never closed: it runs no goroutine, and Close
+	// would race with a read still decoding (the decoder panics then).
+	zstdOnce sync.Once
+	zstd     *zstd.Decoder
+	zstdErr  error
 }
 
 // Open opens the qcow2 image at path and, recursively and read-only, its
@@ -567,30 +575,4 @@ func (im *Image) readBacking(p []byte, off int64) error {
 	}
 	clear(p[n:])
 	return nil
-}
-
-// readCompressed inflates a compressed cluster (deflate, qemu's default).
-func (im *Image) readCompressed(e uint64) ([]byte, error) {
-	if im.h.compressionType != 0 {
-		return nil, unsupportedf("compression type %d (only zlib)", im.h.compressionType)
-	}
-	x := 62 - (im.h.clusterBits - 8)
-	host := e & (uint64(1)<<x - 1)
-	sectors := (e>>x)&(uint64(1)<<(im.h.clusterBits-8)-1) + 1
-	n := sectors*512 - host%512
-	if !inFile(host, 1, im.fileSize) {
-		return nil, corruptf("compressed cluster at %#x outside the file", host)
-	}
-	n = min(n, uint64(im.fileSize)-host)
-	buf := make([]byte, n)
-	if _, err := im.f.ReadAt(buf, int64(host)); err != nil && err != io.EOF {
-		return nil, fmt.Errorf("read compressed cluster: %w", err)
-	}
-	out := make([]byte, im.cs)
-	zr := flate.NewReader(bytes.NewReader(buf))
-	defer zr.Close()
-	if _, err := io.ReadFull(zr, out); err != nil {
-		return nil, corruptf("compressed cluster at %#x: %v", host, err)
-	}
-	return out, nil
 }

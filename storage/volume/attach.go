@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/rayvmm/rayvmm/state"
 	"github.com/rayvmm/rayvmm/storage"
 )
 
@@ -14,7 +15,7 @@ type Attachment struct {
 	Volume *Volume
 	// Disk is the opened image (and its backing chain).
 	Disk storage.Disk
-	lock *lock
+	lock *state.Lock
 }
 
 // Attach opens volume name for a VMM. A read-write attach holds the
@@ -34,12 +35,12 @@ func (s *Store) Attach(name string, readOnly bool) (*Attachment, error) {
 	}
 	a, err := s.attachLocked(name, readOnly, l)
 	if err != nil {
-		return nil, errors.Join(err, l.release())
+		return nil, errors.Join(err, l.Release())
 	}
 	return a, nil
 }
 
-func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, error) {
+func (s *Store) attachLocked(name string, readOnly bool, l *state.Lock) (*Attachment, error) {
 	v, err := s.getRecord(name)
 	if err != nil {
 		return nil, err
@@ -54,7 +55,7 @@ func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, 
 	if err != nil {
 		return nil, fmt.Errorf("attach volume %q: %w", name, err)
 	}
-	l.setOwner()
+	l.SetOwner()
 	v.State = Attached
 	return &Attachment{Volume: v, Disk: d, lock: l}, nil
 }
@@ -66,6 +67,6 @@ func (a *Attachment) Close() error {
 		errs = append(errs, a.Disk.Flush(), a.Disk.Close())
 		a.Disk = nil
 	}
-	errs = append(errs, a.lock.release())
+	errs = append(errs, a.lock.Release())
 	return errors.Join(errs...)
 }

@@ -15,9 +15,8 @@ import (
 	"testing"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
-
 	"github.com/rayvmm/rayvmm/internal/testenv"
+	"github.com/rayvmm/rayvmm/state"
 )
 
 func newStore(t *testing.T) *Store {
@@ -29,7 +28,8 @@ func newStore(t *testing.T) *Store {
 	return s
 }
 
-// leftovers lists the files in the store besides the database.
+// leftovers lists the files in the volume directory (images and lock
+// files; the records are in the state store).
 func leftovers(t *testing.T, s *Store) []string {
 	t.Helper()
 	ents, err := os.ReadDir(s.Dir())
@@ -38,9 +38,7 @@ func leftovers(t *testing.T, s *Store) []string {
 	}
 	var out []string
 	for _, e := range ents {
-		if e.Name() != "volumes.db" {
-			out = append(out, e.Name())
-		}
+		out = append(out, e.Name())
 	}
 	return out
 }
@@ -54,7 +52,7 @@ func mustCreate(t *testing.T, s *Store, name string, size int64, format string) 
 	return v
 }
 
-func state(t *testing.T, s *Store, name string) State {
+func stateOf(t *testing.T, s *Store, name string) State {
 	t.Helper()
 	v, err := s.Get(name)
 	if err != nil {
@@ -214,7 +212,7 @@ func TestAttachStates(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if st := state(t, s, "v"); st != Available {
+	if st := stateOf(t, s, "v"); st != Available {
 		t.Fatalf("after detach: %s", st)
 	}
 	if got := leftovers(t, s); len(got) != 1 {
@@ -233,7 +231,7 @@ func TestAttachStates(t *testing.T) {
 		t.Fatalf("read-write attach while read-only attached: %v", err)
 	}
 	r1.Close()
-	if st := state(t, s, "v"); st != Attached {
+	if st := stateOf(t, s, "v"); st != Attached {
 		t.Fatalf("with one read-only attach left: %s", st)
 	}
 	r2.Close()
@@ -283,7 +281,7 @@ func TestAttachReleasedOnKill(t *testing.T) {
 		t.Fatalf("attach while another process has it: %v", err)
 	}
 	h.Kill(t, helperWait)
-	if st := state(t, s, "v"); st != Available {
+	if st := stateOf(t, s, "v"); st != Available {
 		t.Fatalf("after kill -9 of the holder: %s, want available", st)
 	}
 	a, err := s.Attach("v", false)
@@ -493,17 +491,38 @@ func TestStateDirCanMove(t *testing.T) {
 	}
 }
 
+// TestReserveHelper reserves volume "half" in a child process and exits
+// holding its lock, as a process killed between the record and the image
+// does; it does nothing in a normal run.
+func TestReserveHelper(t *testing.T) {
+	dir := os.Getenv("RAYVMM_VOLUME_RESERVE_STATE")
+	if dir == "" {
+		t.Skip("helper process for TestInterruptedCreateCanBeRemoved")
+	}
+	s, _ := Open(dir)
+	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
+	if _, err := s.reserve(v); err != nil {
+		os.Stdout.WriteString(err.Error())
+		os.Exit(1)
+	}
+	os.Exit(3)
+}
+
 // A volume whose creation was interrupted (the process died between the
 // record and the image) shows as created and can be removed.
 func TestInterruptedCreateCanBeRemoved(t *testing.T) {
-	s := newStore(t)
-	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
-	l, err := s.reserve(v)
-	if err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	s, _ := Open(dir)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestReserveHelper$")
+	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_RESERVE_STATE="+dir)
+	out, err := cmd.Output()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
+		t.Fatalf("helper: %v: %s", err, out)
 	}
-	l.f.Close() // the process dies: its lock goes, the lock file stays
-	if st := state(t, s, "half"); st != Created {
+	if got := leftovers(t, s); !slices.Equal(got, []string{"half.lock"}) {
+		t.Fatalf("files after the maker died: %v, want its lock file", got)
+	}
+	if st := stateOf(t, s, "half"); st != Created {
 		t.Fatalf("state %s, want created", st)
 	}
 	if _, err := s.Attach("half", false); !errors.Is(err, ErrInvalid) {
@@ -588,7 +607,7 @@ func TestInterruptedSnapshotKeepsVolume(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
 		t.Fatalf("helper: %v: %q %s", err, out, h.Stderr())
 	}
-	if st := state(t, s, "snap"); st != Created {
+	if st := stateOf(t, s, "snap"); st != Created {
 		t.Fatalf("interrupted snapshot: state %s, want created", st)
 	}
 	if err := s.Remove("snap"); err != nil {
@@ -644,20 +663,20 @@ func TestCloneRacingRemoveOfItsSnapshot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := s.update(func(b *bolt.Bucket) error {
-		v, err := s.get(b, "snap")
+	if err := s.update(func(tx *state.Tx) error {
+		v, err := s.get(tx, "snap")
 		if err != nil {
 			return err
 		}
 		v.State = Deleted
-		return s.put(b, v)
+		return s.put(tx, v)
 	}); err != nil {
 		t.Fatal(err)
 	}
 	v := &Volume{Name: "c2", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("c2", "qcow2"), Parent: "snap"}
 	l, err := s.reserve(v)
 	if err == nil {
-		l.release()
+		l.Release()
 		t.Fatal("clone record reserved on a snapshot being removed")
 	}
 	if err := s.Remove("snap"); err != nil {
