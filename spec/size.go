@@ -1,6 +1,7 @@
-package storage
+package spec
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -57,21 +58,77 @@ func ParseSize(s string) (int64, error) {
 	return int64(n << shift), nil
 }
 
+const sizeUnitLetters = "KMGTPE"
+
 // FormatSize renders a byte count the way ParseSize reads it back, using
-// the largest unit that divides it exactly, or one decimal otherwise.
+// the largest unit that divides it exactly, or one decimal otherwise (for
+// display; that form does not parse back).
 func FormatSize(n int64) string {
-	const units = "KMGTPE"
-	if n < 1024 {
-		return strconv.FormatInt(n, 10)
+	if s, ok := exactSize(n); ok {
+		return s
 	}
-	for i := len(units); i >= 1; i-- {
-		u := int64(1) << (10 * uint(i))
-		if n >= u {
-			if n%u == 0 {
-				return fmt.Sprintf("%d%c", n/u, units[i-1])
-			}
-			return fmt.Sprintf("%.1f%c", float64(n)/float64(u), units[i-1])
+	for i := len(sizeUnitLetters); i >= 1; i-- {
+		if u := int64(1) << (10 * uint(i)); n >= u {
+			return fmt.Sprintf("%.1f%c", float64(n)/float64(u), sizeUnitLetters[i-1])
 		}
 	}
 	return strconv.FormatInt(n, 10)
+}
+
+// exactSize renders n with the largest unit that divides it, if any.
+func exactSize(n int64) (string, bool) {
+	if n < 1024 {
+		return strconv.FormatInt(n, 10), true
+	}
+	for i := len(sizeUnitLetters); i >= 1; i-- {
+		u := int64(1) << (10 * uint(i))
+		if n >= u && n%u == 0 {
+			return fmt.Sprintf("%d%c", n/u, sizeUnitLetters[i-1]), true
+		}
+	}
+	return "", false
+}
+
+// Size is a byte count in a spec. It reads a string in ParseSize's form
+// ("128M", "1G", "4096") or a whole number of bytes, and always writes the
+// canonical form: a string with the largest binary unit that divides it
+// exactly ("128M"), or the plain number of bytes as a string ("1000").
+type Size int64
+
+// String is the canonical form.
+func (s Size) String() string {
+	if t, ok := exactSize(int64(s)); ok {
+		return t
+	}
+	return strconv.FormatInt(int64(s), 10)
+}
+
+// MarshalJSON writes the canonical form.
+func (s Size) MarshalJSON() ([]byte, error) { return json.Marshal(s.String()) }
+
+// UnmarshalJSON reads a size string or a whole number of bytes.
+func (s *Size) UnmarshalJSON(b []byte) error {
+	if len(b) == 0 {
+		return errors.New("empty size")
+	}
+	var text string
+	switch {
+	case b[0] == '"':
+		if err := json.Unmarshal(b, &text); err != nil {
+			return err
+		}
+	case b[0] == '-' || (b[0] >= '0' && b[0] <= '9'):
+		text = string(b)
+		if strings.ContainsAny(text, ".eE") {
+			return fmt.Errorf("%s is not a whole number of bytes", text)
+		}
+	default:
+		return fmt.Errorf("want a size such as \"128M\" or a number of bytes, got %s", kindOf(b))
+	}
+	n, err := ParseSize(text)
+	if err != nil {
+		return err
+	}
+	*s = Size(n)
+	return nil
 }
