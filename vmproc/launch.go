@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Binary is the VM process's executable name.
@@ -142,6 +144,14 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	} else {
 		attr.Sys.Pdeathsig = syscall.SIGTERM
 	}
+	// Descriptors this process inherited without close-on-exec (from a
+	// shell, a test harness) would leak into the VM process, which must
+	// hold only what the handoff lists: mark them all; the ones in
+	// attr.Files are dup'ed into place without the flag.
+	if err := closeOnExecAll(); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("launch VM process: %w", err)
+	}
 	p := &Process{waited: make(chan struct{})}
 	started := make(chan error, 1)
 	// The parent-death signal is sent when the thread that forked exits,
@@ -177,6 +187,25 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		p.lifeline = w
 	}
 	return p, nil
+}
+
+// closeOnExecAll sets FD_CLOEXEC on every descriptor from 3 up.
+func closeOnExecAll() error {
+	err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Kernels before 5.11: walk the descriptor table.
+	ents, rerr := os.ReadDir("/proc/self/fd")
+	if rerr != nil {
+		return fmt.Errorf("close-on-exec: %w, and %w", err, rerr)
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd >= 3 {
+			unix.CloseOnExec(fd)
+		}
+	}
+	return nil
 }
 
 // Wait waits for the VM process to exit; it may be called more than once.

@@ -59,16 +59,22 @@ func ParseSpec(b []byte) (*spec.VM, error) {
 // keys, one document), with sigs.k8s.io/yaml's errors on one line.
 func YAMLToJSON(b []byte) ([]byte, error) {
 	if n, err := countDocuments(b); err == nil && n > 1 {
-		return nil, fmt.Errorf("%w: the file holds %d YAML documents, want one", spec.ErrInvalid, n)
+		return nil, &spec.FieldError{Msg: fmt.Sprintf("the file holds %d YAML documents, want one", n)}
 	}
 	j, err := yaml.YAMLToJSONStrict(b)
 	if err != nil {
-		msg := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
-		msg = strings.ReplaceAll(msg, "unmarshal errors:;", "")
-		return nil, fmt.Errorf("%w: not valid YAML: %s", spec.ErrInvalid, strings.TrimSpace(msg))
+		// "yaml: unmarshal errors:\n  line 2: key ..." -> "line 2: key ..."
+		var lines []string
+		for _, l := range strings.Split(err.Error(), "\n") {
+			l = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(l), "yaml:"))
+			if l != "" && l != "unmarshal errors:" {
+				lines = append(lines, l)
+			}
+		}
+		return nil, &spec.FieldError{Msg: "not valid YAML: " + strings.Join(lines, "; ")}
 	}
 	if bytes.Equal(bytes.TrimSpace(j), []byte("null")) {
-		return nil, fmt.Errorf("%w: empty document", spec.ErrInvalid)
+		return nil, &spec.FieldError{Msg: "empty document"}
 	}
 	return j, nil
 }
@@ -91,7 +97,7 @@ func countDocuments(b []byte) (int, error) {
 }
 
 // SpecYAML renders a spec as YAML (what `rayvmm boot --print-config`
-// prints), with its fields in the spec's order.
+// prints): the JSON form converted, so keys are sorted, as kubectl prints.
 func SpecYAML(v *spec.VM) ([]byte, error) {
 	j, err := json.Marshal(v)
 	if err != nil {
