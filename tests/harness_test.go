@@ -25,6 +25,9 @@ var rayvmm, rayvmmVM string
 var repoRoot string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(detachHelperEnv) != "" {
+		os.Exit(detachHelper())
+	}
 	_, file, _, _ := runtime.Caller(0)
 	repoRoot = filepath.Dir(filepath.Dir(file))
 	dir, err := os.MkdirTemp("", "rayvmm-tests-")

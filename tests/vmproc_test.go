@@ -382,3 +382,18 @@ func TestAPISocketReclaimed(t *testing.T) {
 		t.Fatalf("left in the socket's directory: %v", names)
 	}
 }
+
+// TestTerminalRestoredAfterVMProcessKilled: the VM process puts the
+// terminal in raw mode and restores it when it ends; killed with -9 it
+// cannot, and rayvmm boot restores it instead.
+func TestTerminalRestoredAfterVMProcessKilled(t *testing.T) {
+	requireKVM(t)
+	p := startOnPTY(t)
+	vm := vmProcess(t, p.cmd.Process.Pid)
+	syscall.Kill(vm, syscall.SIGKILL)
+	if _, err := p.wait(t, 30*time.Second); err == nil {
+		t.Fatal("rayvmm boot exited 0 after its VM process was killed")
+	}
+	p.checkRestored(t)
+	p.out.waitFor(t, "rayvmm: VM process killed by signal 9 (killed)", 30*time.Second)
+}
