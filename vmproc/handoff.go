@@ -91,6 +91,9 @@ type Handoff struct {
 	// measures from there.
 	Started   time.Time     `json:"started"`
 	CPUBefore time.Duration `json:"cpu_before_ns"`
+	// LaunchedAt is when the control plane started the VM process (set by
+	// Launch), for the boot timer's cost of the split.
+	LaunchedAt time.Time `json:"launched_at"`
 	BootTimer bool          `json:"boot_timer"`
 	// LogLevel is a log/slog level name (DEBUG, INFO, WARN, ERROR).
 	LogLevel string `json:"log_level"`
@@ -146,6 +149,8 @@ var ErrNoHandoff = errors.New("no handoff: rayvmm-vm runs one VM for rayvmm and 
 // came on.
 type Received struct {
 	*Handoff
+	// At is when the handoff was read.
+	At   time.Time
 	pipe *os.File
 }
 
@@ -186,7 +191,7 @@ func Receive() (*Received, error) {
 		pipe.Close()
 		return nil, fmt.Errorf("handoff: the control plane (pid %d) exited before the VM started", h.ParentPID)
 	}
-	r := &Received{Handoff: &h, pipe: pipe}
+	r := &Received{Handoff: &h, At: time.Now(), pipe: pipe}
 	if !h.Lifeline {
 		pipe.Close()
 		r.pipe = nil

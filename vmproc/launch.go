@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -113,6 +114,7 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	h.Version = Version
 	h.ParentPID = os.Getpid()
 	h.Lifeline = !o.Detached
+	h.LaunchedAt = time.Now()
 	payload, err := json.Marshal(h)
 	if err != nil {
 		return nil, fmt.Errorf("launch VM process: handoff: %w", err)

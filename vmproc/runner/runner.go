@@ -69,6 +69,11 @@ func Run(r *vmproc.Received) int {
 		}
 		return fail(err)
 	}
+	if h.BootTimer {
+		log.Info("boot timer: VM process",
+			"launched", h.LaunchedAt.Sub(h.Started), "handoff", r.At.Sub(h.Started), "split", r.At.Sub(h.LaunchedAt),
+			"control_plane_cpu", h.CPUBefore)
+	}
 	log.Info("booting", "name", h.Spec.Name, "memory", h.Spec.Memory, "cpus", h.Spec.CPUs,
 		"cpu_template", v.CPUTemplate(), "cmdline", v.Cmdline())
 
