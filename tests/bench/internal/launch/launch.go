@@ -234,6 +234,12 @@ func runOne(ctx context.Context, req Request) Outcome {
 
 	o := Outcome{Exit: exitAt, Code: -1, Stderr: errBuf.String(), Sample: last}
 	o.Ready, o.Output = watch.result()
+	// On a pseudo-terminal the line can be read after the process has
+	// exited (the reader runs behind); it was written before, so the exit
+	// bounds when it appeared.
+	if o.Ready > exitAt {
+		o.Ready = exitAt
+	}
 	if ps := cmd.ProcessState; ps != nil {
 		o.Code = ps.ExitCode()
 		if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
