@@ -48,7 +48,7 @@ type Request struct {
 	// whose executable has this name (rayvmm boot's VM process, rayvmm-vm)
 	// instead of the started process itself, and records the started
 	// process's own peak as ControlHWMKiB.
-	SampleChild string `json:"sample_child,omitempty"`
+	SampleChild string        `json:"sample_child,omitempty"`
 	Timeout     time.Duration `json:"timeout,omitempty"`
 }
 
