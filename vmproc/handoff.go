@@ -94,7 +94,7 @@ type Handoff struct {
 	// LaunchedAt is when the control plane started the VM process (set by
 	// Launch), for the boot timer's cost of the split.
 	LaunchedAt time.Time `json:"launched_at"`
-	BootTimer bool          `json:"boot_timer"`
+	BootTimer  bool      `json:"boot_timer"`
 	// LogLevel is a log/slog level name (DEBUG, INFO, WARN, ERROR).
 	LogLevel string `json:"log_level"`
 	// Version of the control plane, for the API's GET /.
