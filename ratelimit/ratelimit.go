@@ -14,6 +14,11 @@
 // which over-admits by up to one bucket per oversized request; a debt
 // keeps the long-run rate exact.)
 //
+// A Limiter's buckets can be replaced while requests go through it
+// (Update, for the VM API's live rate-limit changes): the new buckets start
+// full, as Firecracker's PATCH makes them, and a request waiting under the
+// old limits is woken to try again under the new ones.
+//
 // Why not golang.org/x/time/rate: its Limiter has one burst that is both
 // the starting budget and the refill cap, so a one-time burst on top of a
 // smaller refilling bucket cannot be expressed; and WaitN/ReserveN refuse

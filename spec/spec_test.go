@@ -338,3 +338,32 @@ func FuzzParseDisk(f *testing.F) {
 		}
 	})
 }
+
+func TestNames(t *testing.T) {
+	for _, tt := range []struct {
+		name, in string
+		check    func(string) error
+		ok       bool
+	}{
+		{"network", "lan-1_a", CheckNetworkName, true},
+		{"network upper", "Lan", CheckNetworkName, false},
+		{"network leading dash", "-lan", CheckNetworkName, false},
+		{"network empty", "", CheckNetworkName, false},
+		{"network 12", "abcdefghijkl", CheckNetworkName, true},
+		{"network 13", "abcdefghijklm", CheckNetworkName, false},
+		{"vm", "Web.1_a-b", CheckVMName, true},
+		{"vm leading dot", ".web", CheckVMName, false},
+		{"vm space", "web 1", CheckVMName, false},
+		{"vm 64", strings.Repeat("a", 64), CheckVMName, true},
+		{"vm 65", strings.Repeat("a", 65), CheckVMName, false},
+		{"vm non-ASCII", "wéb", CheckVMName, false},
+		{"id", "vda", checkID, true},
+		{"id slash", "a/b", checkID, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if err := tt.check(tt.in); (err == nil) != tt.ok {
+				t.Fatalf("%q: %v, want ok %v", tt.in, err, tt.ok)
+			}
+		})
+	}
+}
