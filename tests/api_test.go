@@ -113,7 +113,7 @@ next:
 	return 0
 }
 
-// TestAPI runs an echo guest with a disk and an API socket and goes
+// TestAPI runs an echo guest (2 vCPUs) with a disk and an API socket and goes
 // through every endpoint, pause and resume, live rate limits, every kind
 // of bad request, concurrent clients, the metrics and rayvmm vm.
 func TestAPI(t *testing.T) {
@@ -121,12 +121,13 @@ func TestAPI(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "api.sock")
 	img := sparseFile(t, 16<<20)
-	b := startBoot(t, "rayguest: ready", "boot", "--name", "apivm", "--cmdline", "rayguest.run=echo",
+	// Two vCPUs, so that pausing parks an AP too.
+	b := startBoot(t, "rayguest: cpu 1 up", "boot", "--name", "apivm", "--cpus", "2", "--cmdline", "rayguest.run=echo",
 		"--disk", "path="+img+",format=raw", "--api-socket", sock)
 
 	// GET / and GET /vm/config.
 	i := info(t, sock)
-	if i["id"] != "apivm" || i["state"] != "Running" || i["vcpus"] != 1.0 || i["memory"] != "128M" || i["app_name"] != "rayvmm" {
+	if i["id"] != "apivm" || i["state"] != "Running" || i["vcpus"] != 2.0 || i["memory"] != "128M" || i["app_name"] != "rayvmm" {
 		t.Fatalf("GET / = %v", i)
 	}
 	var cfg struct {
