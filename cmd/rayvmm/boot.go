@@ -19,7 +19,7 @@ import (
 var started = starttime.T
 
 type bootFlags struct {
-	config, printConfig     bool
+	printConfig             bool
 	configPath              string
 	kernel, initrd, cmdline string
 	memory                  string
