@@ -347,8 +347,9 @@ func TestBlkKill9Qcow2(t *testing.T) {
 }
 
 // TestBlkQoS runs the same 400-request blktest with and without iops=100:
-// the throttled run takes seconds of guest time, the free one well under
-// one. Compared as a ratio of the two runs, not against a wall clock.
+// the throttled run cannot take less than the bucket allows (a lower
+// bound, not a timing threshold) and waits on the limiter; the free run
+// never does. Both times are logged with their ratio.
 func TestBlkQoS(t *testing.T) {
 	requireKVM(t)
 	timed := func(spec string) (time.Duration, string) {
@@ -395,11 +396,10 @@ func TestBlkQoS(t *testing.T) {
 	// The bucket holds 100 operations and refills 100 per second, so the
 	// 301 requests past the first 100 cannot finish in under 3.01 s,
 	// however fast the machine: a lower bound, not a timing threshold.
+	// (The free run is not compared with it: on a loaded machine the
+	// emulated guest alone can take longer than 3 s.)
 	if limited < 3*time.Second || l.Throttled <= 0 {
 		t.Fatalf("iops=100 run took %v (throttled %.2fs): the limit was not enforced", limited, l.Throttled)
-	}
-	if limited <= free {
-		t.Fatalf("throttled run (%v) no slower than the free one (%v)", limited, free)
 	}
 }
 

@@ -165,8 +165,25 @@ func (w *lineWatcher) String() string {
 // waitFor waits until the output contains s.
 func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 	t.Helper()
+	w.waitUntil(t, s, timeout, func(out string) bool { return strings.Contains(out, s) })
+}
+
+// waitForLine waits until the output has a whole line (ended by a
+// newline) containing s: console output arrives in pieces, so a line
+// found by its start may not be complete yet.
+func (w *lineWatcher) waitForLine(t testing.TB, s string, timeout time.Duration) {
+	t.Helper()
+	w.waitUntil(t, s+" (a whole line)", timeout, func(out string) bool {
+		i := strings.Index(out, s)
+		return i >= 0 && strings.Contains(out[i:], "\n")
+	})
+}
+
+// waitUntil waits until done holds for the output; what names it.
+func (w *lineWatcher) waitUntil(t testing.TB, s string, timeout time.Duration, done func(string) bool) {
+	t.Helper()
 	deadline := time.After(timeout)
-	for !strings.Contains(w.String(), s) {
+	for !done(w.String()) {
 		if w.isClosed() {
 			t.Fatalf("process exited without printing %q; output:\n%s", s, w.String())
 		}
