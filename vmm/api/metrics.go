@@ -12,11 +12,15 @@ import (
 )
 
 // The metrics are written in the Prometheus text exposition format
-// (version 0.0.4) by hand. Why not the Prometheus Go client: it would
-// bring protobuf, its registry and expfmt into the VM process, whose whole
-// memory budget is 5 MiB; for a fixed set of counters read from atomics
-// at scrape time the format is a few lines of code. The tests read it
-// back with the Prometheus parser (expfmt), so the two agree.
+// (version 0.0.4) by hand. Why not the Prometheus Go client: it brings
+// protobuf, its registry and expfmt into the VM process, whose whole
+// memory budget is 5 MiB. Measured on the development machine with the
+// same small program serving one scrape on a Unix socket: 3.4 MiB peak RSS
+// writing the text by hand, 6.5 MiB with client_golang v1.25's registry
+// and expfmt's encoder (and no net/http): 3.1 MiB more, more than the VM
+// process's whole margin. For a fixed set of counters read from atomics at
+// scrape time the format is a few lines of code; the tests read it back
+// with the Prometheus parser (expfmt), so the two agree.
 
 // family is one metric family being written.
 type family struct {
