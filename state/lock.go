@@ -79,6 +79,12 @@ func (l *Lock) SetOwner() {
 	}
 }
 
+// File is the open file that holds the lock. Handing it to another
+// process (a VM process) shares the lock: it stays held while either
+// process has the file open. Release must then wait until the other
+// process is gone, since it drops the lock for every holder of the file.
+func (l *Lock) File() *os.File { return l.f }
+
 // Release drops the lock, removing the file unless another process holds
 // a shared lock on it too. Releasing a nil or released Lock does nothing.
 func (l *Lock) Release() error {

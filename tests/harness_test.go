@@ -18,13 +18,17 @@ import (
 	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// rayvmm is the path of the binary under test, built once in TestMain.
-var rayvmm string
+// rayvmm and rayvmmVM are the paths of the binaries under test (the CLI
+// and the VM process it starts), built once in TestMain.
+var rayvmm, rayvmmVM string
 
 // repoRoot is the repository's top directory.
 var repoRoot string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(detachHelperEnv) != "" {
+		os.Exit(detachHelper())
+	}
 	_, file, _, _ := runtime.Caller(0)
 	repoRoot = filepath.Dir(filepath.Dir(file))
 	dir, err := os.MkdirTemp("", "rayvmm-tests-")
@@ -33,12 +37,16 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	rayvmm = filepath.Join(dir, "rayvmm")
-	build := exec.Command("go", "build", "-o", rayvmm, "./cmd/rayvmm")
-	build.Dir = repoRoot
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building rayvmm: %v\n%s", err, out)
-		os.Exit(1)
+	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
+	// rayvmm finds rayvmm-vm next to itself.
+	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm"} {
+		build := exec.Command("go", "build", "-o", bin, pkg)
+		build.Dir = repoRoot
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)

@@ -289,13 +289,13 @@ func TestNetBadInput(t *testing.T) {
 	}{
 		{"invalid MAC", []string{"boot", "--net", "network=lan,mac=02:00:00:00:00"}, "not a MAC address"},
 		{"multicast MAC", []string{"boot", "--net", "network=lan,mac=01:00:00:00:00:01"}, "multicast"},
-		{"vlan 0", []string{"boot", "--net", "network=lan,vlan=0"}, "VLAN \"0\" out of range 1..4094"},
-		{"vlan 4095", []string{"boot", "--net", "network=lan,vlan=4095"}, "VLAN \"4095\" out of range 1..4094"},
+		{"vlan 0", []string{"boot", "--net", "network=lan,vlan=0"}, "VLAN 0 out of range 1..4094"},
+		{"vlan 4095", []string{"boot", "--net", "network=lan,vlan=4095"}, "nets[0].vlan: VLAN 4095 out of range 1..4094"},
 		{"unknown network", []string{"boot", "--net", "network=nosuch"}, `network "nosuch": no such network`},
 		{"second NIC bad", []string{"boot", "--net", "network=lan", "--net", "network=nosuch"}, "no such network"},
 		{"VLAN bridge name too long", []string{"boot", "--net", "network=twelve-chars,vlan=4094"}, `"rv-twelve-chars.4094" is 20 bytes`},
 		{"overlapping subnet", []string{"net", "create", "lan2", "--subnet", "192.0.2.128/25"}, `overlaps 192.0.2.0/24 of network "lan"`},
-		{"name too long", []string{"net", "create", "thirteen-char", "--subnet", "203.0.113.0/24"}, "longer than Linux's limit of 15"},
+		{"name too long", []string{"net", "create", "thirteen-char", "--subnet", "203.0.113.0/24"}, "at most 12 characters"},
 		{"bad subnet", []string{"net", "create", "x", "--subnet", "192.0.2.0/33"}, "not an IPv4 CIDR"},
 		{"rm unknown", []string{"net", "rm", "nosuch"}, "no such network"},
 	}

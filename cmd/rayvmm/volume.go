@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
 
@@ -54,7 +54,7 @@ func init() {
   rayvmm volume create scratch --size 512M --format raw`,
 		Args: args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			n, err := storage.ParseSize(size)
+			n, err := spec.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
@@ -66,7 +66,7 @@ func init() {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, storage.FormatSize(v.Size))
+			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, spec.FormatSize(v.Size))
 			return nil
 		},
 	}
@@ -98,7 +98,7 @@ func init() {
 				if parent == "" {
 					parent = "-"
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, storage.FormatSize(v.Size), storage.FormatSize(v.Allocated), st, parent)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, spec.FormatSize(v.Size), spec.FormatSize(v.Allocated), st, parent)
 			}
 			return w.Flush()
 		},
@@ -215,7 +215,7 @@ shown on a terminal for large files.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "imported %s as volume %s (%s, %s)\n", a[0], v.Name, v.Format, storage.FormatSize(v.Size))
+			fmt.Fprintf(cmd.OutOrStdout(), "imported %s as volume %s (%s, %s)\n", a[0], v.Name, v.Format, spec.FormatSize(v.Size))
 			return nil
 		},
 	}

@@ -3,6 +3,7 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/rayvmm/rayvmm/state"
 	"github.com/rayvmm/rayvmm/storage"
@@ -60,7 +61,14 @@ func (s *Store) attachLocked(name string, readOnly bool, l *state.Lock) (*Attach
 	return &Attachment{Volume: v, Disk: d, lock: l}, nil
 }
 
-// Close flushes and closes the disk and releases the volume.
+// LockFile is the descriptor that holds the volume's lock (an open file
+// description lock). A control plane hands it to the VM process with the
+// disk, so that the volume stays locked for as long as either process
+// holds it, kill -9 of either included.
+func (a *Attachment) LockFile() *os.File { return a.lock.File() }
+
+// Close flushes and closes the disk (unless the caller took it and set
+// Disk to nil) and releases the volume.
 func (a *Attachment) Close() error {
 	var errs []error
 	if a.Disk != nil {

@@ -491,21 +491,16 @@ func TestStateDirCanMove(t *testing.T) {
 	}
 }
 
-// TestReserveHelper reserves volume "half" in a child process and exits
-// holding its lock, as a process killed between the record and the image
-// does; it does nothing in a normal run.
-func TestReserveHelper(t *testing.T) {
-	dir := os.Getenv("RAYVMM_VOLUME_RESERVE_STATE")
-	if dir == "" {
-		t.Skip("helper process for TestInterruptedCreateCanBeRemoved")
-	}
-	s, _ := Open(dir)
+// helperReserve reserves volume "half" and exits holding its lock, as a
+// process killed between the record and the image does.
+func helperReserve() int {
+	s, _ := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
 	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
 	if _, err := s.reserve(v); err != nil {
-		os.Stdout.WriteString(err.Error())
-		os.Exit(1)
+		fmt.Println(err)
+		return 1
 	}
-	os.Exit(3)
+	return 3
 }
 
 // A volume whose creation was interrupted (the process died between the
@@ -513,11 +508,10 @@ func TestReserveHelper(t *testing.T) {
 func TestInterruptedCreateCanBeRemoved(t *testing.T) {
 	dir := t.TempDir()
 	s, _ := Open(dir)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestReserveHelper$")
-	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_RESERVE_STATE="+dir)
-	out, err := cmd.Output()
+	h := testenv.StartHelper(t, "reserve", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + dir}})
+	out, err := h.Wait(t, helperWait)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
-		t.Fatalf("helper: %v: %s", err, out)
+		t.Fatalf("helper: %v: %q %s", err, out, h.Stderr())
 	}
 	if got := leftovers(t, s); !slices.Equal(got, []string{"half.lock"}) {
 		t.Fatalf("files after the maker died: %v, want its lock file", got)
@@ -589,7 +583,7 @@ func helperSnapshot() int {
 }
 
 func TestMain(m *testing.M) {
-	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "snapshot": helperSnapshot})
+	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "snapshot": helperSnapshot, "reserve": helperReserve})
 	os.Exit(m.Run())
 }
 

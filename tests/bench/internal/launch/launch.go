@@ -36,6 +36,8 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -59,6 +61,11 @@ type Request struct {
 	// mapping of GuestKiB (guest RAM).
 	SampleEvery time.Duration `json:"sample_every,omitempty"`
 	GuestKiB    int64         `json:"guest_kib,omitempty"`
+	// SampleChild, when set, samples the child of the started process
+	// whose executable has this name (rayvmm boot's VM process, rayvmm-vm)
+	// instead of the started process itself, and records the started
+	// process's own peak as ControlHWMKiB.
+	SampleChild string        `json:"sample_child,omitempty"`
 	Timeout     time.Duration `json:"timeout,omitempty"`
 
 	hooks *hooks // tests only
@@ -262,9 +269,22 @@ func runOne(ctx context.Context, req Request) Outcome {
 		}
 		t := time.NewTicker(req.SampleEvery)
 		defer t.Stop()
+		pid := cmd.Process.Pid
+		if req.SampleChild != "" {
+			pid = 0
+		}
 		for {
-			if m, err := ReadSmaps(cmd.Process.Pid, req.GuestKiB); err == nil && m.GuestFound {
-				last = m
+			if pid == 0 {
+				pid = childNamed(cmd.Process.Pid, req.SampleChild)
+			}
+			if pid != 0 {
+				if m, err := ReadSmaps(pid, req.GuestKiB); err == nil && m.GuestFound {
+					m.HWMKiB = hwm(pid)
+					if req.SampleChild != "" {
+						m.ControlHWMKiB = hwm(cmd.Process.Pid)
+					}
+					last = m
+				}
 			}
 			select {
 			case <-stopSampling:
@@ -360,9 +380,38 @@ func runOne(ctx context.Context, req Request) Outcome {
 	return o
 }
 
+// childNamed is the pid of a child of parent whose executable's name is
+// name, or 0.
+func childNamed(parent int, name string) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(b, ')')
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[1] != strconv.Itoa(parent) {
+			continue
+		}
+		if exe, err := os.Readlink("/proc/" + e.Name() + "/exe"); err == nil && filepath.Base(exe) == name {
+			return pid
+		}
+	}
+	return 0
+}
+
 // selfHWM is this process's peak RSS so far (VmHWM), in KiB.
-func selfHWM() int64 {
-	b, err := os.ReadFile("/proc/self/status")
+func selfHWM() int64 { return hwm(os.Getpid()) }
+
+// hwm is a process's peak RSS so far (VmHWM: its address space's own
+// high-water mark, which exec starts afresh), in KiB; 0 if unknown.
+func hwm(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0
 	}

@@ -1,11 +1,9 @@
-package main
+package runner
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/rayvmm/rayvmm/devices/virtio/blk"
 	"github.com/rayvmm/rayvmm/devices/virtio/mmio"
@@ -13,8 +11,12 @@ import (
 	"github.com/rayvmm/rayvmm/vmm"
 )
 
+// The metrics file (Spec.MetricsFile) gets these counters, as JSON, when
+// the VM exits; the control plane created the file and moves it into
+// place.
+
 type diskMetrics struct {
-	Name      string       `json:"name"` // vda, vdb, ...
+	Name      string       `json:"name"` // the disk's id: vda, vdb, ...
 	Source    string       `json:"source"`
 	ReadOnly  bool         `json:"read_only"`
 	Metrics   blk.Snapshot `json:"metrics"`
@@ -22,6 +24,7 @@ type diskMetrics struct {
 }
 
 type nicMetrics struct {
+	ID        string        `json:"id"`
 	MAC       string        `json:"mac"`
 	TAPs      []string      `json:"taps"`
 	Metrics   vnet.Snapshot `json:"metrics"`
@@ -35,13 +38,14 @@ type vmMetrics struct {
 	NICs      []nicMetrics  `json:"nics"`
 }
 
-// writeMetrics writes the VM's device metrics as JSON, atomically.
-func writeMetrics(path string, v *vmm.VM) error {
+// writeMetrics writes the VM's device metrics as JSON to f.
+func writeMetrics(f *os.File, v *vmm.VM) error {
 	m := vmMetrics{BootTimes: v.BootTimes(), Disks: []diskMetrics{}, NICs: []nicMetrics{}}
 	for _, n := range v.NICs() {
 		m.NICs = append(m.NICs, nicMetrics{
-			MAC:       n.Host.MAC.String(),
-			TAPs:      n.Host.TAPs,
+			ID:        n.Spec.ID,
+			MAC:       n.MAC.String(),
+			TAPs:      n.TAPs,
 			Metrics:   n.Device.Metrics().Snapshot(),
 			Transport: n.Slot.Transport.Stats(),
 		})
@@ -49,9 +53,9 @@ func writeMetrics(path string, v *vmm.VM) error {
 	if e := v.Exit(); e != nil {
 		m.Exit = e.String()
 	}
-	for i, d := range v.Disks() {
+	for _, d := range v.Disks() {
 		m.Disks = append(m.Disks, diskMetrics{
-			Name:      "vd" + string(rune('a'+i)),
+			Name:      d.Spec.ID,
 			Source:    d.Source,
 			ReadOnly:  d.Spec.ReadOnly,
 			Metrics:   d.Device.Metrics().Snapshot(),
@@ -62,19 +66,8 @@ func writeMetrics(path string, v *vmm.VM) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".metrics-*")
-	if err != nil {
-		return fmt.Errorf("--metrics-file: %w", err)
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("write %s: %w", f.Name(), err)
 	}
-	_, werr := tmp.Write(append(b, '\n'))
-	cerr := tmp.Close()
-	if werr != nil || cerr != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("--metrics-file: write %s: %w", path, errors.Join(werr, cerr))
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("--metrics-file: %w", err)
-	}
-	return nil
+	return f.Sync()
 }

@@ -1,4 +1,4 @@
-package network
+package port
 
 import (
 	"bytes"
