@@ -188,7 +188,7 @@ func TestV1Host(t *testing.T) {
 	}
 	// The shell waits for a line, so that what it runs after is charged
 	// to the group (v1 does not move charges made before).
-	cmd := exec.Command("sh", "-c", "read x; dd if=/dev/zero bs=1M count=4 2>/dev/null | cat >/dev/null; echo done; sleep 600")
+	cmd := exec.Command("sh", "-c", "read x; dd if=/dev/zero bs=1M count=4 2>/dev/null | cat >/dev/null; echo done; exec sleep 600")
 	in, _ := cmd.StdinPipe()
 	out, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
