@@ -141,7 +141,8 @@ func waitGone(t *testing.T, pid int, what string) {
 // TestVMProcessIsRayvmmVM: the guest runs in bin/rayvmm-vm, a child of
 // rayvmm boot, and its descriptors are only the kinds it needs: the KVM
 // device and KVM's anonymous descriptors, its disk images (with their
-// backing chain) and the volume's lock, its TAPs, its API socket,
+// backing chain) and the volume's lock, its TAPs and its holds on their
+// network (one per NIC), its API socket,
 // eventfds, the Go runtime's epoll, the console (stdin, stdout and stderr:
 // pipes here) and the lifeline pipe. Nothing else: no kernel file, no
 // state directory, no netlink socket, nothing inherited from elsewhere.
@@ -175,6 +176,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		"pipe":                  regexp.MustCompile(`^pipe:\[\d+\]$`),
 		"disk images":           regexp.MustCompile(`^(` + regexp.QuoteMeta(top) + `|` + regexp.QuoteMeta(base) + `|` + regexp.QuoteMeta(vol.Path) + `)$`),
 		"the volume's lock":     regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "volumes", "data.lock")) + `$`),
+		"network holds":         regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "networks", "lan.lock")) + `$`),
 		"console (stdin /null)": regexp.MustCompile(`^/dev/null$`),
 	}
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", vm))
@@ -202,7 +204,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 4}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 4}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}

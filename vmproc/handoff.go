@@ -71,6 +71,10 @@ type Handoff struct {
 	// Metrics is a file to write the device metrics (JSON) to when the VM
 	// exits, if any.
 	Metrics *File `json:"metrics,omitempty"`
+	// ExitRecord is a file the VM process writes its ExitRecord to as it
+	// exits (detached mode): how a control plane that was not its parent
+	// when it ended (a restarted daemon) learns its status.
+	ExitRecord *File `json:"exit_record,omitempty"`
 	// Holds are descriptors the VM process only keeps open for as long as
 	// it runs, such as a volume's lock, so that the state they stand for
 	// lasts exactly as long as the VM.

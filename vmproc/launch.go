@@ -83,6 +83,12 @@ type Options struct {
 	Detached bool
 	// Env is the VM process's environment (nil: none but the handoff's).
 	Env []string
+	// BeforeHandoff, if set, runs once the VM process exists and before
+	// it is handed anything: it is still waiting for its handoff, so what
+	// BeforeHandoff does (put it in a cgroup, record its pid durably)
+	// comes before it runs any guest code. An error kills the process and
+	// fails Launch.
+	BeforeHandoff func(*Process) error
 }
 
 // Process is a started VM process.
@@ -177,6 +183,14 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		return nil, fmt.Errorf("launch VM process %s: %w", bin, err)
 	}
 	p.StartTime, _ = ProcessStartTime(p.Pid)
+	if o.BeforeHandoff != nil {
+		if err := o.BeforeHandoff(p); err != nil {
+			w.Close()
+			p.proc.Kill()
+			<-p.waited
+			return nil, err
+		}
+	}
 	if _, err := w.Write(payload); err != nil {
 		w.Close()
 		p.proc.Kill()

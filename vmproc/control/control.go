@@ -51,6 +51,7 @@ type Resources struct {
 
 	handedOver []func() error // close this process's copies once launched
 	afterExit  []func() error // in reverse order once the VM process is gone
+	detach     []func() error // close, without releasing, what a detached VM process holds
 	metricsTmp string
 	metricsDst string
 }
@@ -143,6 +144,10 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		for i, n := range nics {
 			r.handedOver = append(r.handedOver, n.CloseTAPs)
 			r.afterExit = append(r.afterExit, n.Close)
+			r.detach = append(r.detach, n.Detach)
+			if hold := n.HoldFile(); hold != nil {
+				h.Holds = append(h.Holds, r.Files.Ref(hold, "network "+eff.Nets[i].Network+" hold"))
+			}
 			eff.Nets[i].MAC = n.MAC.String()
 			hn := vmproc.NIC{MTU: n.MTU, Trunk: n.VLANs != nil}
 			for j, t := range n.TAPs {
@@ -240,6 +245,7 @@ func (r *Resources) openDisk(d spec.Disk, stateDir string) (vmproc.Disk, error) 
 		disk = a.Disk
 		a.Disk = nil // handed over: Close only releases the lock
 		r.afterExit = append(r.afterExit, a.Close)
+		r.detach = append(r.detach, a.Detach)
 		r.Handoff.Holds = append(r.Handoff.Holds, r.Files.Ref(a.LockFile(), "volume "+d.Volume+" lock"))
 		out.Source = "volume:" + d.Volume
 	} else {
@@ -269,6 +275,60 @@ func (r *Resources) Launched() error {
 		errs = append(errs, f())
 	}
 	r.handedOver = nil
+	return errors.Join(errs...)
+}
+
+// Detached closes this process's copies of everything handed to a
+// detached VM process (vmproc.Options.Detached) once it is launched,
+// without releasing what the VM process now holds on its own: its volume
+// locks and its hold on each network stay held for as long as it runs,
+// whatever happens to this process. Once it is gone, Cleanup removes what
+// it leaves. After Detached, Close does nothing.
+func (r *Resources) Detached() error {
+	errs := []error{r.Launched()}
+	for _, d := range r.detach {
+		errs = append(errs, d())
+	}
+	r.detach, r.afterExit = nil, nil
+	return errors.Join(errs...)
+}
+
+// Cleanup removes what a detached VM process with effective spec s left
+// once it is gone: its API and vsock sockets, and the lock files of its
+// volumes and networks that no one else holds. Its TAPs went with it.
+func Cleanup(stateDir string, s *spec.VM) error {
+	var errs []error
+	rm := func(path string) {
+		if path == "" {
+			return
+		}
+		if st, err := os.Lstat(path); err == nil && st.Mode().Type() == os.ModeSocket {
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	rm(s.APISocket)
+	if s.Vsock != nil {
+		rm(s.Vsock.UDS)
+	}
+	for _, d := range s.Disks {
+		if d.Volume == "" {
+			continue
+		}
+		st, err := volume.Open(stateDir)
+		if err == nil {
+			err = st.Release(d.Volume)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("volume %q: %w", d.Volume, err))
+		}
+	}
+	for _, n := range s.Nets {
+		if n.Network != "" {
+			errs = append(errs, network.Unhold(stateDir, n.Network))
+		}
+	}
 	return errors.Join(errs...)
 }
 

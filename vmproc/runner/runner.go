@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -37,8 +38,11 @@ import (
 func Run(r *vmproc.Received) int {
 	h := r.Handoff
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level(h.LogLevel)}))
+	exitRecord := openExitRecord(h.ExitRecord)
 	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "rayvmm: %v\n", oneLine(err))
+		msg := oneLine(err)
+		fmt.Fprintf(os.Stderr, "rayvmm: %s\n", msg)
+		writeExitRecord(exitRecord, 1, msg)
 		return 1
 	}
 	// Everything the control plane handed over, so that whatever is not
@@ -131,7 +135,33 @@ func Run(r *vmproc.Received) int {
 	case closeErr != nil:
 		return fail(closeErr)
 	}
+	writeExitRecord(exitRecord, 0, exit.String())
 	return 0
+}
+
+// openExitRecord takes over the exit record file, if one was handed over
+// (detached mode); nil otherwise, or if it cannot be used.
+func openExitRecord(ref *vmproc.File) *os.File {
+	if ref == nil {
+		return nil
+	}
+	f, err := ref.Open()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rayvmm: exit record: %v\n", err)
+		return nil
+	}
+	return f
+}
+
+// writeExitRecord records how the VM process ends, for a control plane
+// that may not be its parent by then.
+func writeExitRecord(f *os.File, code int, msg string) {
+	if f == nil {
+		return
+	}
+	if err := vmproc.WriteExitRecord(f, vmproc.ExitRecord{Code: code, Message: msg, Time: time.Now()}); err != nil {
+		fmt.Fprintf(os.Stderr, "rayvmm: %v\n", err)
+	}
 }
 
 // takeOver opens the handed-over descriptors as the VM's backends.
