@@ -139,6 +139,10 @@ type Event struct {
 	// VM is the VM it is about, "" for the pod.
 	VM      string `json:"vm,omitempty"`
 	Message string `json:"message"`
+	// Count is how many times it happened in a row (the same event again
+	// is counted, not repeated, as Kubernetes aggregates events); Time is
+	// the last time.
+	Count int `json:"count,omitempty"`
 }
 
 // Event types.

@@ -257,30 +257,40 @@ func (p *Process) CutLifeline() error {
 // ProcessStartTime reads a process's start time in clock ticks since boot
 // from /proc/PID/stat.
 func ProcessStartTime(pid int) (uint64, error) {
+	st, _, err := procStat(pid)
+	return st, err
+}
+
+// procStat reads a process's start time and state letter (R, S, Z, ...)
+// from /proc/PID/stat.
+func procStat(pid int) (uint64, byte, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name (field 2) is in parentheses and may hold spaces:
 	// count fields after the last ')'.
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
+		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
 	}
 	f := strings.Fields(string(b[i+1:]))
 	const startField = 22 - 3 // fields 3.. follow the name
-	if len(f) <= startField {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	if len(f) <= startField || len(f[0]) != 1 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
 	}
-	return strconv.ParseUint(f[startField], 10, 64)
+	st, err := strconv.ParseUint(f[startField], 10, 64)
+	return st, f[0][0], err
 }
 
 // Alive reports whether the process pid still exists and is the one that
 // started at startTime (not a later process that reused the pid): how a
 // daemon re-adopts a detached VM process.
+// A zombie (exited, not yet reaped by a parent that is not this
+// process) is not alive.
 func Alive(pid int, startTime uint64) bool {
-	st, err := ProcessStartTime(pid)
-	return err == nil && st == startTime
+	st, state, err := procStat(pid)
+	return err == nil && st == startTime && state != 'Z' && state != 'X'
 }
 
 // ErrKilled is the category of a VM process killed by a signal: it could

@@ -1,0 +1,690 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/rayvmm/rayvmm/pods"
+	"github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/storage/volume"
+)
+
+// The API: HTTP/1.1 with JSON bodies on the daemon's Unix socket.
+//
+//	POST   /v1/pods                      apply a pod (YAML or JSON body)
+//	GET    /v1/pods                      list pods
+//	GET    /v1/pods/{name}               a pod: spec, status, owner
+//	GET    /v1/pods/{name}/events        its events
+//	GET    /v1/pods/{name}/logs          a VM's console (?vm=, ?follow=1, ?previous=1)
+//	GET    /v1/pods/{name}/wait          until ?for=Ready|Running|Ended|Removed (?timeout=)
+//	POST   /v1/pods/{name}/stop          stop every VM
+//	DELETE /v1/pods/{name}               remove (?force=1 stops it first)
+//	GET    /metrics                      Prometheus
+//	GET    /v1/version
+//
+// Errors are {"message": "...", "field": "..."} with 400 (a bad spec or
+// request; field names the spec's path), 403 (the access policy), 404,
+// 409 (a conflict: the pod exists with another spec, or runs), 500.
+
+func (d *Daemon) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/pods", d.handleApply)
+	mux.HandleFunc("GET /v1/pods", d.handleList)
+	mux.HandleFunc("GET /v1/pods/{name}", d.onPod(ActInspect, d.handleGet))
+	mux.HandleFunc("GET /v1/pods/{name}/events", d.onPod(ActInspect, d.handleEvents))
+	mux.HandleFunc("GET /v1/pods/{name}/logs", d.onPod(ActInspect, d.handleLogs))
+	mux.HandleFunc("GET /v1/pods/{name}/wait", d.handleWait)
+	mux.HandleFunc("POST /v1/pods/{name}/stop", d.onPod(ActRun, d.handleStop))
+	mux.HandleFunc("DELETE /v1/pods/{name}", d.onPod(ActDelete, d.handleRm))
+	mux.Handle("GET /metrics", d.metrics.handler())
+	mux.HandleFunc("GET /v1/version", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"version": d.cfg.Version, "stateDir": d.st.Dir()})
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no such call: %s %s", r.Method, r.URL.Path))
+	})
+	return d.recoverer(mux)
+}
+
+// recoverer answers 500 for a handler that panicked, instead of dropping
+// the connection; the daemon goes on serving.
+func (d *Daemon) recoverer(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				d.log.Error("request panicked", "method", r.Method, "path", r.URL.Path, "panic", v)
+				writeErr(w, http.StatusInternalServerError, fmt.Errorf("internal error: %v", v))
+			}
+		}()
+		h.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	e := pods.APIError{Message: pods.OneLine(err.Error())}
+	var fe *spec.FieldError
+	if errors.As(err, &fe) {
+		e.Field = fe.Path
+	}
+	writeJSON(w, code, e)
+}
+
+// httpError carries a status code.
+type httpError struct {
+	code int
+	err  error
+}
+
+func (e *httpError) Error() string { return e.err.Error() }
+func (e *httpError) Unwrap() error { return e.err }
+
+func errCode(code int, format string, args ...any) error {
+	return &httpError{code: code, err: fmt.Errorf(format, args...)}
+}
+
+func fail(w http.ResponseWriter, err error) {
+	var he *httpError
+	switch {
+	case errors.As(err, &he):
+		writeErr(w, he.code, err)
+	case errors.Is(err, spec.ErrInvalid):
+		writeErr(w, http.StatusBadRequest, err)
+	default:
+		writeErr(w, http.StatusInternalServerError, err)
+	}
+}
+
+// authorize decides one action of the caller on o, records the decision,
+// and returns a 403 error for a denial.
+func (d *Daemon) authorize(ctx context.Context, action string, o Object) error {
+	c, ok := callerOf(ctx)
+	if !ok {
+		return errCode(http.StatusForbidden, "the caller could not be identified (SO_PEERCRED)")
+	}
+	if d.cfg.Authorizer == nil {
+		return nil
+	}
+	dec, err := d.cfg.Authorizer.Decide(c, action, o)
+	if err != nil {
+		return errCode(http.StatusBadRequest, "%s %s: %w", action, o, err)
+	}
+	e := Entry{Caller: &c, Action: AuditPolicyAllow, Object: o, Decision: "allow", Params: map[string]string{"request": action, "rule": dec.Reason}}
+	if !dec.Allow {
+		e.Action, e.Decision = AuditPolicyDeny, "deny"
+	}
+	if err := d.audit(ctx, e); err != nil {
+		return err
+	}
+	if !dec.Allow {
+		return errCode(http.StatusForbidden, "%s", dec.Reason)
+	}
+	return nil
+}
+
+// objects is every decision an apply needs: the pod itself, its pod
+// volumes (made by cloning a snapshot), and each VM's volumes and
+// networks.
+func applyDecisions(p *pods.Pod) []struct {
+	action string
+	o      Object
+} {
+	type dec = struct {
+		action string
+		o      Object
+	}
+	name := p.Metadata.Name
+	out := []dec{
+		{ActCreate, Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}},
+		{ActRun, Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}},
+	}
+	podVol := map[string]bool{}
+	for _, v := range p.Spec.Volumes {
+		podVol[v.Name] = true
+		out = append(out, dec{ActClone, Object{Kind: "volume", Name: v.From}}, dec{ActCreate, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}})
+	}
+	for _, vm := range p.Spec.VMs {
+		for _, dsk := range vm.Disks {
+			if dsk.Volume == "" {
+				continue
+			}
+			vol := dsk.Volume
+			if podVol[vol] {
+				vol = pods.VolumeName(name, vol)
+			}
+			a := ActAttachRW
+			if dsk.ReadOnly {
+				a = ActAttachRO
+			}
+			out = append(out, dec{a, Object{Kind: "volume", Name: vol}})
+		}
+		for _, n := range vm.Nets {
+			if n.Network != "" {
+				out = append(out, dec{ActJoin, Object{Kind: "network", Name: n.Network}})
+			}
+		}
+	}
+	return out
+}
+
+func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
+	b, err := io.ReadAll(io.LimitReader(r.Body, pods.MaxDocument+1))
+	if err != nil {
+		fail(w, errCode(http.StatusBadRequest, "read the pod: %w", err))
+		return
+	}
+	p, err := pods.Load(b)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	res, code, err := d.apply(r.Context(), p)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, code, res)
+}
+
+// apply creates a pod, starts a stopped one applied again with the same
+// spec, and refuses a different spec for an existing pod (pod specs are
+// immutable, as in Kubernetes).
+func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int, error) {
+	for _, dec := range applyDecisions(p) {
+		if err := d.authorize(ctx, dec.action, dec.o); err != nil {
+			return nil, 0, err
+		}
+	}
+	caller, _ := callerOf(ctx)
+	name := p.Metadata.Name
+	obj := Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}
+	want, _ := json.Marshal(p)
+	d.mu.Lock()
+	if old, ok := d.pods[name]; ok {
+		defer d.mu.Unlock()
+		have, _ := json.Marshal(old.rec.Pod)
+		if !bytes.Equal(have, want) {
+			return nil, 0, errCode(http.StatusConflict, "pod %s exists with another spec; pod specs cannot change (as in Kubernetes): rm it and apply again", name)
+		}
+		if old.removed || old.stopping {
+			return nil, 0, errCode(http.StatusConflict, "pod %s is being stopped or removed; try again when it is done", name)
+		}
+		res := &pods.ApplyResult{Name: name, UID: old.rec.UID, Result: "unchanged"}
+		if old.rec.Stopped {
+			old.restart()
+			res.Result = "started"
+			old.event("", pods.Normal, "Applied", "pod applied again by %s: starting it", caller)
+			d.wg.Add(1)
+			go func() {
+				defer d.wg.Done()
+				d.audit(context.Background(), Entry{Caller: &caller, Action: AuditPodApply, Object: obj, Params: map[string]string{"uid": old.rec.UID, "result": "started"}})
+			}()
+		}
+		return res, http.StatusOK, nil
+	}
+	rec := &record{UID: newUID(), Pod: p, Owner: pods.Owner{UID: caller.UID, GID: caller.GID}, Created: time.Now().UTC()}
+	for _, v := range p.Spec.VMs {
+		rec.VMs = append(rec.VMs, &vmRecord{Name: v.Name, State: pods.VMState{Waiting: &pods.Waiting{Reason: pods.ReasonCreating}}})
+	}
+	np := newPod(d, rec)
+	np.event("", pods.Normal, "Created", "pod %s applied by %s", name, caller)
+	d.pods[name] = np
+	ch := np.save()
+	d.mu.Unlock()
+	err := <-ch
+	if err == nil {
+		err = d.audit(ctx, Entry{Caller: &caller, Action: AuditPodApply, Object: obj, Params: map[string]string{"uid": rec.UID, "vms": strconv.Itoa(len(p.Spec.VMs)), "restart_policy": p.Spec.RestartPolicy}})
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		delete(d.pods, name)
+		np.removed = true
+		d.persist.mark(name, nil)
+		return nil, 0, fmt.Errorf("apply pod %s: %w", name, err)
+	}
+	np.resume()
+	return &pods.ApplyResult{Name: name, UID: rec.UID, Result: "created"}, http.StatusCreated, nil
+}
+
+// restart starts a stopped pod again: its VMs from scratch, with their
+// restart counts kept. d.mu must be held.
+func (p *pod) restart() {
+	p.rec.Stopped, p.rec.Reason, p.rec.Message = false, "", ""
+	for _, v := range p.vms {
+		if v.rec.PID != 0 {
+			continue
+		}
+		v.rec.State = pods.VMState{Waiting: &pods.Waiting{Reason: pods.ReasonCreating}}
+		v.rec.NextStart, v.rec.Backoff = time.Time{}, 0
+	}
+	p.save()
+	p.resume()
+}
+
+// lookup finds a pod the caller may act on.
+func (d *Daemon) lookup(r *http.Request, action string) (*pod, error) {
+	name := r.PathValue("name")
+	if err := pods.CheckName(name); err != nil {
+		return nil, errCode(http.StatusBadRequest, "pod name %v", err)
+	}
+	d.mu.Lock()
+	p, ok := d.pods[name]
+	var labels map[string]string
+	if ok {
+		labels = p.rec.Pod.Metadata.Labels
+	}
+	d.mu.Unlock()
+	if err := d.authorize(r.Context(), action, Object{Kind: "pod", Name: name, Labels: labels}); err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, errCode(http.StatusNotFound, "no such pod: %s", name)
+	}
+	return p, nil
+}
+
+// onPod makes a handler of a call on one pod: the pod is looked up and
+// the caller's action on it decided first.
+func (d *Daemon) onPod(action string, h func(http.ResponseWriter, *http.Request, *pod)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		p, err := d.lookup(r, action)
+		if err != nil {
+			fail(w, err)
+			return
+		}
+		h(w, r, p)
+	}
+}
+
+// infoOf is p.info under the lock.
+func (d *Daemon) infoOf(p *pod) *pods.Info {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return p.info()
+}
+
+func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
+	d.mu.Lock()
+	var names []string
+	for n := range d.pods {
+		names = append(names, n)
+	}
+	d.mu.Unlock()
+	sort.Strings(names)
+	out := []*pods.Info{}
+	for _, n := range names {
+		d.mu.Lock()
+		p, ok := d.pods[n]
+		var labels map[string]string
+		if ok {
+			labels = p.rec.Pod.Metadata.Labels
+		}
+		d.mu.Unlock()
+		if !ok {
+			continue
+		}
+		if d.cfg.Authorizer != nil {
+			if err := d.authorize(r.Context(), ActInspect, Object{Kind: "pod", Name: n, Labels: labels}); err != nil {
+				continue // list shows what the caller may inspect
+			}
+		}
+		d.mu.Lock()
+		if !p.removed {
+			out = append(out, p.info())
+		}
+		d.mu.Unlock()
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) handleGet(w http.ResponseWriter, r *http.Request, p *pod) {
+	writeJSON(w, http.StatusOK, d.infoOf(p))
+}
+
+func (d *Daemon) handleEvents(w http.ResponseWriter, r *http.Request, p *pod) {
+	d.mu.Lock()
+	ev := slices.Clone(p.rec.Events)
+	d.mu.Unlock()
+	if ev == nil {
+		ev = []pods.Event{}
+	}
+	writeJSON(w, http.StatusOK, ev)
+}
+
+// handleLogs copies a VM's console log; with follow it goes on copying
+// what the VM writes until its run ends or the caller hangs up.
+func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request, p *pod) {
+	q := r.URL.Query()
+	vmName := q.Get("vm")
+	d.mu.Lock()
+	var v *vm
+	for _, c := range p.vms {
+		if c.spec.Name == vmName || (vmName == "" && len(p.vms) == 1) {
+			v = c
+		}
+	}
+	var names []string
+	for _, c := range p.vms {
+		names = append(names, c.spec.Name)
+	}
+	var cur *instance
+	if v != nil {
+		cur = v.cur
+	}
+	d.mu.Unlock()
+	if v == nil {
+		if vmName == "" {
+			fail(w, errCode(http.StatusBadRequest, "pod %s has %d VMs: name one with vm= (%v)", p.name(), len(names), names))
+		} else {
+			fail(w, errCode(http.StatusNotFound, "pod %s has no VM %q (it has %v)", p.name(), vmName, names))
+		}
+		return
+	}
+	path := d.logPath(p.name(), v.spec.Name)
+	if q.Get("previous") == "1" || q.Get("previous") == "true" {
+		path = d.prevLogPath(p.name(), v.spec.Name)
+	}
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		fail(w, errCode(http.StatusNotFound, "VM %s of pod %s has no log yet", v.spec.Name, p.name()))
+		return
+	}
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	io.Copy(w, f)
+	follow := q.Get("follow") == "1" || q.Get("follow") == "true"
+	if !follow || cur == nil {
+		return
+	}
+	fl, _ := w.(http.Flusher)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if fl != nil {
+			fl.Flush()
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-cur.done:
+			io.Copy(w, f)
+			return
+		case <-tick.C:
+		}
+		if _, err := io.Copy(w, f); err != nil {
+			return
+		}
+	}
+}
+
+// handleWait waits for a pod condition: Ready, Running (the phase), Ended
+// (Succeeded or Failed) or Removed.
+func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	q := r.URL.Query()
+	cond := q.Get("for")
+	timeout := 60 * time.Second
+	if t := q.Get("timeout"); t != "" {
+		var err error
+		if timeout, err = time.ParseDuration(t); err != nil || timeout <= 0 || timeout > time.Hour {
+			fail(w, errCode(http.StatusBadRequest, "timeout %q: want a duration up to 1h, such as 30s", t))
+			return
+		}
+	}
+	test := map[string]func(p *pod) bool{
+		// Ready also ends the wait for a pod that ended (and so never
+		// will be): the answer's phase says which.
+		"Ready":   func(p *pod) bool { return p != nil && (p.ready() || p.ended()) },
+		"Running": func(p *pod) bool { return p != nil && p.phase() == pods.Running },
+		"Ended":   func(p *pod) bool { return p != nil && p.ended() },
+		"Removed": func(p *pod) bool { return p == nil },
+	}[cond]
+	if test == nil {
+		fail(w, errCode(http.StatusBadRequest, "for=%q: want Ready, Running, Ended or Removed", cond))
+		return
+	}
+	if _, err := d.lookup(r, ActInspect); err != nil && cond != "Removed" {
+		fail(w, err)
+		return
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		d.mu.Lock()
+		p := d.pods[name]
+		if p != nil && p.removed {
+			p = nil
+		}
+		ok := test(p)
+		var info *pods.Info
+		if p != nil {
+			info = p.info()
+		}
+		changed := d.changed
+		d.mu.Unlock()
+		if ok {
+			if info == nil {
+				writeJSON(w, http.StatusOK, map[string]string{"name": name, "result": "removed"})
+			} else {
+				writeJSON(w, http.StatusOK, info)
+			}
+			return
+		}
+		if p == nil && cond != "Removed" {
+			fail(w, errCode(http.StatusNotFound, "no such pod: %s (removed while waiting for %s)", name, cond))
+			return
+		}
+		select {
+		case <-changed:
+		case <-r.Context().Done():
+			return
+		case <-deadline.C:
+			what := "it is gone"
+			if info != nil {
+				what = fmt.Sprintf("phase %s, ready %s", info.Status.Phase, info.ReadyCount())
+			}
+			fail(w, errCode(http.StatusGatewayTimeout, "pod %s: not %s after %v (%s)", name, cond, timeout, what))
+			return
+		}
+	}
+}
+
+func (d *Daemon) handleStop(w http.ResponseWriter, r *http.Request, p *pod) {
+	caller, _ := callerOf(r.Context())
+	err := d.stopPod(r.Context(), p, &caller)
+	err = errors.Join(err, d.audit(r.Context(), Entry{Caller: &caller, Action: AuditPodStop, Object: Object{Kind: "pod", Name: p.name()}, Err: err}))
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d.infoOf(p))
+}
+
+// stopPod stops every VM of p (SIGTERM, then SIGKILL after the grace
+// period) and waits for their supervisors to end.
+func (d *Daemon) stopPod(ctx context.Context, p *pod, by *Caller) error {
+	d.mu.Lock()
+	if p.removed {
+		d.mu.Unlock()
+		return errCode(http.StatusNotFound, "no such pod: %s", p.name())
+	}
+	p.stopping = true
+	p.rec.Stopped = true
+	if p.rec.Reason == "" {
+		p.rec.Reason = pods.ReasonStopped
+		p.rec.Message = "stopped by " + by.String()
+	}
+	p.event("", pods.Normal, "Stopping", "pod stop by %s", by)
+	var sups []chan struct{}
+	for _, v := range p.vms {
+		select {
+		case v.kill <- reasonStop:
+		default:
+		}
+		if v.sup != nil {
+			sups = append(sups, v.sup)
+		}
+		if v.rec.State.Waiting != nil {
+			v.rec.State = pods.VMState{Terminated: &pods.Terminated{Reason: pods.ReasonStopped, Message: "stopped before it started", FinishedAt: time.Now().UTC()}}
+		}
+	}
+	ch := p.save()
+	d.mu.Unlock()
+	for _, s := range sups {
+		select {
+		case <-s:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-d.ctx.Done():
+			return errors.New("the daemon is stopping")
+		}
+	}
+	d.mu.Lock()
+	p.stopping = false
+	p.event("", pods.Normal, "Stopped", "every VM of pod %s stopped", p.name())
+	ch = p.save()
+	d.mu.Unlock()
+	return <-ch
+}
+
+func (d *Daemon) handleRm(w http.ResponseWriter, r *http.Request, p *pod) {
+	force := r.URL.Query().Get("force") == "1" || r.URL.Query().Get("force") == "true"
+	caller, _ := callerOf(r.Context())
+	d.mu.Lock()
+	vols := p.rec.Pod.Spec.Volumes
+	name := p.name()
+	d.mu.Unlock()
+	for _, v := range vols {
+		if !v.Retain {
+			if err := d.authorize(r.Context(), ActDelete, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}); err != nil {
+				fail(w, err)
+				return
+			}
+		}
+	}
+	err := d.rm(r.Context(), p, force, &caller)
+	err = errors.Join(err, d.audit(r.Context(), Entry{Caller: &caller, Action: AuditPodRm, Object: Object{Kind: "pod", Name: name},
+		Params: map[string]string{"force": strconv.FormatBool(force)}, Err: err}))
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"name": name, "result": "removed"})
+}
+
+// active reports whether any VM of p runs or waits to (re)start. d.mu
+// must be held.
+func (p *pod) active() bool {
+	for _, v := range p.vms {
+		if v.cur != nil || v.rec.PID != 0 {
+			return true
+		}
+		if v.sup != nil {
+			select {
+			case <-v.sup:
+			default:
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// rm removes a pod that runs no VM (with force, it is stopped first):
+// its record, cgroups, logs and exit records, and its volumes but the
+// retained ones.
+func (d *Daemon) rm(ctx context.Context, p *pod, force bool, by *Caller) error {
+	d.mu.Lock()
+	active := p.active()
+	d.mu.Unlock()
+	if active {
+		if !force {
+			return errCode(http.StatusConflict, "pod %s is running: stop it first, or rm --force", p.name())
+		}
+		if err := d.stopPod(ctx, p, by); err != nil {
+			return err
+		}
+	}
+	d.mu.Lock()
+	if p.removed || p.active() {
+		d.mu.Unlock()
+		return errCode(http.StatusConflict, "pod %s is being removed or started by another request", p.name())
+	}
+	p.removed = true
+	name := p.name()
+	delete(d.pods, name)
+	d.notify()
+	vols, made := p.rec.Pod.Spec.Volumes, p.rec.Volumes
+	d.mu.Unlock()
+	var errs []error
+	for _, v := range p.vms {
+		errs = append(errs, cleanupSockets(d.effective(v)))
+	}
+	if err := d.cg.RemovePod(name); err != nil {
+		errs = append(errs, err)
+	}
+	if st, err := volume.Open(d.st.Dir()); err == nil {
+		for _, v := range vols {
+			vn := pods.VolumeName(name, v.Name)
+			if v.Retain || !slices.Contains(made, vn) {
+				continue
+			}
+			if err := st.Remove(vn); err != nil && !errors.Is(err, volume.ErrNotFound) {
+				errs = append(errs, fmt.Errorf("remove pod volume %s: %w", vn, err))
+			}
+		}
+	} else {
+		errs = append(errs, err)
+	}
+	if err := os.RemoveAll(filepath.Join(d.podDir, name)); err != nil {
+		errs = append(errs, err)
+	}
+	errs = append(errs, <-d.persist.mark(name, nil))
+	return errors.Join(errs...)
+}
+
+// cleanupSockets removes a VM's sockets if a run left them.
+func cleanupSockets(eff *spec.VM) error {
+	var errs []error
+	for _, s := range []string{eff.APISocket, vsockPath(eff)} {
+		if s == "" {
+			continue
+		}
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func vsockPath(eff *spec.VM) string {
+	if eff.Vsock == nil {
+		return ""
+	}
+	return eff.Vsock.UDS
+}
