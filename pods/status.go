@@ -200,11 +200,9 @@ func (i *Info) StatusWord() string {
 			return w.Reason
 		}
 	}
-	if i.Status.Phase == Running {
-		for _, v := range i.Status.VMs {
-			if t := v.State.Terminated; t != nil && !t.Succeeded() {
-				return t.Reason
-			}
+	for _, v := range i.Status.VMs {
+		if t := v.State.Terminated; t != nil && !t.Succeeded() {
+			return t.Reason
 		}
 	}
 	return i.Status.Phase
