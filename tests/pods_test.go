@@ -649,7 +649,9 @@ spec:
   vms: [{name: a, cmdline: rayguest.run=echo, memory: 16M, disks: [{volume: data}]}]
 `)
 	for pod, reason := range map[string]string{"nonet": "NetworkNotFound", "nosnap": "VolumeNotFound"} {
-		i := d.waitFor(t, pod, "phase Failed", func(i *pods.Info) bool { return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 }) })
+		i := d.waitFor(t, pod, "phase Failed", func(i *pods.Info) bool {
+			return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 })
+		})
 		if i.Status.Reason != reason {
 			t.Errorf("%s: reason %q (%s), want %s", pod, i.Status.Reason, i.Status.Message, reason)
 		}
