@@ -298,11 +298,6 @@ func (d *Daemon) audit(ctx context.Context, e Entry) error {
 	return nil
 }
 
-// scaled is a back-off time scaled for this daemon.
-func (d *Daemon) scaled(t time.Duration) time.Duration {
-	return time.Duration(float64(t) * d.cfg.BackoffScale)
-}
-
 // files of a pod VM.
 func (d *Daemon) logPath(pod, vm string) string { return filepath.Join(d.podDir, pod, vm+".log") }
 func (d *Daemon) prevLogPath(pod, vm string) string {

@@ -532,6 +532,22 @@ func (d *Daemon) ended(v *vm, in *instance, killReason string) bool {
 	return d.decide(v, t, killReason != "" && killReason != reasonStop)
 }
 
+// backoff is Kubernetes' restart back-off, its times scaled: the delay
+// before this restart and the one the next waits, given this one's
+// (next, from the last restart) and how long the run that ended ran. The
+// first restart is at once, then 10 s doubling to 300 s; a run of 10
+// minutes resets it.
+func backoff(next, ran time.Duration, scale float64) (delay, after time.Duration) {
+	s := func(t time.Duration) time.Duration { return time.Duration(float64(t) * scale) }
+	if ran >= s(BackoffReset) {
+		next = 0
+	}
+	if next == 0 {
+		return 0, s(BackoffInitial)
+	}
+	return next, min(2*next, s(BackoffMax))
+}
+
 // reasonStop is the kill reason of pod stop and rm.
 const reasonStop = "the pod is being stopped"
 
@@ -653,17 +669,12 @@ func (d *Daemon) decide(v *vm, t pods.Terminated, byProbe bool) bool {
 		p.save()
 		return false
 	}
-	// Kubernetes' back-off: the first restart at once, then 10 s doubling
-	// to 300 s; a run of 10 minutes resets it.
-	if !t.StartedAt.IsZero() && t.FinishedAt.Sub(t.StartedAt) >= d.scaled(BackoffReset) {
-		v.rec.Backoff = 0
+	ran := time.Duration(0)
+	if !t.StartedAt.IsZero() {
+		ran = t.FinishedAt.Sub(t.StartedAt)
 	}
-	delay := v.rec.Backoff
-	if delay == 0 {
-		v.rec.Backoff = d.scaled(BackoffInitial)
-	} else {
-		v.rec.Backoff = min(2*delay, d.scaled(BackoffMax))
-	}
+	var delay time.Duration
+	delay, v.rec.Backoff = backoff(v.rec.Backoff, ran, d.cfg.BackoffScale)
 	v.rec.NextStart = time.Now().Add(delay).UTC()
 	v.rec.RestartCount++
 	if delay > 0 {
