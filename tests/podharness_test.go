@@ -59,11 +59,21 @@ type podDaemon struct {
 // (192.0.2.0/24).
 func startPodDaemon(t *testing.T, extra ...string) *podDaemon {
 	t.Helper()
+	return startPodDaemonAt(t, "", extra...)
+}
+
+// startPodDaemonAt is startPodDaemon with the API socket at sock ("": in
+// the state directory).
+func startPodDaemonAt(t *testing.T, sock string, extra ...string) *podDaemon {
+	t.Helper()
 	h := newHost(t)
 	h.must(t, "net", "create", "lab", "--subnet", "192.0.2.0/24")
+	if sock == "" {
+		sock = filepath.Join(h.state, "d.sock")
+	}
 	d := &podDaemon{
 		h:        h,
-		sock:     filepath.Join(h.state, "d.sock"),
+		sock:     sock,
 		cgParent: fmt.Sprintf("rayvmm-test-%d-%d", os.Getpid(), cgroupSeq.Add(1)),
 		extra:    extra,
 	}

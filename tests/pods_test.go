@@ -678,3 +678,56 @@ spec:
 	// The daemon still answers.
 	d.podOK(t, "", "ps")
 }
+
+// The socket is mode 0660 in --socket-group's group: a user in that group
+// reaches the daemon, who applies a pod is its owner (SO_PEERCRED), and a
+// user outside it is refused by the kernel. The users are uids without
+// names, made by setpriv.
+func TestPodSocketGroup(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "setpriv")
+	const member, stranger = "64123", "64124"
+	dir, err := os.MkdirTemp("", "rvsock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	// The CLI, where other users may run it.
+	cli := filepath.Join(dir, "rayvmm")
+	copyFile(t, rayvmm, cli)
+	sock := filepath.Join(dir, "d.sock")
+	d := startPodDaemonAt(t, sock, "--socket-group", member)
+	st, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o660 || st.Sys().(*syscall.Stat_t).Gid != 64123 {
+		t.Errorf("socket mode %v gid %d, want 0660 gid %s", st.Mode().Perm(), st.Sys().(*syscall.Stat_t).Gid, member)
+	}
+	as := func(uid string, stdin string, args ...string) result {
+		return runCommand(t, strings.NewReader(stdin), podWait, func(ctx context.Context) *exec.Cmd {
+			full := append([]string{"--reuid", uid, "--regid", uid, "--clear-groups", cli, "pod", "--host", "unix://" + sock}, args...)
+			return exec.CommandContext(ctx, "setpriv", full...)
+		})
+	}
+	if r := as(member, "apply", "apply", "-f", "-"); r.code == 0 {
+		t.Fatal("apply of a stdin that says apply succeeded")
+	}
+	r := as(member, "apiVersion: rayvmm/v1\nkind: Pod\nmetadata: {name: mine}\nspec: {vms: [{name: a, cmdline: rayguest.run=echo, memory: 16M}]}\n", "apply", "-f", "-")
+	if r.code != 0 {
+		t.Fatalf("apply by a member of the socket's group: exit %d %s", r.code, r.stderr)
+	}
+	if i := d.info(t, "mine"); i.Owner.UID != 64123 || i.Owner.GID != 64123 {
+		t.Errorf("owner %+v, want uid and gid %s", i.Owner, member)
+	}
+	if r := as(member, "", "ps"); r.code != 0 || !strings.Contains(r.stdout, "mine") {
+		t.Errorf("ps by a member: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	r = as(stranger, "", "ps")
+	if r.code == 0 || !strings.Contains(r.stderr, "permission denied") {
+		t.Errorf("ps by a user outside the group: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	d.podOK(t, "", "rm", "--force", "mine")
+}
+
