@@ -730,4 +730,3 @@ func TestPodSocketGroup(t *testing.T) {
 	}
 	d.podOK(t, "", "rm", "--force", "mine")
 }
-

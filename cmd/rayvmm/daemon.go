@@ -43,15 +43,16 @@ func findRayvmmd() (string, error) {
 	return "", fmt.Errorf("%s not found (looked in %v); build it with `make`, or set %s", rayvmmdBinary, tried, envRayvmmd)
 }
 
-// execRayvmmd replaces this process with rayvmmd, passing the command
-// line on (rayvmm daemon --socket S -> rayvmmd daemon --socket S).
-func execRayvmmd() error {
+// execRayvmmd replaces this process with `rayvmmd sub args...` (rayvmm
+// daemon --socket S -> rayvmmd daemon --socket S; rayvmm's own flags given
+// before the command, such as --state-dir, are among args too).
+func execRayvmmd(sub string, args []string) error {
 	bin, err := findRayvmmd()
 	if err != nil {
 		return err
 	}
-	args := append([]string{rayvmmdBinary}, os.Args[1:]...)
-	err = syscall.Exec(bin, args, os.Environ())
+	argv := append([]string{rayvmmdBinary, sub}, args...)
+	err = syscall.Exec(bin, argv, os.Environ())
 	return errors.Join(fmt.Errorf("exec %s", bin), err)
 }
 
@@ -65,6 +66,6 @@ binary of its own next to rayvmm (it links the Prometheus client and the
 cgroup library, which the CLI does not); "rayvmm daemon ARGS" runs
 "rayvmmd daemon ARGS". See "rayvmmd daemon --help" for its flags.`,
 		DisableFlagParsing: true,
-		RunE:               func(*cobra.Command, []string) error { return execRayvmmd() },
+		RunE:               func(_ *cobra.Command, args []string) error { return execRayvmmd("daemon", args) },
 	})
 }

@@ -249,20 +249,20 @@ func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int
 	np.event("", pods.Normal, "Created", "pod %s applied by %s", name, caller)
 	d.pods[name] = np
 	ch := np.save()
+	// The VMs start while the record is written: each VM's own commit
+	// (its pid, before it runs) carries the whole record, so no VM can run
+	// unrecorded; the answer waits for this commit and the audit record.
+	np.resume()
 	d.mu.Unlock()
 	err := <-ch
 	if err == nil {
 		err = d.audit(ctx, Entry{Caller: &caller, Action: AuditPodApply, Object: obj, Params: map[string]string{"uid": rec.UID, "vms": strconv.Itoa(len(p.Spec.VMs)), "restart_policy": p.Spec.RestartPolicy}})
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	if err != nil {
-		delete(d.pods, name)
-		np.removed = true
-		d.persist.mark(name, nil)
+		// Not recorded (the state store failed) or not audited: undo.
+		d.rm(context.Background(), np, true, &caller)
 		return nil, 0, fmt.Errorf("apply pod %s: %w", name, err)
 	}
-	np.resume()
 	return &pods.ApplyResult{Name: name, UID: rec.UID, Result: "created"}, http.StatusCreated, nil
 }
 

@@ -341,37 +341,56 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	p := v.p
 	eff := d.effective(v)
 	pod, name := p.name(), v.spec.Name
-	control.Cleanup(d.st.Dir(), eff) // what an earlier run may have left
+	// What an earlier run left was cleaned up when it ended (ended,
+	// endedAway); a stale API socket is reclaimed by control.Open.
 	if err := os.MkdirAll(d.podDir+"/"+pod, 0o700); err != nil {
 		return nil, err
-	}
-	l := v.spec.Resources.Limits
-	group, err := d.cg.Create(pod, name, cgroup.Limits{MilliCPU: int64(l.CPU), Memory: int64(l.Memory), Pids: l.Pids})
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err != nil {
-			group.Delete()
-		}
-	}()
-	var oomBase uint64
-	if st, err := group.Stats(); err == nil {
-		oomBase = st.OOMKills
 	}
 	d.mu.Lock()
 	v.rec.State = pods.VMState{Waiting: &pods.Waiting{Reason: pods.ReasonCreating}}
 	p.event(name, pods.Normal, "Creating", "creating VM %s", name)
 	d.mu.Unlock()
+	// The cgroup is made while the resources are opened.
+	type made struct {
+		g   *cgroup.Group
+		oom uint64
+		err error
+	}
+	cgc := make(chan made, 1)
+	go func() {
+		l := v.spec.Resources.Limits
+		g, err := d.cg.Create(pod, name, cgroup.Limits{MilliCPU: int64(l.CPU), Memory: int64(l.Memory), Pids: l.Pids})
+		m := made{g: g, err: err}
+		if err == nil {
+			if st, err := g.Stats(); err == nil {
+				m.oom = st.OOMKills
+			}
+		}
+		cgc <- m
+	}()
 	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log})
-	if err != nil {
+	cg := <-cgc
+	if cg.err == nil {
+		defer func() {
+			if err != nil {
+				cg.g.Delete()
+			}
+		}()
+	}
+	if err == nil {
+		defer func() {
+			if err != nil {
+				res.Close()
+			}
+		}()
+	}
+	switch {
+	case cg.err != nil:
+		return nil, cg.err
+	case err != nil:
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			res.Close()
-		}
-	}()
+	group, oomBase := cg.g, cg.oom
 	exitf, err := os.OpenFile(d.exitPath(pod, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("exit record: %w", err)
@@ -396,18 +415,18 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	proc, err := vmproc.Launch(h, res.Files, vmproc.Options{
 		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true,
 		BeforeHandoff: func(pr *vmproc.Process) error {
-			if err := group.Add(pr.Pid); err != nil {
-				return err
-			}
+			// Its pid is written while it moves into its cgroup; both are
+			// done before it gets its handoff and runs guest code.
 			d.mu.Lock()
 			v.rec.PID, v.rec.StartTime, v.rec.OOMKills = pr.Pid, pr.StartTime, oomBase
 			v.rec.Instance++
 			ch := p.save()
 			d.mu.Unlock()
+			addErr := group.Add(pr.Pid)
 			if err := <-ch; err != nil {
 				return fmt.Errorf("record the VM process: %w", err)
 			}
-			return nil
+			return addErr
 		},
 	})
 	if err != nil {
