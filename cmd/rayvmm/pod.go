@@ -61,6 +61,7 @@ The daemon's socket is --host unix:///PATH, else $RAYVMM_HOST, else
 
 	var file string
 	var wait bool
+	var grace int
 	var timeout time.Duration
 	apply := &cobra.Command{
 		Use:   "apply -f FILE",
@@ -182,7 +183,7 @@ before the current one (after a restart).`,
 		Short: "Stop every VM of a pod (SIGTERM: disks flushed; SIGKILL after the grace period)",
 		Args:  cobra.ExactArgs(1),
 		RunE: run(func(cmd *cobra.Command, c *client.Client, args []string) error {
-			i, err := c.Stop(cmd.Context(), args[0])
+			i, err := c.Stop(cmd.Context(), args[0], client.Grace(grace))
 			if err != nil {
 				return err
 			}
@@ -190,6 +191,8 @@ before the current one (after a restart).`,
 			return nil
 		}),
 	}
+
+	stop.Flags().IntVar(&grace, "grace-period", -1, "seconds a VM has to stop cleanly before SIGKILL (default: the pod's terminationGracePeriodSeconds; 0: SIGKILL at once)")
 
 	var force bool
 	rm := &cobra.Command{
@@ -200,7 +203,7 @@ volumes (those not marked retain: true). A running pod is refused unless
 --force, which stops it first.`,
 		Args: cobra.ExactArgs(1),
 		RunE: run(func(cmd *cobra.Command, c *client.Client, args []string) error {
-			if err := c.Remove(cmd.Context(), args[0], force); err != nil {
+			if err := c.Remove(cmd.Context(), args[0], force, client.Grace(grace)); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "pod/%s removed\n", args[0])
@@ -208,6 +211,7 @@ volumes (those not marked retain: true). A running pod is refused unless
 		}),
 	}
 	rm.Flags().BoolVar(&force, "force", false, "stop the pod first if it runs")
+	rm.Flags().IntVar(&grace, "grace-period", -1, "with --force: seconds a VM has to stop cleanly before SIGKILL")
 
 	var waitFor string
 	waitCmd := &cobra.Command{

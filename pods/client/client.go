@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -158,19 +159,35 @@ func (c *Client) Events(ctx context.Context, name string) ([]pods.Event, error) 
 	return out, c.do(ctx, http.MethodGet, podPath(name, "/events"), nil, &out)
 }
 
+// Grace is a stop's grace period (SIGTERM, then SIGKILL after it);
+// Default is the pod's terminationGracePeriodSeconds.
+type Grace int
+
+// Default grace: the pod's own.
+const Default Grace = -1
+
+func (g Grace) query(v url.Values) {
+	if g >= 0 {
+		v.Set("grace", strconv.Itoa(int(g)))
+	}
+}
+
 // Stop stops every VM of a pod and returns it stopped.
-func (c *Client) Stop(ctx context.Context, name string) (*pods.Info, error) {
+func (c *Client) Stop(ctx context.Context, name string, grace Grace) (*pods.Info, error) {
 	var i pods.Info
-	return &i, c.do(ctx, http.MethodPost, podPath(name, "/stop"), nil, &i)
+	q := url.Values{}
+	grace.query(q)
+	return &i, c.do(ctx, http.MethodPost, podPath(name, "/stop?"+q.Encode()), nil, &i)
 }
 
 // Remove removes a pod; force stops it first.
-func (c *Client) Remove(ctx context.Context, name string, force bool) error {
-	q := ""
+func (c *Client) Remove(ctx context.Context, name string, force bool, grace Grace) error {
+	q := url.Values{}
 	if force {
-		q = "?force=1"
+		q.Set("force", "1")
 	}
-	return c.do(ctx, http.MethodDelete, podPath(name, q), nil, nil)
+	grace.query(q)
+	return c.do(ctx, http.MethodDelete, podPath(name, "?"+q.Encode()), nil, nil)
 }
 
 // Wait waits until a pod is Ready, Running, Ended or Removed, for at most

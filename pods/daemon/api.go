@@ -28,8 +28,8 @@ import (
 //	GET    /v1/pods/{name}/events        its events
 //	GET    /v1/pods/{name}/logs          a VM's console (?vm=, ?follow=1, ?previous=1)
 //	GET    /v1/pods/{name}/wait          until ?for=Ready|Running|Ended|Removed (?timeout=)
-//	POST   /v1/pods/{name}/stop          stop every VM
-//	DELETE /v1/pods/{name}               remove (?force=1 stops it first)
+//	POST   /v1/pods/{name}/stop          stop every VM (?grace=SECONDS)
+//	DELETE /v1/pods/{name}               remove (?force=1 stops it first; ?grace=SECONDS)
 //	GET    /metrics                      Prometheus
 //	GET    /v1/version
 //
@@ -260,7 +260,8 @@ func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int
 	}
 	if err != nil {
 		// Not recorded (the state store failed) or not audited: undo.
-		d.rm(context.Background(), np, true, &caller)
+		zero := time.Duration(0)
+		d.rm(context.Background(), np, true, &caller, &zero)
 		return nil, 0, fmt.Errorf("apply pod %s: %w", name, err)
 	}
 	return &pods.ApplyResult{Name: name, UID: rec.UID, Result: "created"}, http.StatusCreated, nil
@@ -516,7 +517,12 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleStop(w http.ResponseWriter, r *http.Request, p *pod) {
 	caller, _ := callerOf(r.Context())
-	err := d.stopPod(r.Context(), p, &caller)
+	grace, err := graceParam(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	err = d.stopPod(r.Context(), p, &caller, grace)
 	err = errors.Join(err, d.audit(r.Context(), Entry{Caller: &caller, Action: AuditPodStop, Object: Object{Kind: "pod", Name: p.name()}, Err: err}))
 	if err != nil {
 		fail(w, err)
@@ -525,15 +531,32 @@ func (d *Daemon) handleStop(w http.ResponseWriter, r *http.Request, p *pod) {
 	writeJSON(w, http.StatusOK, d.infoOf(p))
 }
 
+// graceParam reads ?grace=SECONDS, which overrides the pod's
+// terminationGracePeriodSeconds for one stop or rm (0: SIGKILL at once,
+// as kubectl delete --grace-period=0).
+func graceParam(r *http.Request) (*time.Duration, error) {
+	v := r.URL.Query().Get("grace")
+	if v == "" {
+		return nil, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > 3600 {
+		return nil, errCode(http.StatusBadRequest, "grace=%q: want 0 to 3600 seconds", v)
+	}
+	g := time.Duration(n) * time.Second
+	return &g, nil
+}
+
 // stopPod stops every VM of p (SIGTERM, then SIGKILL after the grace
-// period) and waits for their supervisors to end.
-func (d *Daemon) stopPod(ctx context.Context, p *pod, by *Caller) error {
+// period: the pod's, or grace) and waits for their supervisors to end.
+func (d *Daemon) stopPod(ctx context.Context, p *pod, by *Caller, grace *time.Duration) error {
 	d.mu.Lock()
 	if p.removed {
 		d.mu.Unlock()
 		return errCode(http.StatusNotFound, "no such pod: %s", p.name())
 	}
 	p.stopping = true
+	p.grace = grace
 	p.rec.Stopped = true
 	if p.rec.Reason == "" {
 		p.rec.Reason = pods.ReasonStopped
@@ -565,7 +588,7 @@ func (d *Daemon) stopPod(ctx context.Context, p *pod, by *Caller) error {
 		}
 	}
 	d.mu.Lock()
-	p.stopping = false
+	p.stopping, p.grace = false, nil
 	p.event("", pods.Normal, "Stopped", "every VM of pod %s stopped", p.name())
 	ch = p.save()
 	d.mu.Unlock()
@@ -587,7 +610,12 @@ func (d *Daemon) handleRm(w http.ResponseWriter, r *http.Request, p *pod) {
 			}
 		}
 	}
-	err := d.rm(r.Context(), p, force, &caller)
+	grace, err := graceParam(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	err = d.rm(r.Context(), p, force, &caller, grace)
 	err = errors.Join(err, d.audit(r.Context(), Entry{Caller: &caller, Action: AuditPodRm, Object: Object{Kind: "pod", Name: name},
 		Params: map[string]string{"force": strconv.FormatBool(force)}, Err: err}))
 	if err != nil {
@@ -618,7 +646,7 @@ func (p *pod) active() bool {
 // rm removes a pod that runs no VM (with force, it is stopped first):
 // its record, cgroups, logs and exit records, and its volumes but the
 // retained ones.
-func (d *Daemon) rm(ctx context.Context, p *pod, force bool, by *Caller) error {
+func (d *Daemon) rm(ctx context.Context, p *pod, force bool, by *Caller, grace *time.Duration) error {
 	d.mu.Lock()
 	active := p.active()
 	d.mu.Unlock()
@@ -626,7 +654,7 @@ func (d *Daemon) rm(ctx context.Context, p *pod, force bool, by *Caller) error {
 		if !force {
 			return errCode(http.StatusConflict, "pod %s is running: stop it first, or rm --force", p.name())
 		}
-		if err := d.stopPod(ctx, p, by); err != nil {
+		if err := d.stopPod(ctx, p, by, grace); err != nil {
 			return err
 		}
 	}

@@ -268,7 +268,7 @@ func TestStartFailure(t *testing.T) {
 	if td.d.cg.Exists("x", "a") {
 		t.Error("the failed VM's cgroup is left")
 	}
-	if err := td.c.Remove(context.Background(), "x", false); err != nil {
+	if err := td.c.Remove(context.Background(), "x", false, client.Default); err != nil {
 		t.Errorf("rm of a failed pod: %v", err)
 	}
 }

@@ -27,6 +27,8 @@ type pod struct {
 	// stopping: a stop or rm is under way; nothing restarts.
 	stopping bool
 	removed  bool
+	// grace overrides the spec's grace period for the stop under way.
+	grace *time.Duration
 }
 
 // vm is one VM of a pod.
@@ -498,6 +500,9 @@ func (p *pod) failed(v *vm, reason string, err error) {
 func (d *Daemon) terminate(v *vm, in *instance, reason string) bool {
 	d.mu.Lock()
 	grace := v.p.rec.Pod.Spec.GracePeriod()
+	if v.p.grace != nil {
+		grace = *v.p.grace
+	}
 	v.p.event(v.spec.Name, pods.Normal, "Killing", "stopping VM %s: %s", v.spec.Name, reason)
 	d.mu.Unlock()
 	in.signal(syscall.SIGTERM)

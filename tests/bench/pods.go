@@ -217,7 +217,7 @@ func startPod(ctx context.Context, c *client.Client, state string, daemonPid, k,
 	for i := range k {
 		fmt.Fprintf(&doc, "  - {name: v%d, memory: 16M, cpus: 1, cmdline: rayguest.run=echo}\n", i)
 	}
-	defer c.Remove(context.Background(), name, true)
+	defer c.Remove(context.Background(), name, true, client.Default)
 	start := time.Now()
 	if _, err := c.Apply(ctx, doc.Bytes()); err != nil {
 		return 0, 0, 0, err
