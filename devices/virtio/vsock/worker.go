@@ -4,6 +4,8 @@ import (
 	"container/heap"
 	"errors"
 	"fmt"
+	"os"
+	"runtime"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -33,6 +35,8 @@ type worker struct {
 	rxq, txq *queue.Queue
 	cid      uint64
 	epfd     int
+	ep       *os.File        // epfd, parked on by the Go netpoller (see waitEvents)
+	epDL     time.Time       // ep's read deadline as last set
 	kickFd   int
 	stopping atomic.Bool
 	done     chan struct{}
@@ -48,6 +52,7 @@ type worker struct {
 	rsts     int      // RST replies in wait
 	timers   timerHeap
 	txMore   bool      // transmit chains left for the next round
+	busy     bool      // the last round moved packets: poll before sleeping
 	retryAcc time.Time // accept failed (EMFILE): try again then
 
 	rxUsed, txUsed int
@@ -88,12 +93,17 @@ func newWorker(d *Device, mem *memory.Memory, irq virtio.Interrupt, rxq, txq *qu
 	if w.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		return nil, fmt.Errorf("epoll: %w", err)
 	}
+	if err := unix.SetNonblock(w.epfd, true); err != nil {
+		unix.Close(w.epfd)
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	w.ep = os.NewFile(uintptr(w.epfd), "vsock-epoll")
 	for _, r := range []struct {
 		fd     int
 		events uint32
 	}{{w.kickFd, unix.EPOLLIN}, {d.lfd, unix.EPOLLIN | unix.EPOLLET}} {
 		if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, r.fd, &unix.EpollEvent{Events: r.events, Fd: int32(r.fd)}); err != nil {
-			unix.Close(w.epfd)
+			w.ep.Close()
 			return nil, fmt.Errorf("epoll add: %w", err)
 		}
 	}
@@ -110,8 +120,8 @@ func (w *worker) run() {
 	w.accept()
 	w.service()
 	for !w.stopping.Load() {
-		n, err := unix.EpollWait(w.epfd, w.events[:], w.timeout())
-		if err != nil && err != unix.EINTR {
+		n, err := w.waitEvents()
+		if err != nil {
 			w.d.metrics.LoopErrors.Add(1)
 			w.d.log.Warn("virtio-vsock: epoll_wait failed", "err", err)
 			time.Sleep(10 * time.Millisecond) // do not spin on an error that persists
@@ -124,30 +134,116 @@ func (w *worker) run() {
 	}
 }
 
-// timeout is how long epoll_wait may sleep, in ms: until the next timer,
-// 0 when transmit chains are left over, -1 for ever.
-func (w *worker) timeout() int {
+func (w *worker) epollNow() (int, error) {
+	n, err := unix.EpollWait(w.epfd, w.events[:], 0)
+	if err == unix.EINTR {
+		return 0, nil
+	}
+	return n, err
+}
+
+// pollWindow is how long the worker keeps watching the rings and sockets
+// after a round that moved packets before it sleeps (blk and QEMU's
+// iothreads poll the same way): a driver that sends again soon, the common
+// case under load, is served without a notification, and the worker
+// without a wake-up through the Go netpoller, which runs only when a P is
+// idle.
+const pollWindow = 50 * time.Microsecond
+
+// poll watches for work for up to pollWindow after a busy round. ok is
+// true when work arrived; n epoll events are then in w.events.
+func (w *worker) poll() (n int, ok bool) {
+	if !w.busy || w.broken {
+		return 0, false
+	}
+	w.busy = false
+	end := time.Now().Add(pollWindow)
+	for !w.stopping.Load() {
+		if n, err := w.txq.Pending(); err != nil || n > 0 {
+			return 0, true // an error surfaces on the next Pop
+		}
+		if len(w.wait) > 0 {
+			if n, err := w.rxq.Pending(); err != nil || n > 0 {
+				return 0, true
+			}
+		}
+		if n, err := w.epollNow(); n > 0 || err != nil {
+			return max(n, 0), true
+		}
+		if time.Now().After(end) {
+			return 0, false
+		}
+		runtime.Gosched()
+	}
+	return 0, false
+}
+
+// deadline is when the worker must run again without an event: the next
+// timer, or at once when transmit chains are left over; zero for never.
+func (w *worker) deadline() (t time.Time, now bool) {
 	if w.broken {
-		return -1
+		return time.Time{}, false
 	}
 	if w.txMore {
-		return 0
+		return time.Time{}, true
 	}
-	var next time.Time
 	if w.timers.Len() > 0 {
-		next = w.timers[0].when
+		t = w.timers[0].when
 	}
-	if !w.retryAcc.IsZero() && (next.IsZero() || w.retryAcc.Before(next)) {
-		next = w.retryAcc
+	if !w.retryAcc.IsZero() && (t.IsZero() || w.retryAcc.Before(t)) {
+		t = w.retryAcc
 	}
-	if next.IsZero() {
-		return -1
+	return t, false
+}
+
+// waitEvents waits for epoll events or the deadline. The goroutine parks in
+// the Go netpoller (the epoll fd is itself pollable) rather than blocking
+// its thread in epoll_wait: a goroutine in a blocking syscall keeps its P
+// until sysmon takes it back, which on a small GOMAXPROCS leaves the
+// goroutines this worker just woke (the driver's, a host writer's) waiting
+// for a P.
+func (w *worker) waitEvents() (int, error) {
+	dl, now := w.deadline()
+	if now {
+		return w.epollNow()
 	}
-	d := time.Until(next)
-	if d <= 0 {
-		return 0
+	if n, ok := w.poll(); ok {
+		return n, nil
 	}
-	return int((d + time.Millisecond - 1) / time.Millisecond)
+	if !w.broken {
+		more, err := w.txq.EnableNotification()
+		if err != nil {
+			w.fail(err)
+		} else if more {
+			return w.epollNow()
+		}
+	}
+	if !dl.Equal(w.epDL) {
+		if err := w.ep.SetReadDeadline(dl); err != nil {
+			return 0, err
+		}
+		w.epDL = dl
+	}
+	rc, err := w.ep.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var werr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, werr = unix.EpollWait(int(fd), w.events[:], 0)
+		if werr == unix.EINTR {
+			n, werr = 0, nil
+		}
+		return n > 0 || werr != nil
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return n, werr
 }
 
 // dispatch records one epoll event.
@@ -230,7 +326,7 @@ func (w *worker) closeAll() {
 	w.wait, w.rsts = nil, 0
 	w.timers = nil
 	if !w.broken || w.stopping.Load() {
-		unix.Close(w.epfd)
+		w.ep.Close()
 		w.epfd = -1
 	}
 }
@@ -473,38 +569,30 @@ func (w *worker) guestConnect(h *Header) {
 // guest that keeps it full cannot starve receive work.
 func (w *worker) txRound() int { return 2 * int(w.txq.Size()) }
 
-// processTx handles the driver's transmit chains, completing each.
+// processTx handles the driver's transmit chains, completing each. It
+// leaves notifications off: the worker polls the ring for a while and
+// turns them on only before it sleeps (waitEvents).
 func (w *worker) processTx() error {
 	w.txMore = false
-	budget := w.txRound()
-	for {
-		if err := w.txq.DisableNotification(); err != nil {
+	if err := w.txq.DisableNotification(); err != nil {
+		return err
+	}
+	for budget := w.txRound(); ; budget-- {
+		if budget == 0 {
+			w.txMore = true
+			return nil
+		}
+		c, ok, err := w.txq.Pop()
+		if err != nil || !ok {
 			return err
 		}
-		for {
-			if budget == 0 {
-				w.txMore = true
-				return nil
-			}
-			c, ok, err := w.txq.Pop()
-			if err != nil {
+		w.busy = true
+		w.transmit(&c)
+		if c.Head() < w.txq.Size() {
+			if err := w.txq.AddUsed(c.Head(), 0); err != nil {
 				return err
 			}
-			if !ok {
-				break
-			}
-			budget--
-			w.transmit(&c)
-			if c.Head() < w.txq.Size() {
-				if err := w.txq.AddUsed(c.Head(), 0); err != nil {
-					return err
-				}
-				w.txUsed++
-			}
-		}
-		more, err := w.txq.EnableNotification()
-		if err != nil || !more {
-			return err
+			w.txUsed++
 		}
 	}
 }
@@ -798,6 +886,7 @@ func (w *worker) fillRx() error {
 			return err
 		}
 		w.rxUsed++
+		w.busy = true
 	}
 	if len(w.wait) == 0 {
 		return w.rxq.DisableNotification() // no kicks needed until something is waiting
