@@ -35,8 +35,8 @@ type worker struct {
 	rxq, txq *queue.Queue
 	cid      uint64
 	epfd     int
-	ep       *os.File        // epfd, parked on by the Go netpoller (see waitEvents)
-	epDL     time.Time       // ep's read deadline as last set
+	ep       *os.File  // epfd, parked on by the Go netpoller (see waitEvents)
+	epDL     time.Time // ep's read deadline as last set
 	kickFd   int
 	stopping atomic.Bool
 	done     chan struct{}
