@@ -35,6 +35,7 @@ type bootFlags struct {
 	nets                    []string
 	name                    string
 	metricsFile             string
+	vsock                   string
 }
 
 func init() {
@@ -80,6 +81,9 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
 		",mac=MAC ,vlan=N ,trunk=N1:N2 ,rx-bps=N ,tx-bps=N ,rx-pps=N ,tx-pps=N")
 	fl.StringVar(&f.name, "name", "", "VM name; generated MACs are derived from it, so a name keeps them stable (default: rayvmm-PID)")
 	fl.StringVar(&f.metricsFile, "metrics-file", "", "write device metrics (JSON) to this file when the VM exits")
+	fl.StringVar(&f.vsock, "vsock", "", "attach a virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock: host programs connect\n"+
+		"to PATH and send \"CONNECT <port>\\n\"; guest connections to port P go to PATH_P; PATH is made mode 0600\n"+
+		"and removed on exit, a stale one left by a killed VM is reclaimed)")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -120,6 +124,14 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 			return fmt.Errorf("--net: %w", err)
 		}
 		nicSpecs = append(nicSpecs, n)
+	}
+	var vsockSpec *vsockSpec
+	if f.vsock != "" {
+		vs, err := parseVsockFlag(f.vsock)
+		if err != nil {
+			return fmt.Errorf("--vsock: %w", err)
+		}
+		vsockSpec = &vs
 	}
 	var diskSpecs []storage.DiskSpec
 	for _, s := range f.disks {
@@ -164,6 +176,13 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 				return fmt.Errorf("--net: %w", err)
 			}
 		}
+	}
+	if vsockSpec != nil {
+		closeVsock, err := attachVsock(v, *vsockSpec)
+		if err != nil {
+			return fmt.Errorf("--vsock: %w", err)
+		}
+		defer closeVsock()
 	}
 	if err := v.Prepare(); err != nil {
 		return err
