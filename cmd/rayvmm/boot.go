@@ -52,16 +52,28 @@ crashes (non-zero, with the reason, RIP and instruction bytes), or on
 SIGINT/SIGTERM. On a terminal, stdin is in raw mode: keys go to the guest, and
 Ctrl-A x quits (Ctrl-A Ctrl-A sends one Ctrl-A).
 
+--vsock adds a virtio-vsock device with Firecracker's hybrid vsock host side:
+a host program connects to the Unix socket PATH and writes "CONNECT <port>\n";
+when a guest program listens on that port it reads "OK <hostport>\n" and then
+has a byte stream (else the socket is closed). A guest connection to CID 2
+port P is connected to the Unix socket PATH_P (RST when nothing listens).
+
 rayguest reads its job from the command line: rayguest.run=poweroff (default),
 echo, crash, pio:N, blktest, blksum, blkwrite (virtio-blk; rayguest.seed=,
 rayguest.blocks=), serve and ping:ADDR (virtio-net; rayguest.ip=A.B.C.D/N,
-rayguest.gw=). The full list is in guestkernel/README.md.`,
+rayguest.gw=), vsock-echo (echoes on vsock port 52) and vsock-connect:PORT
+(sends 64 KiB to host port PORT and checks the echo). rayguest.health=PORT
+answers "ping" with "pong" on a vsock port beside any job
+(rayguest.health.failafter=S: silent after S seconds). The full list is in
+guestkernel/README.md.`,
 		Example: `  rayvmm boot
   rayvmm boot --cpus 2 --memory 256M
   rayvmm boot --cmdline rayguest.run=echo
   rayvmm boot --kernel vmlinux --cmdline "console=ttyS0 earlyprintk=serial"
   rayvmm boot --disk path=disk.img --cmdline "rayguest.run=blktest rayguest.seed=7"
-  rayvmm boot --disk volume=data,iops=100 --disk path=base.qcow2,readonly`,
+  rayvmm boot --disk volume=data,iops=100 --disk path=base.qcow2,readonly
+  rayvmm boot --vsock cid=3,uds=/tmp/v.sock --cmdline rayguest.run=vsock-echo
+      (then: socat - UNIX-CONNECT:/tmp/v.sock, type CONNECT 52, get OK 1073741824)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runBoot(cmd.Context(), &f) },
 	}
