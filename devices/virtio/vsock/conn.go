@@ -48,6 +48,7 @@ type conn struct {
 	hostInit bool
 
 	readable, writable bool // edge-triggered readiness of fd
+	outWatched         bool // EPOLLOUT is on (guest data waits in buf)
 	hostEOF            bool // a read returned 0: the host sends nothing more
 	hostHup            bool // the host closed both ways
 	shutWr             bool // the host socket is shut for writing (the guest sends nothing more)

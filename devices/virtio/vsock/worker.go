@@ -110,8 +110,27 @@ func newWorker(d *Device, mem *memory.Memory, irq virtio.Interrupt, rxq, txq *qu
 	return w, nil
 }
 
-// hostEvents is how every host socket is watched.
-const hostEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+// hostEvents is how every host socket is watched; EPOLLOUT is added only
+// while guest data waits in the connection's buffer (watchOut), or every
+// read by the host would wake the worker.
+const hostEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+
+// watchOut turns EPOLLOUT on c's socket on or off.
+func (w *worker) watchOut(c *conn, on bool) {
+	if c.outWatched == on || c.fd < 0 {
+		return
+	}
+	ev := uint32(hostEvents)
+	if on {
+		ev |= unix.EPOLLOUT
+	}
+	if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_MOD, c.fd, &unix.EpollEvent{Events: ev, Fd: int32(c.fd)}); err != nil {
+		w.d.metrics.LoopErrors.Add(1)
+		w.kill(c) // without EPOLLOUT its buffer might never drain
+		return
+	}
+	c.outWatched = on
+}
 
 func (w *worker) run() {
 	defer close(w.done)
@@ -813,6 +832,7 @@ func (w *worker) writeHost(c *conn, data [][]byte, n uint32) {
 	for _, b := range data {
 		c.buf = append(c.buf, b...)
 	}
+	w.watchOut(c, true)
 }
 
 // flush writes buffered guest data once the host socket takes it.
@@ -833,6 +853,7 @@ func (w *worker) flush(c *conn) {
 	}
 	if c.pending() == 0 {
 		c.buf, c.off = c.buf[:0], 0
+		w.watchOut(c, false)
 		w.checkClose(c)
 	}
 }
