@@ -17,8 +17,10 @@ import (
 //
 //	go test -run XXX -bench . -benchtime 2000x ./devices/virtio/vsock
 //
-// One iteration is one chunk (the packet size) of the stream. The two
-// alternate in rounds, so both see the same load on a shared machine. The
+// One iteration is one chunk of the stream: the guest's receive buffers
+// and packets, and the raw side's writes and reads, are chunk-sized (the
+// guest has 1 MiB of receive buffers). The two alternate in rounds, so
+// both see the same load on a shared machine. The
 // mock guest counts the data it receives without copying it out (as an
 // application consuming in place) and sends what its transmit buffers hold
 // without copying data in (an application producing in place), so only
@@ -32,12 +34,12 @@ const benchRounds = 10
 func BenchmarkHostToGuest(b *testing.B) {
 	for _, size := range benchChunks {
 		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
-			g := newGuest(b, guestOpts{rxSize: uint32(size), rxBufs: 128, eventIdx: true})
+			g := newGuest(b, guestOpts{rxSize: uint32(size), rxBufs: min(256, (1<<20)/size), eventIdx: true})
 			c, s, _ := g.hostConnect(52)
 			s.discard = true
 			a, z := rawPair(b)
 			chunk := pattern(size, 1)
-			buf := make([]byte, 1<<20)
+			buf := make([]byte, size)
 			var raw, dev time.Duration
 			b.ResetTimer()
 			for _, n := range rounds(b.N) {
@@ -79,12 +81,12 @@ func BenchmarkGuestToHost(b *testing.B) {
 			for _, n := range rounds(b.N) {
 				total := n * size
 				start := time.Now()
-				done := readN(b, z, total)
+				done := readN(b, z, total, size)
 				go writeN(b, a, data, n)
 				<-done
 				raw += time.Since(start)
 				start = time.Now()
-				done = readN(b, c, total)
+				done = readN(b, c, total, size)
 				s.writeInPlace(total, size)
 				<-done // everything was sent; the device needs nothing more from the guest
 				dev += time.Since(start)
@@ -123,12 +125,13 @@ func writeN(b *testing.B, w io.Writer, chunk []byte, n int) {
 	}
 }
 
-// readN reads total bytes from r on a goroutine and closes the channel.
-func readN(b *testing.B, r io.Reader, total int) chan struct{} {
+// readN reads total bytes from r, chunk bytes at a time, on a goroutine
+// and closes the channel.
+func readN(b *testing.B, r io.Reader, total, chunk int) chan struct{} {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		buf := make([]byte, 1<<20)
+		buf := make([]byte, chunk)
 		for got := 0; got < total; {
 			k, err := r.Read(buf)
 			if err != nil {
