@@ -494,3 +494,45 @@ func TestVsockHandshakeGarbage(t *testing.T) {
 		t.Fatalf("metrics %v", m)
 	}
 }
+
+// TestVsockBadInput: a bad --vsock gets a one-line error and a non-zero
+// exit, and leaves no socket behind; neither does a boot that fails after
+// the socket was made.
+func TestVsockBadInput(t *testing.T) {
+	requireKVM(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, []byte("keep me"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	uds := filepath.Join(dir, "v.sock")
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"cid 2", []string{"--vsock", "cid=2,uds=" + uds}, "guest CID must be a number from 3"},
+		{"no uds", []string{"--vsock", "cid=3"}, "uds=PATH is missing"},
+		{"unknown key", []string{"--vsock", "cid=3,uds=" + uds + ",mode=x"}, `unknown key "mode"`},
+		{"path too long", []string{"--vsock", "cid=3,uds=" + filepath.Join(dir, strings.Repeat("s", 100))}, "path too long"},
+		{"missing directory", []string{"--vsock", "cid=3,uds=" + filepath.Join(dir, "nope", "v.sock")}, "no such file"},
+		{"not a socket", []string{"--vsock", "cid=3,uds=" + file}, "exists and is not a socket"},
+		{"a disk fails", []string{"--vsock", "cid=3,uds=" + uds, "--disk", "path=" + filepath.Join(dir, "nope.img")}, "--disk"},
+		{"fails after the socket was made", []string{"--vsock", "cid=3,uds=" + uds, "--cmdline", strings.Repeat("x", 5000)}, "this kernel accepts at most"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := run(t, nil, 30*time.Second, append([]string{"boot", "--cmdline", "rayguest.run=vsock-echo"}, tc.args...)...)
+			msg := strings.TrimSpace(r.stderr)
+			if r.code == 0 || strings.Count(msg, "\n") != 0 || !strings.HasPrefix(msg, "rayvmm: ") || !strings.Contains(msg, tc.want) {
+				t.Fatalf("exit %d, stderr %q; want one line mentioning %q", r.code, r.stderr, tc.want)
+			}
+			entries, _ := os.ReadDir(dir)
+			if len(entries) != 1 || entries[0].Name() != "file" {
+				t.Fatalf("left behind: %v", entries)
+			}
+			if b, _ := os.ReadFile(file); string(b) != "keep me" {
+				t.Fatal("the regular file was changed")
+			}
+		})
+	}
+}
