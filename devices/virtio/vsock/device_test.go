@@ -319,9 +319,9 @@ func TestCreditHostToGuest(t *testing.T) {
 	msg := pattern(100000, 3)
 	go c.Write(msg)
 	g.wait("the guest's buffer full", func() bool { return len(s.data) == 8192 })
+	// The device asks for credit only once it has none: everything it
+	// sent came before the request.
 	g.wait("CREDIT_REQUEST", func() bool { return s.ops[OpCreditRequest] > 0 })
-	time.Sleep(50 * time.Millisecond) // let anything that should not come arrive
-	g.poll()
 	if len(s.data) != 8192 || s.overCredit != 0 {
 		t.Fatalf("device sent %d bytes to an 8192-byte buffer (over by %d)", len(s.data), s.overCredit)
 	}
@@ -343,12 +343,18 @@ func TestCreditGuestToHost(t *testing.T) {
 	// Fill the host socket's buffers first so the device must buffer.
 	msg := pattern(4<<20, 5)
 	sent := 0
-	for s.credit() > 0 || sent == 0 {
-		n := min(int(s.credit()), 65536, len(msg)-sent)
-		if n == 0 {
-			g.wait("credit", func() bool { return s.credit() > 0 })
-			continue
+	for {
+		if s.credit() == 0 {
+			// Ask: the answer comes after the device handled all we
+			// sent, so no credit then means its buffer is full.
+			n := s.ops[OpCreditUpdate]
+			g.send(s, OpCreditRequest, 0, nil)
+			g.wait("CREDIT_UPDATE", func() bool { return s.ops[OpCreditUpdate] > n })
+			if s.credit() == 0 {
+				break
+			}
 		}
+		n := min(int(s.credit()), 65536, len(msg)-sent)
 		s.txCnt += uint32(n)
 		g.send(s, OpRW, 0, msg[sent:sent+n])
 		sent += n
@@ -356,10 +362,9 @@ func TestCreditGuestToHost(t *testing.T) {
 		if sent > 3<<20 {
 			t.Fatal("the host socket takes everything; cannot fill the device's buffer")
 		}
-		if s.credit() == 0 {
-			time.Sleep(20 * time.Millisecond)
-			g.poll()
-		}
+	}
+	if s.txCnt-s.peerFwd != BufSize {
+		t.Fatalf("device holds %d bytes with no credit left, want %d", s.txCnt-s.peerFwd, BufSize)
 	}
 	if m := g.dev.Metrics().Snapshot(); m.CreditOverflow != 0 {
 		t.Fatalf("metrics %+v", m)
@@ -406,11 +411,11 @@ func TestLyingGuest(t *testing.T) {
 		c, s, _ := g.hostConnect(52)
 		go c.Write(pattern(1<<20, 2))
 		g.wait("first data", func() bool { return len(s.data) > 0 })
-		// Claim to have consumed 1 GiB, and a 4 KiB buffer.
+		// Claim to have consumed 1 GiB, and a 4 KiB buffer. The device
+		// has no credit for that, so it asks again (after the lie).
+		asked := s.ops[OpCreditRequest]
 		g.sendRaw(Header{SrcPort: s.key.local, DstPort: s.key.peer, Op: OpCreditUpdate, BufAlloc: 4096, FwdCnt: s.fwdCnt + 1<<30}, nil)
-		g.wait("CREDIT_REQUEST", func() bool { return s.ops[OpCreditRequest] > 0 })
-		time.Sleep(50 * time.Millisecond)
-		g.poll()
+		g.wait("CREDIT_REQUEST after the lie", func() bool { return s.ops[OpCreditRequest] > asked })
 		if len(s.data) > 4096 || s.overCredit != 0 {
 			t.Fatalf("device sent %d bytes (over by %d) to a 4 KiB buffer", len(s.data), s.overCredit)
 		}
@@ -420,13 +425,14 @@ func TestLyingGuest(t *testing.T) {
 		c, s, _ := g.hostConnect(52)
 		s.bufAlloc = 0
 		g.send(s, OpCreditUpdate, 0, nil)
-		g.poll()
+		// The reply to a request comes after the device took the update.
+		n := s.ops[OpCreditUpdate]
+		g.send(s, OpCreditRequest, 0, nil)
+		g.wait("CREDIT_UPDATE", func() bool { return s.ops[OpCreditUpdate] > n })
 		if _, err := c.Write(pattern(50000, 4)); err != nil {
 			t.Fatal(err)
 		}
 		g.wait("CREDIT_REQUEST", func() bool { return s.ops[OpCreditRequest] > 0 })
-		time.Sleep(50 * time.Millisecond)
-		g.poll()
 		if len(s.data) != 0 {
 			t.Fatalf("device sent %d bytes to a guest with no buffer", len(s.data))
 		}
