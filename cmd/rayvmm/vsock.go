@@ -88,27 +88,40 @@ func listenVsock(path string) (ln *net.UnixListener, remove func() error, err er
 	if err := reclaimStale(path); err != nil {
 		return nil, nil, err
 	}
-	dir, err := os.MkdirTemp(filepath.Dir(path), ".rayvmm-vsock-")
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".rv")
 	if err != nil {
 		return nil, nil, err
 	}
 	defer os.RemoveAll(dir)
 	tmp := filepath.Join(dir, "s")
+	if len(tmp) > sunPathMax {
+		// No room for the detour: bind in place (a file made meanwhile
+		// makes that fail). Until the chmod the socket has the umask's
+		// mode; connecting needs write permission, which the usual
+		// umask (022) gives no one else.
+		tmp = path
+	}
 	ln, err = net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
 	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, nil, fmt.Errorf("%s: %w", path, errSocketInUse)
+		}
 		return nil, nil, err
 	}
 	ln.SetUnlinkOnClose(false)
 	if err := os.Chmod(tmp, 0o600); err != nil {
 		ln.Close()
+		os.Remove(tmp)
 		return nil, nil, err
 	}
-	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_NOREPLACE); err != nil {
-		ln.Close()
-		if errors.Is(err, unix.EEXIST) {
-			return nil, nil, fmt.Errorf("%s: %w", path, errSocketInUse)
+	if tmp != path {
+		if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_NOREPLACE); err != nil {
+			ln.Close()
+			if errors.Is(err, unix.EEXIST) {
+				return nil, nil, fmt.Errorf("%s: %w", path, errSocketInUse)
+			}
+			return nil, nil, fmt.Errorf("%s: %w", path, err)
 		}
-		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Lstat(path, &st); err != nil {

@@ -105,6 +105,26 @@ func TestListenVsock(t *testing.T) {
 	if b, _ := os.ReadFile(path); string(b) != "data" {
 		t.Fatal("the regular file was touched")
 	}
+	// A path at the length limit: no room for the private directory's
+	// detour, so it is bound in place, still 0600.
+	deep := filepath.Join(dir, strings.Repeat("d", 101-len(dir)-1))
+	if err := os.Mkdir(deep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	long := filepath.Join(deep, "v") // 103 bytes; the detour would need at least 108
+	ln3, remove3, err := listenVsock(long)
+	if err != nil {
+		t.Fatalf("listen at the length limit: %v", err)
+	}
+	if fi, err := os.Lstat(long); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket at the length limit: %v, %v", fi, err)
+	}
+	remove3()
+	ln3.Close()
+	if entries, _ := os.ReadDir(deep); len(entries) != 0 {
+		t.Fatalf("left behind: %v", entries)
+	}
+	os.Remove(deep)
 	// A directory that does not exist: an error, nothing made.
 	if _, _, err := listenVsock(filepath.Join(dir, "nope", "v.sock")); err == nil {
 		t.Fatal("listen in a missing directory succeeded")
