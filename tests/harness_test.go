@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -154,18 +155,30 @@ func (w *lineWatcher) String() string {
 	return w.buf.String()
 }
 
+// waitForRE waits until the output matches re.
+func (w *lineWatcher) waitForRE(t testing.TB, re *regexp.Regexp, timeout time.Duration) {
+	t.Helper()
+	w.waitUntil(t, re.String(), re.MatchString, timeout)
+}
+
 // waitFor waits until the output contains s.
 func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 	t.Helper()
+	w.waitUntil(t, fmt.Sprintf("%q", s), func(out string) bool { return strings.Contains(out, s) }, timeout)
+}
+
+// waitUntil waits until ok holds for the output; what names it in errors.
+func (w *lineWatcher) waitUntil(t testing.TB, what string, ok func(string) bool, timeout time.Duration) {
+	t.Helper()
 	deadline := time.After(timeout)
-	for !strings.Contains(w.String(), s) {
+	for !ok(w.String()) {
 		if w.isClosed() {
-			t.Fatalf("process exited without printing %q; output:\n%s", s, w.String())
+			t.Fatalf("process exited without printing %s; output:\n%s", what, w.String())
 		}
 		select {
 		case <-w.cond:
 		case <-deadline:
-			t.Fatalf("no %q within %v; output so far:\n%s", s, timeout, w.String())
+			t.Fatalf("no %s within %v; output so far:\n%s", what, timeout, w.String())
 		}
 	}
 }

@@ -76,7 +76,9 @@ func TestLinuxBoot(t *testing.T) {
 		done <- err
 	}()
 	out.waitFor(t, "Linux version", 5*time.Minute)
+	// The whole line: Linux writes it a character (an exit) at a time.
 	out.waitFor(t, "BIOS-e820: [mem 0x0000000000100000", 2*time.Minute)
+	out.waitForRE(t, regexp.MustCompile(`BIOS-e820: \[mem 0x0000000000100000[^\n]*\n`), 2*time.Minute)
 	text := out.String()
 	if !regexp.MustCompile(`Command line: ` + regexp.QuoteMeta(cmdline) + `\r?\n`).MatchString(text) {
 		t.Errorf("Linux did not print the exact command line %q:\n%s", cmdline, text)
