@@ -134,9 +134,17 @@ type NICRateLimit struct {
 type Vsock struct {
 	// CID is the guest's context ID (at least 3).
 	CID uint32 `json:"cid"`
-	// UDS is the Unix socket the VM process listens on.
+	// UDS is the Unix socket host programs connect to ("CONNECT
+	// <port>\n"); a guest connection to host port P is connected to the
+	// Unix socket UDS_P. The control plane makes it (mode 0600) and
+	// removes it when the VM is gone; a relative path is taken from the
+	// control plane's working directory.
 	UDS string `json:"uds"`
 }
+
+// VsockPortSuffixMax is the longest suffix a guest connection adds to
+// Vsock.UDS: a connection to host port P goes to the socket UDS_P.
+const VsockPortSuffixMax = "_4294967295"
 
 // Defaults.
 const (
@@ -250,6 +258,12 @@ func (v *VM) Validate() error {
 		}
 		if err := checkSocketPath("vsock.uds", v.Vsock.UDS); err != nil {
 			return err
+		}
+		// Guest connections to host port P go to UDS_P: the longest of
+		// those must fit in a socket address too.
+		if n := len(v.Vsock.UDS) + len(VsockPortSuffixMax); n > maxSocketPath {
+			return fieldErr("vsock.uds", "%q is too long: with %s behind it (the sockets guest connections go to) it is %d bytes, and a Unix socket path holds %d",
+				abbreviate(v.Vsock.UDS), VsockPortSuffixMax, n, maxSocketPath)
 		}
 	}
 	return nil

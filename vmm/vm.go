@@ -83,6 +83,7 @@ type VM struct {
 	virtio   []*VirtioSlot
 	disks    []*Disk
 	nics     []*NIC
+	vsock    *Vsock
 	vcpus    []*vcpu
 	stopping atomic.Bool
 	exitOnce sync.Once

@@ -1,8 +1,8 @@
 // Package vmproc is the hand-over between a control plane (rayvmm boot, the
 // pods daemon) and a VM process (rayvmm-vm): the control plane resolves
 // names and state, opens every resource the VM needs — /dev/kvm, the
-// kernel, each disk image with its backing chain, each TAP, the API socket,
-// the metrics file — and execs rayvmm-vm with them as inherited
+// kernel, each disk image with its backing chain, each TAP, the API and
+// vsock sockets, the metrics file — and execs rayvmm-vm with them as inherited
 // descriptors; the VM process reads a Handoff (the effective spec and a
 // table mapping each resource to its descriptor) from descriptor 3, opens
 // nothing by path and never touches the state directory.
@@ -68,6 +68,8 @@ type Handoff struct {
 	NICs  []NIC  `json:"nics"`
 	// API is the listening API socket (Spec.APISocket), if any.
 	API *File `json:"api,omitempty"`
+	// Vsock is the listening vsock socket (Spec.Vsock.UDS), if any.
+	Vsock *File `json:"vsock,omitempty"`
 	// Metrics is a file to write the device metrics (JSON) to when the VM
 	// exits, if any.
 	Metrics *File `json:"metrics,omitempty"`
@@ -212,6 +214,12 @@ func (h *Handoff) check() error {
 		return errors.New("no spec")
 	case len(h.Disks) != len(h.Spec.Disks) || len(h.NICs) != len(h.Spec.Nets):
 		return fmt.Errorf("%d disks and %d NICs handed over for a spec with %d and %d", len(h.Disks), len(h.NICs), len(h.Spec.Disks), len(h.Spec.Nets))
+	}
+	if (h.Vsock != nil) != (h.Spec.Vsock != nil) {
+		return fmt.Errorf("vsock socket handed over: %v, in the spec: %v", h.Vsock != nil, h.Spec.Vsock != nil)
+	}
+	if (h.API != nil) != (h.Spec.APISocket != "") {
+		return fmt.Errorf("API socket handed over: %v, in the spec: %v", h.API != nil, h.Spec.APISocket != "")
 	}
 	if err := h.Spec.Validate(); err != nil {
 		return fmt.Errorf("spec: %w", err)

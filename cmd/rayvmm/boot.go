@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -33,6 +34,7 @@ type bootFlags struct {
 	name                    string
 	metricsFile             string
 	apiSocket               string
+	vsock                   string
 }
 
 func init() {
@@ -59,10 +61,22 @@ mode: keys go to the guest, and Ctrl-A x quits (Ctrl-A Ctrl-A sends one
 Ctrl-A). With --api-socket, "rayvmm vm status|pause|resume|shutdown" and
 curl --unix-socket control it while it runs.
 
+--vsock adds a virtio-vsock device with Firecracker's hybrid vsock host side:
+a host program connects to the Unix socket PATH and writes "CONNECT <port>\n";
+when a guest program listens on that port it reads "OK <hostport>\n" and then
+has a byte stream (else the socket is closed). A guest connection to CID 2
+port P is connected to the Unix socket PATH_P (RST when nothing listens).
+rayvmm makes PATH (mode 0600, a stale one left by a killed VM reclaimed, a
+live one refused) and removes it when the VM is gone.
+
 rayguest reads its job from the command line: rayguest.run=poweroff (default),
 echo, crash, pio:N, blktest, blksum, blkwrite (virtio-blk; rayguest.seed=,
 rayguest.blocks=), serve and ping:ADDR (virtio-net; rayguest.ip=A.B.C.D/N,
-rayguest.gw=). The full list is in guestkernel/README.md.`,
+rayguest.gw=), vsock-echo (echoes on vsock port 52) and vsock-connect:PORT
+(sends 64 KiB to host port PORT and checks the echo). rayguest.health=PORT
+answers "ping" with "pong" on a vsock port beside any job
+(rayguest.health.failafter=S: silent after S seconds). The full list is in
+guestkernel/README.md.`,
 		Example: `  rayvmm boot
   rayvmm boot --cpus 2 --memory 256M
   rayvmm boot --cmdline rayguest.run=echo --api-socket /tmp/vm.sock
@@ -70,7 +84,9 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
   rayvmm boot --disk path=disk.img --cmdline "rayguest.run=blktest rayguest.seed=7"
   rayvmm boot --disk volume=data,iops=100 --disk path=base.qcow2,readonly
   rayvmm boot --config vm.yaml --memory 256M
-  rayvmm boot --config vm.yaml --print-config`,
+  rayvmm boot --config vm.yaml --print-config
+  rayvmm boot --vsock cid=3,uds=/tmp/v.sock --cmdline rayguest.run=vsock-echo
+      (then: socat - UNIX-CONNECT:/tmp/v.sock, type CONNECT 52, get OK 1073741824)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runBoot(cmd, &f) },
 	}
@@ -91,6 +107,8 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
 	fl.StringVar(&f.name, "name", "", "VM name; generated MACs are derived from it, so a name keeps them stable (default: rayvmm-PID)")
 	fl.StringVar(&f.metricsFile, "metrics-file", "", "write device metrics (JSON) to this file when the VM exits")
 	fl.StringVar(&f.apiSocket, "api-socket", "", "serve the VM's control API (HTTP/1.1, JSON) on this Unix socket")
+	fl.StringVar(&f.vsock, "vsock", "", "attach a virtio-vsock device: "+spec.VsockFlagHelp+" (Firecracker's hybrid vsock: host programs\n"+
+		"connect to PATH and send \"CONNECT <port>\\n\"; guest connections to port P go to PATH_P)")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -110,6 +128,9 @@ func bootSpec(cmd *cobra.Command, f *bootFlags) (*spec.VM, error) {
 			return nil
 		}
 		if err := apply(); err != nil {
+			if strings.HasPrefix(err.Error(), "--"+name+" ") {
+				return err // it names the flag already
+			}
 			return fmt.Errorf("--%s: %w", name, err)
 		}
 		return nil
@@ -136,6 +157,11 @@ func bootSpec(cmd *cobra.Command, f *bootFlags) (*spec.VM, error) {
 			}
 			s.CPUs = f.cpus
 			return nil
+		}),
+		set("vsock", func() error {
+			vs, err := spec.ParseVsock(f.vsock)
+			s.Vsock = &vs
+			return err
 		}),
 		set("disk", func() error {
 			s.Disks = nil

@@ -102,10 +102,11 @@ type Daemon struct {
 	changed chan struct{} // closed and replaced at every change
 	metrics *metrics
 
-	srv        *http.Server
-	listener   net.Listener
-	persistEnd chan struct{}
-	persistRun chan struct{}
+	srv          *http.Server
+	listener     net.Listener
+	removeSocket func() error
+	persistEnd   chan struct{}
+	persistRun   chan struct{}
 }
 
 // socketRoom is what the longest socket name under the run directory
@@ -235,21 +236,23 @@ func (d *Daemon) listen() (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}
-	l, err := control.ListenAPI(path)
+	l, remove, err := control.ListenSocket(path)
 	if err != nil {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
-	l.SetUnlinkOnClose(true)
+	d.removeSocket = remove
 	gid := -1
 	if d.cfg.SocketGID >= 0 {
 		gid = d.cfg.SocketGID
 	}
 	if err := os.Chown(path, -1, gid); err != nil {
 		l.Close()
+		remove()
 		return nil, fmt.Errorf("socket %s: chown: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o660); err != nil {
 		l.Close()
+		remove()
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return l, nil
@@ -265,6 +268,9 @@ func (d *Daemon) stop() {
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	d.srv.Shutdown(sctx)
+	if d.removeSocket != nil {
+		d.removeSocket()
+	}
 	d.cancel()
 	d.wg.Wait()
 	d.audit(context.Background(), Entry{Action: AuditDaemonStop, Object: Object{Kind: "daemon", Name: d.st.Dir()}})

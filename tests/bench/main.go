@@ -69,7 +69,8 @@ type options struct {
 	pioLow, pioHigh, pioRnds int
 	densityKs                []int
 	densityRounds, densityMB int
-	blkN, netN, apiCalls     int
+	blkN, netN, vsockN       int
+	apiCalls                 int
 	waitLoad                 float64
 	waitMax                  time.Duration
 	skip                     map[string]bool
@@ -96,6 +97,7 @@ func main() {
 	flag.IntVar(&o.blkN, "blk-n", 2000, "iterations of each virtio-blk benchmark")
 	flag.IntVar(&o.netN, "net-n", 20000, "iterations of each virtio-net benchmark")
 	flag.IntVar(&o.apiCalls, "api-calls", 1000, "calls of each kind in the API latency measurement")
+	flag.IntVar(&o.vsockN, "vsock-n", 20000, "iterations (chunks) of each virtio-vsock benchmark")
 	flag.Float64Var(&o.waitLoad, "wait-load", 0, "first wait until the 1-minute load average is below this (0: don't wait)")
 	flag.DurationVar(&o.waitMax, "wait-max", 15*time.Minute, "longest wait for -wait-load")
 	flag.StringVar(&podKs, "pods", "", "pod sizes (VMs) for the pods benchmark, e.g. 1,4,16 (empty: not run)")
@@ -238,7 +240,7 @@ func bench(ctx context.Context, o options) error {
 		MemoryMiB: o.memMiB, CPUs: 1, Cmdline: "", Runs: o.runs, ProbeRuns: o.probeRuns,
 		PIOLow: o.pioLow, PIOHigh: o.pioHigh, PIORounds: o.pioRnds,
 		DensityMemMiB: o.densityMB, DensityKs: o.densityKs, DensityRounds: o.densityRounds,
-		BlkBenchN: o.blkN, NetBenchN: o.netN,
+		BlkBenchN: o.blkN, NetBenchN: o.netN, VsockBenchN: o.vsockN,
 	}
 
 	logf("peers: QEMU, gokvm %s, raw loop", gokvmVersion)
@@ -318,7 +320,7 @@ func bench(ctx context.Context, o options) error {
 		res.Density = density(ctx, rayvmm, o.densityMB, o.densityKs, o.densityRounds)
 	}
 	if !o.skip["devices"] {
-		res.Devices = deviceBenches(ctx, repo, o.blkN, o.netN)
+		res.Devices = deviceBenches(ctx, repo, o.blkN, o.netN, o.vsockN)
 	}
 	if err := ctx.Err(); err != nil {
 		return err

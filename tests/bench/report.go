@@ -22,6 +22,7 @@ type Settings struct {
 	DensityRounds int    `json:"density_rounds"`
 	BlkBenchN     int    `json:"blk_bench_n"`
 	NetBenchN     int    `json:"net_bench_n"`
+	VsockBenchN   int    `json:"vsock_bench_n"`
 }
 
 // Goal is one of the issue's targets, as measured in this run.
@@ -339,7 +340,7 @@ func (r *Results) markdown(compact bool) string {
 	}
 	if len(r.Devices) > 0 && !compact {
 		p("%s Device paths against raw I/O (same process, alternating rounds)\n\n", h)
-		p("Ratio = device rate / raw rate (1.0: the device path costs nothing over pread/pwrite or the raw TAP).\n\n")
+		p("Ratio = device rate / raw rate (1.0: the device path costs nothing over pread/pwrite, the raw TAP or a raw Unix-socket copy).\n\n")
 		p("| benchmark | device | raw | ratio |\n|---|---|---|---|\n")
 		for _, d := range r.Devices {
 			pkg := d.Package[strings.LastIndex(d.Package, "/")+1:]

@@ -1,9 +1,11 @@
 // Package runner is the VM process (rayvmm-vm): from a handoff it takes
 // over the inherited descriptors — the KVM device, the kernel, the disk
-// images, the TAPs, the API socket, the metrics file — builds the VM
-// (vmm.Build), serves its API, connects the console and runs the guest
-// until it powers off, crashes or is stopped (a signal, Ctrl-A x, the API's
-// Shutdown, or the control plane going away). It opens nothing by path.
+// images, the TAPs, the API and vsock sockets, the metrics file — builds
+// the VM (vmm.Build), serves its API, connects the console and runs the
+// guest until it powers off, crashes or is stopped (a signal, Ctrl-A x,
+// the API's Shutdown, or the control plane going away). It opens nothing
+// by path; the one thing it connects to by path is what a guest vsock
+// connection to host port P asks for, the Unix socket <vsock.uds>_P.
 //
 // How the VM ended is reported as rayvmm boot always did: one line on
 // stderr ("rayvmm: ...") and the exit status (0 for a power off, a reset or
@@ -232,6 +234,12 @@ func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os
 			return b, nil, nil, nil, fmt.Errorf("API socket %s: %w", h.API.Name, err)
 		}
 		undo = append(undo, apiL)
+	}
+	if h.Vsock != nil {
+		if b.Vsock, err = h.Vsock.Open(); err != nil {
+			return b, nil, nil, nil, fmt.Errorf("vsock socket: %w", err)
+		}
+		undo = append(undo, b.Vsock)
 	}
 	if h.Metrics != nil {
 		if metrics, err = h.Metrics.Open(); err != nil {
