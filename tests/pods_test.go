@@ -1,8 +1,10 @@
 package tests
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -322,6 +324,85 @@ PROBES`
 	}
 }
 
+// vsockEcho connects to a guest port through a VM's hybrid vsock socket
+// and checks that msg comes back (rayguest.run=vsock-echo, port 52). The
+// guest runs under the instruction emulator: the deadline is generous.
+func vsockEcho(uds string, port int, msg string) error {
+	c, err := net.DialTimeout("unix", uds, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	r := bufio.NewReader(c)
+	if _, err := fmt.Fprintf(c, "CONNECT %d\n", port); err != nil {
+		return err
+	}
+	line, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "OK ") {
+		return fmt.Errorf("CONNECT %d: %q, %v", port, line, err)
+	}
+	if _, err := io.WriteString(c, msg+"\n"); err != nil {
+		return err
+	}
+	back, err := r.ReadString('\n')
+	if err != nil || back != msg+"\n" {
+		return fmt.Errorf("echo %q, %v; want %q", back, err, msg)
+	}
+	return nil
+}
+
+// TestPodVsockProbes: probes over the VM's hybrid vsock socket against
+// rayguest's health responder, which stops answering failafter seconds
+// after it started: liveness restarts the VM failureThreshold x period
+// later; readiness clears Ready and restarts nothing.
+func TestPodVsockProbes(t *testing.T) {
+	t.Parallel()
+	d := startPodDaemon(t)
+	doc := `apiVersion: rayvmm/v1
+kind: Pod
+metadata: {name: NAME}
+spec:
+  vms:
+  - name: vm
+    cmdline: rayguest.run=vsock-echo rayguest.health=53 rayguest.health.failafter=3
+    memory: 16M
+    vsock: {cid: 3}
+    PROBE: {vsock: {port: 53}, periodSeconds: 1, failureThreshold: 2}
+`
+	d.apply(t, podDoc(doc, "NAME", "vlive", "PROBE", "livenessProbe"))
+	d.apply(t, podDoc(doc, "NAME", "vready", "PROBE", "readinessProbe"))
+
+	i := d.waitFor(t, "vlive", "a liveness restart", func(i *pods.Info) bool { return i.Status.VMs[0].RestartCount >= 1 })
+	last := i.Status.VMs[0].LastState.Terminated
+	if last == nil || !strings.Contains(last.Message, "liveness probe failed") {
+		t.Fatalf("vlive: last state %+v", i.Status.VMs[0].LastState)
+	}
+	// Healthy for 3 s, then 2 failures 1 s apart.
+	if ran := last.FinishedAt.Sub(last.StartedAt); ran < 4*time.Second {
+		t.Errorf("vlive: killed %v after its start; health answers for 3 s, then 2 failures 1 s apart", ran)
+	}
+	fams := d.metrics(t)
+	if v := metricValue(fams, "rayvmm_pod_vm_probe_total", map[string]string{"pod": "vlive", "probe": "liveness", "result": "success"}); v < 1 {
+		t.Errorf("vlive: liveness successes %v: the probe never passed", v)
+	}
+
+	// Ready once health answers, then cleared when it stops (both may
+	// have happened while the liveness half ran: the events tell).
+	i = d.waitFor(t, "vready", "Ready, then cleared once health stops", func(i *pods.Info) bool {
+		ev := d.events(t, "vready")
+		ready := slices.IndexFunc(ev, func(e pods.Event) bool { return e.Reason == "Ready" })
+		return ready >= 0 && slices.ContainsFunc(ev[ready:], func(e pods.Event) bool { return e.Reason == "NotReady" }) && !i.Status.Ready()
+	})
+	if v := i.Status.VMs[0]; v.RestartCount != 0 || v.State.Running == nil || slices.ContainsFunc(d.events(t, "vready"), func(e pods.Event) bool { return e.Reason == "Terminated" }) {
+		t.Errorf("vready: after failed readiness: VM %+v", v)
+	}
+	// The guest itself still runs: its vsock echo answers.
+	if err := vsockEcho(i.Status.VMs[0].VsockSocket, 52, "alive"); err != nil {
+		t.Errorf("vready: %v", err)
+	}
+}
+
 // tapOf finds the TAP of a VM (pod.vm) by the alias rayvmm gives it.
 func (d *podDaemon) tapOf(t *testing.T, vm string) string {
 	t.Helper()
@@ -381,9 +462,13 @@ spec:
     memory: 16M
     nets: [{network: lab}]
     readinessProbe: {udp: {port: 7}, periodSeconds: 1}
-  - {name: b, cmdline: rayguest.run=echo, memory: 16M}
+  - {name: b, cmdline: rayguest.run=vsock-echo, memory: 16M, vsock: {cid: 3}}
 `)
 	before := d.waitReady(t, "keep")
+	uds := vmStatus(t, before, "b").VsockSocket
+	if err := vsockEcho(uds, 52, "before"); err != nil {
+		t.Fatalf("vsock echo before the daemon's kill: %v", err)
+	}
 	psBefore := psColumns(d.podOK(t, "", "ps"))
 	pids := map[string]int{}
 	for _, v := range before.Status.VMs {
@@ -398,6 +483,9 @@ spec:
 	}
 	if err := d.udpEcho(t, "192.0.2.30"); err != nil {
 		t.Fatalf("the guest does not answer with the daemon gone: %v", err)
+	}
+	if err := vsockEcho(uds, 52, "the daemon is gone"); err != nil {
+		t.Fatalf("the vsock echo does not answer with the daemon gone: %v", err)
 	}
 	d.start(t)
 	// A second daemon on the same state directory is refused.
@@ -446,6 +534,9 @@ spec:
 	i = d.waitFor(t, "keep", "both VMs restarted", func(i *pods.Info) bool {
 		return i.Status.VMs[0].RestartCount == 2 && i.Status.VMs[1].RestartCount == 1 && i.Status.VMs[0].State.Running != nil && i.Status.VMs[1].State.Running != nil
 	})
+	if err := vsockEcho(vmStatus(t, i, "b").VsockSocket, 52, "after"); err != nil {
+		t.Errorf("vsock echo of the restarted VM: %v", err)
+	}
 	if lb := vmStatus(t, i, "b").LastState.Terminated; lb == nil || lb.ExitCode == nil || *lb.ExitCode != 0 || lb.Reason != pods.ReasonCompleted || !strings.Contains(lb.Message, "received terminated") {
 		t.Errorf("b ended while the daemon was down: last state %+v", vmStatus(t, i, "b").LastState)
 	}

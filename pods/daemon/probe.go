@@ -4,8 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -182,6 +185,21 @@ func (d *Daemon) check(ctx context.Context, v *vm, in *instance, p *pods.Probe) 
 // socket, as Firecracker's host side does ("CONNECT PORT\n", answered
 // "OK N\n"), sends "ping" and expects "pong".
 func checkVsock(ctx context.Context, uds string, port uint32) error {
+	// A socket error names the socket by the path it was bound to, a
+	// temporary one: say what happened instead.
+	why := func(err error) string {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return "no answer in time"
+		}
+		if errors.Is(err, io.EOF) {
+			return "connection closed"
+		}
+		var op *net.OpError
+		if errors.As(err, &op) && op.Err != nil {
+			return op.Err.Error()
+		}
+		return err.Error()
+	}
 	var dl net.Dialer
 	c, err := dl.DialContext(ctx, "unix", uds)
 	if err != nil {
@@ -193,21 +211,21 @@ func checkVsock(ctx context.Context, uds string, port uint32) error {
 	}
 	r := bufio.NewReaderSize(c, 64)
 	if _, err := fmt.Fprintf(c, "CONNECT %d\n", port); err != nil {
-		return fmt.Errorf("vsock CONNECT %d: %w", port, err)
+		return fmt.Errorf("vsock CONNECT %d: %s", port, why(err))
 	}
 	line, err := r.ReadString('\n')
 	if err != nil {
-		return fmt.Errorf("vsock CONNECT %d: no answer: %w", port, err)
+		return fmt.Errorf("vsock CONNECT %d: %s", port, why(err))
 	}
 	if !strings.HasPrefix(line, "OK ") {
 		return fmt.Errorf("vsock CONNECT %d: %q", port, strings.TrimSpace(line))
 	}
 	if _, err := c.Write([]byte("ping\n")); err != nil {
-		return fmt.Errorf("vsock port %d: send ping: %w", port, err)
+		return fmt.Errorf("vsock port %d: send ping: %s", port, why(err))
 	}
 	line, err = r.ReadString('\n')
 	if err != nil {
-		return fmt.Errorf("vsock port %d: no pong: %w", port, err)
+		return fmt.Errorf("vsock port %d: no pong: %s", port, why(err))
 	}
 	if strings.TrimRight(line, "\r\n") != "pong" {
 		return fmt.Errorf("vsock port %d: answered %q, want pong", port, strings.TrimSpace(line))
