@@ -3,6 +3,7 @@ package tests
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -272,11 +273,27 @@ func (d *podDaemon) cleanup(t *testing.T) {
 	for _, pid := range pids {
 		waitGone(t, pid, "a VM process killed at the test's end")
 	}
-	for _, pd := range podDirs {
-		d.cg.RemovePod(pd.Name())
-	}
-	for _, c := range []string{"cpu", "cpuacct", "memory", "pids"} {
-		os.Remove(filepath.Join(cgroup.DefaultRoot, c, d.cgParent))
+	// A killed process leaves its cgroup a moment after it is gone from
+	// /proc: retry the removal until it works.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var err error
+		for _, pd := range podDirs {
+			err = errors.Join(err, d.cg.RemovePod(pd.Name()))
+		}
+		for _, c := range []string{"cpu", "cpuacct", "memory", "pids"} {
+			if rerr := os.Remove(filepath.Join(cgroup.DefaultRoot, c, d.cgParent)); rerr != nil && !os.IsNotExist(rerr) {
+				err = errors.Join(err, rerr)
+			}
+		}
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("cgroups of the test left: %v", err)
+			return
+		}
+		time.Sleep(10 * time.Millisecond) // waiting for the kernel to let the groups go
 	}
 }
 

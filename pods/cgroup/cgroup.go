@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	cgroups "github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
@@ -366,6 +367,13 @@ func (m *Manager) removeDirs(rel string) {
 // files, removed first.
 func rmdir(dir string) error {
 	err := os.Remove(dir)
+	// A group its last process just left can be busy a moment longer
+	// (the kernel lets go of it after the exit): try again, as
+	// containerd's remove does, for up to about 300 ms.
+	for delay := 10 * time.Millisecond; errors.Is(err, unix.EBUSY) && delay <= 160*time.Millisecond; delay *= 2 {
+		time.Sleep(delay)
+		err = os.Remove(dir)
+	}
 	if err == nil || errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
