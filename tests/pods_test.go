@@ -523,6 +523,22 @@ spec:
 	})
 	pids["a"] = i.Status.VMs[0].PID
 
+	// A clean stop (SIGTERM) of the daemon leaves the VMs running too, as
+	// stopping containerd leaves containers to their shims.
+	d.proc.cmd.Process.Signal(syscall.SIGTERM)
+	if err := d.proc.exited(t, "SIGTERM", time.Minute); err != nil {
+		t.Errorf("the daemon's exit after SIGTERM: %v\n%s", err, d.proc.out.String())
+	}
+	for vm, pid := range pids {
+		if !alive(pid) {
+			t.Fatalf("VM %s (pid %d) stopped with the daemon's SIGTERM", vm, pid)
+		}
+	}
+	d.start(t)
+	d.waitFor(t, "keep", "both VMs adopted after a clean stop", func(i *pods.Info) bool {
+		return i.Status.VMs[0].PID == pids["a"] && i.Status.VMs[1].PID == pids["b"] && i.Status.Ready()
+	})
+
 	// VMs that end while no daemon runs: b stops cleanly (SIGTERM: its
 	// exit record says status 0), a is killed (no record: Unknown).
 	d.kill9(t)

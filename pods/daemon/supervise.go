@@ -116,6 +116,10 @@ func (p *pod) resume() {
 		switch {
 		case v.rec.PID != 0:
 			p.superviseVM(v, true, nil)
+			if p.rec.Stopped {
+				// A stop the last daemon did not see through.
+				v.kill <- reasonStop
+			}
 		case p.rec.Stopped || v.rec.State.Terminated != nil:
 		default:
 			start = append(start, v)
@@ -247,6 +251,9 @@ func (v *vm) supervise(adopt bool, gate <-chan struct{}, sup chan struct{}) {
 			}
 			var err error
 			if in, err = d.launch(v); err != nil {
+				if d.ctx.Err() != nil {
+					return // the daemon stops: the next one starts it
+				}
 				d.startFailed(v, err)
 				return
 			}
@@ -685,7 +692,9 @@ func (d *Daemon) decide(v *vm, t pods.Terminated, byProbe bool) bool {
 	case pods.RestartOnFailure:
 		restart = !t.Succeeded() || byProbe
 	}
-	if p.stopping || p.rec.Stopped || d.ctx.Err() != nil {
+	// A daemon that is stopping still records the restart: the next one
+	// carries it out.
+	if p.stopping || p.rec.Stopped {
 		restart = false
 	}
 	if !restart {
