@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -277,6 +278,26 @@ func (g *Group) Stats() (Stats, error) {
 		s.OOMKills = st.MemoryEvents.OomKill
 	}
 	return s, nil
+}
+
+// OOMKills reads only the group's OOM kill count (memory.oom_control in
+// v1, memory.events in v2): cheaper than Stats.
+func (g *Group) OOMKills() (uint64, error) {
+	file, key := "memory.oom_control", "oom_kill"
+	dir := filepath.Join(g.m.root, "memory", g.rel)
+	if g.v2 != nil {
+		file, dir = "memory.events", filepath.Join(g.m.root, g.rel)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, file))
+	if err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", g.path, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, " "); ok && k == key {
+			return strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, nil // a kernel before 4.13 counts none
 }
 
 // Procs lists the processes in the group.

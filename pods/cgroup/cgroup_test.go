@@ -72,6 +72,10 @@ func TestV1Fake(t *testing.T) {
 			t.Errorf("%s = %q, want %q", file, got, want)
 		}
 	}
+	os.WriteFile(filepath.Join(root, "memory/rayvmm/web/front/memory.oom_control"), []byte("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"), 0o644)
+	if n, err := g.OOMKills(); n != 2 || err != nil {
+		t.Errorf("OOMKills = %d, %v; want 2", n, err)
+	}
 	if err := g.Add(4242); err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +126,10 @@ func TestV2Fake(t *testing.T) {
 				t.Errorf("%s/cgroup.subtree_control = %q, lacks %s", d, got, c)
 			}
 		}
+	}
+	os.WriteFile(filepath.Join(dir, "memory.events"), []byte("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n"), 0o644)
+	if n, err := g.OOMKills(); n != 1 || err != nil {
+		t.Errorf("OOMKills = %d, %v; want 1", n, err)
 	}
 	if err := g.Add(4242); err != nil {
 		t.Fatal(err)
@@ -221,6 +229,9 @@ func TestV1Host(t *testing.T) {
 	st, err := g.Stats()
 	if err != nil {
 		t.Fatal(err)
+	}
+	if n, err := g.OOMKills(); n != 0 || err != nil {
+		t.Errorf("OOMKills = %d, %v", n, err)
 	}
 	if st.MemoryBytes == 0 || st.CPUSeconds == 0 {
 		t.Errorf("stats: %+v", st)

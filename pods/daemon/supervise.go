@@ -371,9 +371,7 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		g, err := d.cg.Create(pod, name, cgroup.Limits{MilliCPU: int64(l.CPU), Memory: int64(l.Memory), Pids: l.Pids})
 		m := made{g: g, err: err}
 		if err == nil {
-			if st, err := g.Stats(); err == nil {
-				m.oom = st.OOMKills
-			}
+			m.oom, _ = g.OOMKills()
 		}
 		cgc <- m
 	}()
@@ -607,7 +605,7 @@ func (d *Daemon) endedAway(v *vm) bool {
 	}
 	control.Cleanup(d.st.Dir(), eff)
 	if g, err := d.cg.Load(pod, v.spec.Name); err == nil {
-		if st, err := g.Stats(); err == nil && st.OOMKills > v.rec.OOMKills {
+		if n, err := g.OOMKills(); err == nil && n > v.rec.OOMKills {
 			t.Reason = pods.ReasonOOMKilled
 		}
 		g.Delete()
@@ -652,7 +650,7 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 		t.Reason = pods.ReasonError
 	}
 	if in.group != nil {
-		if st, err := in.group.Stats(); err == nil && st.OOMKills > in.oomBase {
+		if n, err := in.group.OOMKills(); err == nil && n > in.oomBase {
 			t.Reason = pods.ReasonOOMKilled
 		}
 	}
