@@ -83,6 +83,11 @@ type Options struct {
 	Detached bool
 	// Env is the VM process's environment (nil: none but the handoff's).
 	Env []string
+	// CgroupDir, if set, is an open cgroup v2 directory the VM process is
+	// started in (clone3 with CLONE_INTO_CGROUP): it never runs anywhere
+	// else, and no migration is paid for (cgroup v1 has no such thing:
+	// move it in BeforeHandoff).
+	CgroupDir *os.File
 	// BeforeHandoff, if set, runs once the VM process exists and before
 	// it is handed anything: it is still waiting for its handoff, so what
 	// BeforeHandoff does (put it in a cgroup, record its pid durably)
@@ -146,6 +151,9 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		Env:   append(append([]string(nil), o.Env...), EnvHandoff+"="+strconv.Itoa(HandoffFD)),
 		Files: append([]*os.File{std(o.Stdin), std(o.Stdout), std(o.Stderr), r}, fs.files...),
 		Sys:   &syscall.SysProcAttr{},
+	}
+	if o.CgroupDir != nil {
+		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, int(o.CgroupDir.Fd())
 	}
 	if o.Detached {
 		attr.Sys.Setsid = true

@@ -228,6 +228,20 @@ func v2Resources(l Limits) *cgroup2.Resources {
 	return r
 }
 
+// OpenDir opens a v2 group's directory, for starting a process in it
+// (vmproc.Options.CgroupDir); nil for a v1 group, whose processes must be
+// moved in (Add).
+func (g *Group) OpenDir() (*os.File, error) {
+	if g.v2 == nil {
+		return nil, nil
+	}
+	f, err := os.OpenFile(filepath.Join(g.m.root, g.rel), os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%w %s: %w", ErrUnwritable, g.path, err)
+	}
+	return f, nil
+}
+
 // Path is the group relative to the hierarchy's root.
 func (g *Group) Path() string { return g.rel }
 

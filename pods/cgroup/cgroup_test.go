@@ -85,6 +85,9 @@ func TestV1Fake(t *testing.T) {
 	if !m.Exists("web", "front") {
 		t.Error("Exists is false for a group just made")
 	}
+	if f, err := g.OpenDir(); f != nil || err != nil {
+		t.Errorf("OpenDir of a v1 group: %v, %v; v1 processes are moved in", f, err)
+	}
 	// The process left (the kernel empties cgroup.procs): the pod's
 	// groups go.
 	for _, c := range v1Controllers {
@@ -142,6 +145,11 @@ func TestV2Fake(t *testing.T) {
 	}
 	if _, err := m.Load("web", "front"); err != nil {
 		t.Errorf("Load: %v", err)
+	}
+	if f, err := g.OpenDir(); err != nil || f == nil || f.Name() != dir {
+		t.Errorf("OpenDir of a v2 group: %v, %v", f, err)
+	} else {
+		f.Close()
 	}
 	if err := g.Delete(); err == nil {
 		t.Error("Delete of a group holding a process succeeded")

@@ -419,8 +419,16 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	h.LogLevel = "WARN"
 	h.RayvmmVersion = d.cfg.Version
 	in := &instance{eff: eff, group: group, oomBase: oomBase}
+	// v2: the VM process starts in its cgroup; v1: it is moved in.
+	cgDir, err := group.OpenDir()
+	if err != nil {
+		return nil, err
+	}
+	if cgDir != nil {
+		defer cgDir.Close()
+	}
 	proc, err := vmproc.Launch(h, res.Files, vmproc.Options{
-		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true,
+		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true, CgroupDir: cgDir,
 		BeforeHandoff: func(pr *vmproc.Process) error {
 			// Its pid is written while it moves into its cgroup; both are
 			// done before it gets its handoff and runs guest code.
@@ -429,7 +437,10 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 			v.rec.Instance++
 			ch := p.save()
 			d.mu.Unlock()
-			addErr := group.Add(pr.Pid)
+			var addErr error
+			if cgDir == nil {
+				addErr = group.Add(pr.Pid)
+			}
 			if err := <-ch; err != nil {
 				return fmt.Errorf("record the VM process: %w", err)
 			}
