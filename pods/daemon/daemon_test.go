@@ -72,6 +72,9 @@ func newTestDaemon(t *testing.T, cfg Config) *testDaemon {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if cfg.Cgroups != nil {
+		cg = cfg.Cgroups
+	}
 	cfg.StateDir = filepath.Join(dir, "state")
 	cfg.Socket = filepath.Join(dir, "d.sock")
 	cfg.SocketGID = -1
@@ -270,5 +273,30 @@ func TestStartFailure(t *testing.T) {
 	}
 	if err := td.c.Remove(context.Background(), "x", false, client.Default); err != nil {
 		t.Errorf("rm of a failed pod: %v", err)
+	}
+}
+
+// A cgroup that cannot be made fails the pod with CgroupError and leaves
+// nothing.
+func TestCgroupUnwritable(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "not-a-hierarchy")
+	os.WriteFile(file, nil, 0o644)
+	cg, err := cgroup.New(cgroup.V1, file, "rayvmm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	td := newTestDaemon(t, Config{Cgroups: cg})
+	if _, err := td.c.Apply(context.Background(), []byte("apiVersion: rayvmm/v1\nkind: Pod\nmetadata: {name: x}\nspec: {vms: [{name: a}, {name: b}]}\n")); err != nil {
+		t.Fatal(err)
+	}
+	i, err := td.c.Wait(context.Background(), "x", "Ended", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i.Status.Phase != pods.Failed || i.Status.Reason != "CgroupError" || !strings.Contains(i.Status.Message, "cannot set up the VM's cgroup") {
+		t.Errorf("status %+v", i.Status)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(td.d.st.Dir(), "run")); len(ents) != 0 {
+		t.Errorf("sockets left: %v", ents)
 	}
 }
