@@ -199,6 +199,8 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		p.resume()
 	}
 	d.mu.Unlock()
+	d.wg.Add(1)
+	go d.watchLogs()
 	d.audit(context.Background(), Entry{Action: AuditDaemonStart, Object: Object{Kind: "daemon", Name: d.st.Dir()},
 		Params: map[string]string{"socket": d.cfg.Socket, "version": d.cfg.Version, "pods": strconv.Itoa(len(d.pods))}})
 	d.srv = &http.Server{

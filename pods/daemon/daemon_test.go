@@ -300,3 +300,29 @@ func TestCgroupUnwritable(t *testing.T) {
 		t.Errorf("sockets left: %v", ents)
 	}
 }
+
+// A log past its limit is copied to .1 and cut; the writer's next
+// O_APPEND write lands at the new end.
+func TestRotateLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vm.log")
+	w, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	w.Write(bytes.Repeat([]byte("a"), 2000))
+	if rotated, err := rotateLog(path, 4096); rotated || err != nil {
+		t.Fatalf("a log under the limit: %v, %v", rotated, err)
+	}
+	w.Write(bytes.Repeat([]byte("b"), 3000))
+	if rotated, err := rotateLog(path, 4096); !rotated || err != nil {
+		t.Fatalf("a log over the limit: %v, %v", rotated, err)
+	}
+	w.Write([]byte("after\n"))
+	if b, _ := os.ReadFile(path); string(b) != "after\n" {
+		t.Errorf("the log after rotation holds %d bytes: %.20q...", len(b), b)
+	}
+	if b, _ := os.ReadFile(path + ".1"); len(b) != 4096 || b[0] != 'a' || b[4095] != 'b' {
+		t.Errorf("the rotated log holds %d bytes", len(b))
+	}
+}
