@@ -495,6 +495,9 @@ func (l *Log) commit(batch []*pending) (dirty bool, err error) {
 	}
 	t.size = off + int64(len(w.buf))
 	if key != nil {
+		if testHookSynced != nil {
+			testHookSynced()
+		}
 		if err := writeSealState(l.c.KeyDir, key); err != nil {
 			return false, fmt.Errorf("audit: records written, but the sealing key was not advanced: %w", err)
 		}
@@ -595,9 +598,13 @@ func (l *Log) openFile(n int, create bool) error {
 	return nil
 }
 
-// testHookWrite, when set, writes a batch in place of one WriteAt (a test
-// splits it to leave a torn line for kill -9).
-var testHookWrite func(f *os.File, b []byte, off int64) error
+// Test hooks: testHookWrite writes a batch in place of one WriteAt (a
+// test splits it to leave a torn line for kill -9); testHookSynced runs
+// after a batch with a seal is synced, before the sealing key is advanced.
+var (
+	testHookWrite  func(f *os.File, b []byte, off int64) error
+	testHookSynced func()
+)
 
 // write puts a batch at off and syncs it. Over a torn line it writes
 // first and cuts what is left of the torn bytes after, so a crash in
