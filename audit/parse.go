@@ -2,7 +2,6 @@ package audit
 
 import (
 	"bytes"
-	"encoding/hex"
 	"math"
 	"strings"
 	"time"
@@ -151,17 +150,18 @@ func (s *scanner) text(field string, max int, empty, decode bool) string {
 	return unescape(raw)
 }
 
-// tok consumes a token string (action, kind, param key).
-func (s *scanner) tok(field string, underscore bool) string {
+// tok consumes a token string (action, kind, param key); it has no
+// escapes, so its raw bytes are its value.
+func (s *scanner) tok(field string, underscore bool) []byte {
 	raw, _ := s.str()
 	if s.err != nil {
-		return ""
+		return nil
 	}
-	if !token(string(raw), underscore) {
+	if !tokenBytes(raw, underscore) {
 		s.fail("%s %q", field, raw)
-		return ""
+		return nil
 	}
-	return string(raw)
+	return raw
 }
 
 // num consumes a canonical unsigned integer no larger than max.
@@ -186,24 +186,84 @@ func (s *scanner) num(max uint64) uint64 {
 	return v
 }
 
-// hash consumes a 64-digit lower-case hex string.
+// hexval maps a lower-case hex digit to its value, anything else to 0xff.
+var hexval = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for i, c := range "0123456789abcdef" {
+		t[c] = byte(i)
+	}
+	return t
+}()
+
+// hash consumes a string of 64 lower-case hex digits.
 func (s *scanner) hash() (h Hash) {
-	raw, _ := s.str()
 	if s.err != nil {
 		return h
 	}
-	if len(raw) != 64 {
+	if s.i+66 > len(s.b) || s.b[s.i] != '"' || s.b[s.i+65] != '"' {
 		s.fail("want 64 hex digits")
 		return h
 	}
-	for _, c := range raw {
-		if !lowerHex(c) {
-			s.fail("want lower-case hex")
-			return h
-		}
+	d := s.b[s.i+1 : s.i+65]
+	var bad byte
+	for k := range h {
+		hi, lo := hexval[d[2*k]], hexval[d[2*k+1]]
+		bad |= hi | lo
+		h[k] = hi<<4 | lo&0xf
 	}
-	hex.Decode(h[:], raw)
+	if bad&0xf0 != 0 {
+		s.fail("want lower-case hex")
+		return h
+	}
+	s.i += 66
 	return h
+}
+
+// canonTime checks the fixed layout 2006-01-02T15:04:05.000000000Z and
+// the ranges of its fields, and returns the time when decode is set.
+func canonTime(b []byte, decode bool) (time.Time, bool) {
+	if len(b) != len(timeLayout) {
+		return time.Time{}, false
+	}
+	num := func(from, to int) int {
+		v := 0
+		for _, c := range b[from:to] {
+			if c < '0' || c > '9' {
+				return -1
+			}
+			v = v*10 + int(c-'0')
+		}
+		return v
+	}
+	if b[4] != '-' || b[7] != '-' || b[10] != 'T' || b[13] != ':' || b[16] != ':' || b[19] != '.' || b[29] != 'Z' {
+		return time.Time{}, false
+	}
+	y, mo, d, h, mi, sec, ns := num(0, 4), num(5, 7), num(8, 10), num(11, 13), num(14, 16), num(17, 19), num(20, 29)
+	if y < 0 || mo < 1 || mo > 12 || d < 1 || h < 0 || h > 23 || mi < 0 || mi > 59 || sec < 0 || sec > 59 || ns < 0 {
+		return time.Time{}, false
+	}
+	if d > daysIn(mo, y) {
+		return time.Time{}, false
+	}
+	if !decode {
+		return time.Time{}, true
+	}
+	return time.Date(y, time.Month(mo), d, h, mi, sec, ns, time.UTC), true
+}
+
+func daysIn(m, y int) int {
+	switch m {
+	case 2:
+		if y%4 == 0 && (y%100 != 0 || y%400 == 0) {
+			return 29
+		}
+		return 28
+	case 4, 6, 9, 11:
+		return 30
+	}
+	return 31
 }
 
 // parseLine parses a line without its newline into p. With full unset it
@@ -217,7 +277,17 @@ func parseLine(line []byte, full bool, p *parsed) error {
 	r := &p.rec
 	s := scanner{b: line}
 	s.lit(`{"action":`)
-	r.Action = s.tok("action", false)
+	action := s.tok("action", false)
+	switch string(action) { // verification needs only these, without allocating
+	case AuditSeal:
+		r.Action = AuditSeal
+	case AuditRepair:
+		r.Action = AuditRepair
+	default:
+		if full {
+			r.Action = string(action)
+		}
+	}
 	s.lit(`,"actor":{"command":`)
 	r.Actor.Command = s.text("command", MaxCommand, true, full)
 	s.lit(`,"gid":`)
@@ -245,7 +315,10 @@ func parseLine(line []byte, full bool, p *parsed) error {
 		s.fail("level %q", raw)
 	}
 	s.lit(`,"object":{"kind":`)
-	r.Object.Kind = s.tok("object kind", false)
+	kind := s.tok("object kind", false)
+	if full {
+		r.Object.Kind = string(kind)
+	}
 	s.lit(`,"name":`)
 	r.Object.Name = s.text("object name", MaxName, false, full)
 	s.lit(`},"params":{`)
@@ -259,17 +332,17 @@ func parseLine(line []byte, full bool, p *parsed) error {
 			break
 		}
 		k := s.tok("param key", true)
-		if s.err == nil && i > 0 && bytes.Compare(last, []byte(k)) >= 0 {
+		if s.err == nil && i > 0 && bytes.Compare(last, k) >= 0 {
 			s.fail("param keys out of order")
 		}
-		last = []byte(k)
+		last = k
 		s.lit(":")
-		v := s.text("param "+k, MaxValue, true, full)
+		v := s.text("param value", MaxValue, true, full)
 		if full && s.err == nil {
 			if r.Params == nil {
 				r.Params = Params{}
 			}
-			r.Params[k] = v
+			r.Params[string(k)] = v
 		}
 	}
 	s.lit(`},"prev":`)
@@ -296,15 +369,15 @@ func parseLine(line []byte, full bool, p *parsed) error {
 	if s.i != len(line) {
 		return invalid("byte %d: trailing data", s.i)
 	}
-	t, err := time.Parse(timeLayout, string(traw))
-	if err != nil || t.Format(timeLayout) != string(traw) {
+	t, ok := canonTime(traw, full)
+	if !ok {
 		return invalid("time %q: want the layout %s", traw, timeLayout)
 	}
 	r.Time = t
 	if r.Seq == 0 {
 		return invalid("seq 0")
 	}
-	if (r.Action == AuditSeal) != (r.Seal != nil) {
+	if (string(action) == AuditSeal) != (r.Seal != nil) {
 		return invalid("a seal record must be action %s and only it", AuditSeal)
 	}
 	return nil

@@ -106,7 +106,7 @@ type proc struct {
 	done  chan error
 }
 
-func startHelper(t *testing.T, mode string, e helperEnv, wrap ...string) *proc {
+func startHelper(t testing.TB, mode string, e helperEnv, wrap ...string) *proc {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -142,7 +142,7 @@ func startHelper(t *testing.T, mode string, e helperEnv, wrap ...string) *proc {
 
 // waitFor returns the next line with prefix, within a deadline that
 // names it; lines before it go to seen.
-func (p *proc) waitFor(t *testing.T, prefix string, seen func(string)) string {
+func (p *proc) waitFor(t testing.TB, prefix string, seen func(string)) string {
 	t.Helper()
 	deadline := time.After(2 * time.Minute)
 	for {
@@ -163,21 +163,21 @@ func (p *proc) waitFor(t *testing.T, prefix string, seen func(string)) string {
 	}
 }
 
-func (p *proc) go_(t *testing.T) {
+func (p *proc) go_(t testing.TB) {
 	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
 		t.Fatal(err)
 	}
 }
 
 // kill ends the helper with SIGKILL and waits for it.
-func (p *proc) kill(t *testing.T) {
+func (p *proc) kill(t testing.TB) {
 	p.cmd.Process.Kill()
 	for range p.lines {
 	}
 }
 
 // finish waits for a helper that runs to completion and returns its result.
-func (p *proc) finish(t *testing.T) helperResult {
+func (p *proc) finish(t testing.TB) helperResult {
 	t.Helper()
 	l := p.waitFor(t, "result ", nil)
 	var r helperResult

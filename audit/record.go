@@ -273,9 +273,11 @@ func invalid(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
 }
 
-// token reports whether s is 1..64 bytes of [a-z0-9._-] (extra allows
-// '_' too).
-func token(s string, underscore bool) bool {
+// token reports whether s is 1..64 bytes of [a-z0-9.-], and '_' when
+// underscore is set.
+func token(s string, underscore bool) bool { return tokenBytes([]byte(s), underscore) }
+
+func tokenBytes(s []byte, underscore bool) bool {
 	if len(s) == 0 || len(s) > maxToken {
 		return false
 	}
@@ -340,7 +342,7 @@ func (r *Record) validate() error {
 	if (r.Action == AuditSeal) != (r.Seal != nil) {
 		return invalid("a seal record must be action %s and only it", AuditSeal)
 	}
-	if y := r.Time.UTC().Year(); y < 1 || y > 9999 {
+	if y := r.Time.UTC().Year(); y < 0 || y > 9999 {
 		return invalid("time %v: year out of range", r.Time)
 	}
 	if r.Seq == 0 || r.Seq > maxSeq {

@@ -5,8 +5,9 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"hash"
 	"path/filepath"
+	"runtime"
+	"sync"
 )
 
 // Kind names what verification found wrong.
@@ -92,8 +93,6 @@ type verifier struct {
 	keyEp   uint64
 	keyInit bool
 	runFrom uint64
-	sha     hash.Hash
-	p       parsed
 }
 
 // Verify checks the whole log in dir: every line parses, every hash
@@ -109,7 +108,12 @@ func Verify(dir string, opts VerifyOptions) (*Summary, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &verifier{s: s, opts: opts, expSeq: 1, runFrom: 1, sha: sha256.New()}
+	return verify(s, opts)
+}
+
+// verify checks a snapshot.
+func verify(s *snapshot, opts VerifyOptions) (*Summary, error) {
+	v := &verifier{s: s, opts: opts, expSeq: 1, runFrom: 1}
 	v.sum.Epoch = -1
 	v.sum.Files = len(s.files)
 	if opts.Key != nil {
@@ -130,8 +134,10 @@ func Verify(dir string, opts VerifyOptions) (*Summary, error) {
 				partial, partialFile = part, fileName(s.files[i])
 			}
 		}
-		for j, line := range ls {
-			if err := v.line(i, j, ls, line); err != nil {
+		facts := checkLines(ls)
+		file := fileName(s.files[i])
+		for j := range ls {
+			if err := v.line(i, j, ls, file, &facts[j]); err != nil {
 				return nil, err
 			}
 		}
@@ -162,24 +168,52 @@ func countLines(b []byte) int {
 	return n
 }
 
-// line checks line j of file i (ls are the file's lines).
-func (v *verifier) line(i, j int, ls [][]byte, line []byte) error {
-	file := fileName(v.s.files[i])
+// fact is what can be learnt from one line alone: whether it parses and
+// whether its hash matches. Files' lines are checked in parallel.
+type fact struct {
+	p      parsed
+	err    error
+	hashOK bool
+}
+
+// checkLines parses and hashes lines on every CPU.
+func checkLines(ls [][]byte) []fact {
+	facts := make([]fact, len(ls))
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(ls)/256))
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			sha := sha256.New()
+			var h Hash
+			for j := w * len(ls) / workers; j < (w+1)*len(ls)/workers; j++ {
+				f, line := &facts[j], ls[j]
+				if f.err = parseLine(line, false, &f.p); f.err != nil {
+					continue
+				}
+				sha.Reset()
+				sha.Write(f.p.rec.Prev[:])
+				sha.Write(line[:f.p.hashFrom])
+				sha.Write(line[f.p.hashTo:])
+				sha.Sum(h[:0])
+				f.hashOK = h == f.p.rec.Hash
+			}
+		})
+	}
+	wg.Wait()
+	return facts
+}
+
+// line checks line j of file i in order (ls are the file's lines, f what
+// checkLines found).
+func (v *verifier) line(i, j int, ls [][]byte, file string, f *fact) error {
 	fail := func(seq uint64, k Kind, format string, a ...any) error {
 		return &VerifyError{Seq: seq, Kind: k, File: file, Line: j + 1, Detail: fmt.Sprintf(format, a...)}
 	}
-	p := &v.p
-	if err := parseLine(line, false, p); err != nil {
-		return fail(v.expSeq, Edited, "the line is not a valid record: %v", errors.Unwrap(err))
+	if f.err != nil {
+		return fail(v.expSeq, Edited, "the line is not a valid record: %v", errors.Unwrap(f.err))
 	}
-	r := &p.rec
-	v.sha.Reset()
-	v.sha.Write(r.Prev[:])
-	v.sha.Write(line[:p.hashFrom])
-	v.sha.Write(line[p.hashTo:])
-	var h Hash
-	v.sha.Sum(h[:0])
-	if h != r.Hash {
+	r := &f.p.rec
+	if !f.hashOK {
 		return fail(v.expSeq, Edited, "the record's content does not match its hash")
 	}
 	if r.Seq != v.expSeq {
@@ -198,7 +232,7 @@ func (v *verifier) line(i, j int, ls [][]byte, line []byte) error {
 		return fail(v.expSeq-1, Edited, "seq %d does not chain to it (its prev is not seq %d's hash): seq %d was changed and its hash recomputed", v.expSeq, v.expSeq-1, v.expSeq-1)
 	}
 	if r.Seal != nil {
-		if err := v.seal(line, fail); err != nil {
+		if err := v.seal(ls[j], &f.p, fail); err != nil {
 			return err
 		}
 	} else {
@@ -213,8 +247,7 @@ func (v *verifier) line(i, j int, ls [][]byte, line []byte) error {
 }
 
 // seal checks a seal record's epoch and MAC.
-func (v *verifier) seal(line []byte, fail func(uint64, Kind, string, ...any) error) error {
-	p := &v.p
+func (v *verifier) seal(line []byte, p *parsed, fail func(uint64, Kind, string, ...any) error) error {
 	r := &p.rec
 	if r.Seal.Epoch != v.epoch {
 		return fail(r.Seq, BadSeal, "seal epoch %d, want %d: seals were removed or replayed", r.Seal.Epoch, v.epoch)

@@ -6,7 +6,7 @@ import (
 	"flag"
 	"testing"
 
-	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
+	"github.com/rayvmm/rayvmm/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
 )
