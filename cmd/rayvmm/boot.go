@@ -83,7 +83,7 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
 	rootCmd.AddCommand(cmd)
 }
 
-func runBoot(ctx context.Context, f *bootFlags) error {
+func runBoot(ctx context.Context, f *bootFlags) (err error) {
 	level := slog.LevelWarn
 	if f.verbose || f.bootTimer {
 		level = slog.LevelInfo
@@ -129,6 +129,8 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 		}
 		diskSpecs = append(diskSpecs, d)
 	}
+	ba := newBootAudit(f)
+	defer func() { err = ba.end(ctx, err) }() // after v.Close: the detaches have happened
 
 	console := newConsole(os.Stdin, os.Stdout)
 	v, err := vmm.New(vmm.Config{
@@ -168,6 +170,9 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	if err := v.Prepare(); err != nil {
 		return err
 	}
+	if err := ba.boot(ctx, diskSpecs, nicSpecs, hostNICs(v)); err != nil {
+		return err
+	}
 	log.Info("booting", "memory", mem, "cpus", f.cpus, "cpu_template", v.CPUTemplate(), "cmdline", v.Cmdline())
 
 	ctx, stop := context.WithCancelCause(ctx)
@@ -189,6 +194,7 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	}
 	exit, err := v.Run(ctx)
 	restore()
+	ba.exited(exit)
 	if err != nil {
 		return err
 	}
