@@ -32,6 +32,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	rayvmm = filepath.Join(dir, "rayvmm")
+	// Runs without --state-dir (every boot writes the audit log) stay out
+	// of the host's /var/lib/rayvmm.
+	os.Setenv("RAYVMM_STATE_DIR", filepath.Join(dir, "state"))
 	build := exec.Command("go", "build", "-o", rayvmm, "./cmd/rayvmm")
 	build.Dir = repoRoot
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
