@@ -2,6 +2,7 @@ package audit
 
 import (
 	"context"
+	"os"
 	"testing"
 	"time"
 )
@@ -93,6 +94,14 @@ func BenchmarkVerify1M(b *testing.B) {
 	if err := l.Close(); err != nil {
 		b.Fatal(err)
 	}
+	var size int64
+	files, _ := listFiles(tl.dir)
+	for _, n := range files {
+		fi, _ := os.Stat(tl.file(n))
+		size += fi.Size()
+	}
+	b.ReportMetric(float64(size)/1e6, "MB")
+	b.ReportMetric(float64(len(files)), "files")
 	b.ResetTimer()
 	for b.Loop() {
 		s, err := tl.verify()

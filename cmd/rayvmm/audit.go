@@ -59,17 +59,17 @@ func closeAudit() error {
 }
 
 // auditAction runs fn, the action a command exists for, and records it
-// with its result. The record is on disk, sealed (a CLI command stops
-// right after), before auditAction returns, so before the command reports
-// success. The log is opened before fn runs: a log that cannot be opened
-// stops the action.
+// with its result, also when ctx was cancelled during fn. The record is on
+// disk, sealed (a CLI command stops right after), before auditAction
+// returns, so before the command reports success. The log is opened
+// before fn runs: a log that cannot be opened stops the action.
 func auditAction(ctx context.Context, action string, obj audit.Object, params audit.Params, fn func() error) error {
 	l, err := openAudit()
 	if err != nil {
 		return err
 	}
 	ferr := fn()
-	if _, err := l.AppendSealed(ctx, audit.Entry{Action: action, Object: obj, Params: params, Err: ferr}); err != nil {
+	if _, err := l.AppendSealed(context.WithoutCancel(ctx), audit.Entry{Action: action, Object: obj, Params: params, Err: ferr}); err != nil {
 		if ferr != nil {
 			return fmt.Errorf("%w (not recorded in the audit log: %v)", ferr, err)
 		}
