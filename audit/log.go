@@ -573,8 +573,14 @@ func (l *Log) sealKey(t *tail) (*sealState, error) {
 // openFile makes file n current, creating it (and syncing the directory)
 // when create is set.
 func (l *Log) openFile(n int, create bool) error {
+	path := filepath.Join(l.c.Dir, fileName(n))
 	if !create && l.cur != nil && l.curNum == n {
-		return nil
+		a, aerr := l.cur.Stat()
+		b, berr := os.Stat(path)
+		if aerr == nil && berr == nil && os.SameFile(a, b) {
+			return nil
+		}
+		// The file was replaced under us: write to the one there now.
 	}
 	if l.cur != nil {
 		l.cur.Close()
@@ -584,7 +590,7 @@ func (l *Log) openFile(n int, create bool) error {
 	if create {
 		flags |= os.O_CREATE | os.O_EXCL
 	}
-	f, err := os.OpenFile(filepath.Join(l.c.Dir, fileName(n)), flags, 0o600)
+	f, err := os.OpenFile(path, flags, 0o600)
 	if err != nil {
 		return fmt.Errorf("audit: %w", err)
 	}

@@ -246,3 +246,31 @@ func TestKeyFiles(t *testing.T) {
 		t.Fatal("a key directory inside the log directory was accepted")
 	}
 }
+
+// A log file replaced while a writer has it open: the writer appends to
+// the file that is there now, and verify tells what happened.
+func TestFileReplacedUnderWriter(t *testing.T) {
+	tl := newTestLog(t)
+	l := tl.open(t, 4, 0)
+	defer l.Close()
+	for i := range 6 {
+		if _, err := l.Append(context.Background(), entry(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ls := tl.lines(t, 1)
+	if err := os.Remove(tl.file(1)); err != nil {
+		t.Fatal(err)
+	}
+	tl.setLines(t, 1, ls[:3])
+	if _, err := l.Append(context.Background(), entry(7)); err != nil {
+		t.Fatal(err)
+	}
+	// 3 old records, the new one, and a seal: the writer counted 4
+	// unsealed records. The seal's epoch says one was lost.
+	if got := len(tl.lines(t, 1)); got != 5 {
+		t.Fatalf("the new file has %d lines, want 5: the append went to the old one", got)
+	}
+	_, err := tl.verify()
+	expectKind(t, err, 5, BadSeal)
+}
