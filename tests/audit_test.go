@@ -95,7 +95,8 @@ func TestAuditEndToEnd(t *testing.T) {
 	if got := h.auditActions(t, "--object", "volume/monday"); !slices.Equal(got, want) {
 		t.Fatalf("audit list --object volume/monday: %q, want %q", got, want)
 	}
-	want = []string{"net.create network/lan", "net.attach network/lan", "net.detach network/lan", "net.attach network/lan", "net.detach network/lan"}
+	h.must(t, "net", "rm", "lan")
+	want = []string{"net.create network/lan", "net.attach network/lan", "net.detach network/lan", "net.attach network/lan", "net.detach network/lan", "net.rm network/lan"}
 	if got := h.auditActions(t, "--object", "network/lan"); !slices.Equal(got, want) {
 		t.Fatalf("audit list --object network/lan: %q, want %q", got, want)
 	}

@@ -34,6 +34,11 @@ func TestAuditCLI(t *testing.T) {
 		t.Fatal("volume rm nope succeeded")
 	}
 	must("volume", "clone", "monday", "scratch")
+	img := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	must("volume", "import", img, "imported")
 
 	rows := func(args ...string) []string {
 		t.Helper()
@@ -52,22 +57,27 @@ func TestAuditCLI(t *testing.T) {
 		args []string
 		want string
 	}{
-		{nil, "volume.create volume.snapshot volume.rm volume.clone"},
-		{[]string{"--seals"}, "volume.create audit.seal volume.snapshot audit.seal volume.rm audit.seal volume.clone audit.seal"},
+		{nil, "volume.create volume.snapshot volume.rm volume.clone volume.import"},
+		{[]string{"--seals"}, "volume.create audit.seal volume.snapshot audit.seal volume.rm audit.seal volume.clone audit.seal volume.import audit.seal"},
 		{[]string{"--action", "volume.create"}, "volume.create"},
-		{[]string{"--action", "volume.*", "--result", "ok"}, "volume.create volume.snapshot volume.clone"},
+		{[]string{"--action", "volume.*", "--result", "ok"}, "volume.create volume.snapshot volume.clone volume.import"},
 		{[]string{"--result", "error"}, "volume.rm"},
 		{[]string{"--level", "warning"}, "volume.rm"},
 		{[]string{"--level", "critical"}, ""},
 		{[]string{"--object", "volume/monday"}, "volume.snapshot volume.clone"},
-		{[]string{"--since", "1h", "--until", "2999-01-01"}, "volume.create volume.snapshot volume.rm volume.clone"},
+		{[]string{"--since", "1h", "--until", "2999-01-01"}, "volume.create volume.snapshot volume.rm volume.clone volume.import"},
 		{[]string{"--until", "2000-01-01"}, ""},
-		{[]string{"--actor", me.Username}, "volume.create volume.snapshot volume.rm volume.clone"},
+		{[]string{"--actor", me.Username}, "volume.create volume.snapshot volume.rm volume.clone volume.import"},
 		{[]string{"--actor", "4000000000"}, ""},
 	} {
 		if got := strings.Join(rows(tc.args...), " "); got != tc.want {
 			t.Errorf("audit list %v: %q, want %q", tc.args, got, tc.want)
 		}
+	}
+
+	r, err := audit.Parse([]byte(must("audit", "list", "--object", "volume/imported", "--json")))
+	if err != nil || r.Action != audit.VolumeImport || r.Params["source"] != img || !r.OK() {
+		t.Fatalf("audit list --object volume/imported --json: %+v, %v", r, err)
 	}
 
 	// export jsonl is the log as stored; csv has one row a record.
@@ -80,12 +90,12 @@ func TestAuditCLI(t *testing.T) {
 		t.Fatalf("export jsonl differs from the log:\n%s\n%s", got, stored)
 	}
 	recs, err := csv.NewReader(strings.NewReader(must("audit", "export", "--format", "csv"))).ReadAll()
-	if err != nil || len(recs) != 9 || recs[0][0] != "seq" || recs[3][6] != "volume.snapshot" || !strings.Contains(recs[3][9], `"snapshot":"monday"`) || recs[2][15] != "0" {
+	if err != nil || len(recs) != 11 || recs[0][0] != "seq" || recs[3][6] != "volume.snapshot" || !strings.Contains(recs[3][9], `"snapshot":"monday"`) || recs[2][15] != "0" {
 		t.Fatalf("export csv: %v %q", err, recs)
 	}
 
 	// verify, with the verification key moved off the host.
-	if out := must("audit", "verify"); !strings.Contains(out, "intact: 4 records and 4 seals") {
+	if out := must("audit", "verify"); !strings.Contains(out, "intact: 5 records and 5 seals") {
 		t.Fatalf("audit verify: %s", out)
 	}
 	key := filepath.Join(audit.KeyDir(c.state), audit.VerifyKeyFile)
@@ -97,7 +107,7 @@ func TestAuditCLI(t *testing.T) {
 		t.Fatalf("verify without the key: %v %s", ok, stderr)
 	}
 	must("volume", "rm", "scratch") // writers need only the sealing state
-	if out := must("audit", "verify", "--key", offHost); !strings.Contains(out, "intact: 5 records") {
+	if out := must("audit", "verify", "--key", offHost); !strings.Contains(out, "intact: 6 records") {
 		t.Fatalf("audit verify --key: %s", out)
 	}
 
