@@ -192,3 +192,14 @@ func TestVerifySealStateRollback(t *testing.T) {
 		t.Fatal("a sealing state with its epoch lowered verified")
 	}
 }
+
+// A log removed whole, lock file and all, is a cut-off log, not "no log".
+func TestVerifyLogRemoved(t *testing.T) {
+	tl := newTestLog(t)
+	tl.fill(t, 10, 8)
+	if err := os.RemoveAll(tl.dir); err != nil {
+		t.Fatal(err)
+	}
+	_, err := tl.verify()
+	expectKind(t, err, 1, Truncated)
+}

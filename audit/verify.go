@@ -105,6 +105,13 @@ func Verify(dir string, opts VerifyOptions) (*Summary, error) {
 		opts.SealEvery = DefaultSealEvery
 	}
 	s, err := takeSnapshot(dir, opts.KeyDir)
+	if errors.Is(err, ErrNoLog) && opts.KeyDir != "" {
+		// No log at all, but a sealing state that has sealed: the log was
+		// removed, lock file and all.
+		if h, herr := readSealState(opts.KeyDir); herr == nil && h.Epoch > 0 {
+			return nil, &VerifyError{Seq: 1, Kind: Truncated, Detail: fmt.Sprintf("there is no log in %s, but the sealing key has made %d seal(s), the last at seq %d: the log was removed", dir, h.Epoch, h.SealedSeq)}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
