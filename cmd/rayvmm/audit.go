@@ -497,7 +497,7 @@ func newBootAudit(f *bootFlags) *bootAudit {
 		kernel = "builtin"
 	}
 	p := audit.Params{"kernel": kernel, "cmdline": f.cmdline, "memory": f.memory, "cpus": strconv.Itoa(f.cpus),
-		"cpu_template": f.cpuTemplate, "pid": strconv.Itoa(os.Getpid()),
+		"cpu_template": f.cpuTemplate,
 		// There is no sandbox yet (the seccap issue adds --sandbox): every
 		// VM runs with it off, and `audit report` says so.
 		audit.ParamSandbox: audit.SandboxOff}
