@@ -73,6 +73,15 @@ func (s *scanner) str() (raw []byte, n int) {
 	}
 	start := s.i + 1
 	for i := start; i < len(s.b); {
+		// The common run of printable ASCII first.
+		j := i
+		for j < len(s.b) && plain[s.b[j]] {
+			j++
+		}
+		n += j - i
+		if i = j; i >= len(s.b) {
+			break
+		}
 		c := s.b[i]
 		switch {
 		case c == '"':
@@ -123,6 +132,15 @@ func (s *scanner) str() (raw []byte, n int) {
 	s.fail("unterminated string")
 	return nil, 0
 }
+
+// plain marks the bytes a string holds as they are: printable ASCII
+// other than '"' and '\\'.
+var plain = func() (t [256]bool) {
+	for c := 0x20; c < 0x80; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 func lowerHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' }
 

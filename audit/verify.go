@@ -128,6 +128,7 @@ func verify(s *snapshot, opts VerifyOptions) (*Summary, error) {
 	}
 	var partial []byte
 	var partialFile string
+	var facts []fact
 	for i := range s.files {
 		data, err := s.read(i)
 		if err != nil {
@@ -141,7 +142,7 @@ func verify(s *snapshot, opts VerifyOptions) (*Summary, error) {
 				partial, partialFile = part, fileName(s.files[i])
 			}
 		}
-		facts := checkLines(ls)
+		facts = checkLines(ls, facts)
 		file := fileName(s.files[i])
 		for j := range ls {
 			if err := v.line(i, j, ls, file, &facts[j]); err != nil {
@@ -183,9 +184,12 @@ type fact struct {
 	hashOK bool
 }
 
-// checkLines parses and hashes lines on every CPU.
-func checkLines(ls [][]byte) []fact {
-	facts := make([]fact, len(ls))
+// checkLines parses and hashes lines on every CPU, into facts (reused).
+func checkLines(ls [][]byte, facts []fact) []fact {
+	if cap(facts) < len(ls) {
+		facts = make([]fact, len(ls))
+	}
+	facts = facts[:len(ls)]
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(ls)/256))
 	var wg sync.WaitGroup
 	for w := range workers {
