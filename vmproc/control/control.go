@@ -52,6 +52,7 @@ type Resources struct {
 	afterExit  []func() error // in reverse order once the VM process is gone
 	metricsTmp string
 	metricsDst string
+	outcome    *os.File // the read end of Handoff.Outcome
 }
 
 // Open resolves and opens everything s names. s must be defaulted and
@@ -65,9 +66,7 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	eff := s.Clone()
-	if eff.Name == "" {
-		eff.Name = fmt.Sprintf("rayvmm-%d", os.Getpid())
-	}
+	eff.Name = VMName(s)
 	if eff.Vsock != nil && !filepath.IsAbs(eff.Vsock.UDS) {
 		// The VM process connects guest connections to UDS_P by path.
 		if eff.Vsock.UDS, err = filepath.Abs(eff.Vsock.UDS); err != nil {
@@ -84,6 +83,17 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		}
 	}()
 	h := r.Handoff
+
+	// How the VM ended comes back on a pipe (for the audit log).
+	or, ow, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("outcome pipe: %w", err)
+	}
+	r.outcome = or
+	r.afterExit = append(r.afterExit, or.Close)
+	r.own(ow)
+	ref := r.Files.Ref(ow, "outcome pipe")
+	h.Outcome = &ref
 
 	kvm, err := os.OpenFile(o.KVMDevice, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -291,6 +301,11 @@ func (r *Resources) Launched() error {
 	r.handedOver = nil
 	return errors.Join(errs...)
 }
+
+// Outcome reads how the VM ended, as its VM process reported it; call it
+// once the process has exited. It is nil when the process reported
+// nothing (it was killed).
+func (r *Resources) Outcome() (*vmproc.Outcome, error) { return vmproc.ReadOutcome(r.outcome) }
 
 // Close releases what the VM held once its process is gone: volume locks,
 // the hold on networks, the API socket. It puts the metrics file in place
