@@ -540,7 +540,7 @@ spec:
 	})
 
 	// VMs that end while no daemon runs: b stops cleanly (SIGTERM: its
-	// exit record says status 0), a is killed (no record: Unknown).
+	// outcome says status 0), a is killed (no outcome: Unknown).
 	d.kill9(t)
 	syscall.Kill(pids["b"], syscall.SIGTERM)
 	syscall.Kill(pids["a"], syscall.SIGKILL)

@@ -94,6 +94,8 @@ type Options struct {
 	// comes before it runs any guest code. An error kills the process and
 	// fails Launch.
 	BeforeHandoff func(*Process) error
+	// Gate holds the guest back until Process.Go (see Handoff.Gate).
+	Gate bool
 }
 
 // Process is a started VM process.
@@ -105,7 +107,8 @@ type Process struct {
 	StartTime uint64
 
 	proc     *os.Process
-	lifeline *os.File // foreground mode: the handoff pipe's write end
+	lifeline *os.File // the handoff pipe's write end: foreground mode, or until the go
+	detached bool
 	waited   chan struct{}
 	state    *os.ProcessState
 	waitErr  error
@@ -125,6 +128,7 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	h.Version = Version
 	h.ParentPID = os.Getpid()
 	h.Lifeline = !o.Detached
+	h.Gate = o.Gate
 	h.LaunchedAt = time.Now()
 	payload, err := json.Marshal(h)
 	if err != nil {
@@ -168,7 +172,7 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		w.Close()
 		return nil, fmt.Errorf("launch VM process: %w", err)
 	}
-	p := &Process{waited: make(chan struct{})}
+	p := &Process{waited: make(chan struct{}), detached: o.Detached}
 	started := make(chan error, 1)
 	// The parent-death signal is sent when the thread that forked exits,
 	// so fork from a thread locked for the child's whole life: this
@@ -205,12 +209,29 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		<-p.waited
 		return nil, fmt.Errorf("launch VM process: write handoff: %w", err)
 	}
-	if o.Detached {
+	if o.Detached && !o.Gate {
 		w.Close()
 	} else {
 		p.lifeline = w
 	}
 	return p, nil
+}
+
+// Go lets a gated VM process run its guest (see Options.Gate); a detached
+// one's handoff descriptor is closed with it.
+func (p *Process) Go() error {
+	if p.lifeline == nil {
+		return errors.New("VM process: go: no gate")
+	}
+	_, err := p.lifeline.Write([]byte{GoByte})
+	if p.detached {
+		p.lifeline.Close()
+		p.lifeline = nil
+	}
+	if err != nil {
+		return fmt.Errorf("VM process: go: %w", err)
+	}
+	return nil
 }
 
 // closeOnExecAll sets FD_CLOEXEC on every descriptor from 3 up.
@@ -252,7 +273,8 @@ func (p *Process) Signal(sig os.Signal) error {
 }
 
 // CutLifeline closes the lifeline (foreground mode): the VM process stops
-// cleanly, as if the control plane had exited.
+// cleanly, as if the control plane had exited; before the go, its guest
+// never runs.
 func (p *Process) CutLifeline() error {
 	if p.lifeline == nil {
 		return nil

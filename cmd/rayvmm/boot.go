@@ -219,14 +219,18 @@ func runBoot(cmd *cobra.Command, f *bootFlags) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	ba := control.NewBootAudit(openAudit, s, os.Stderr)
+	if err := ba.Check(); err != nil {
+		return err
+	}
 	res, err := control.Open(ctx, s, control.Options{
 		StateDir: stateDir, KVMDevice: f.kvmDevice, BuiltinKernel: guestkernel.ELF, Log: log,
 	})
 	if err != nil {
-		return err
+		return ba.Failed(ctx, err)
 	}
-	code, err := control.Foreground(res, control.ForegroundOptions{
-		Started: started, BootTimer: f.bootTimer, LogLevel: level.String(), Version: version,
+	code, err := control.Foreground(ctx, res, control.ForegroundOptions{
+		Started: started, BootTimer: f.bootTimer, LogLevel: level.String(), Version: version, Audit: ba,
 	})
 	if err != nil {
 		return err

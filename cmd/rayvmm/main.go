@@ -50,6 +50,9 @@ and attaches virtio-blk disks and virtio-net NICs behind which live volumes
 var stateDir string
 
 func defaultStateDir() string {
+	if d := os.Getenv("RAYVMM_STATE_DIR"); d != "" {
+		return d
+	}
 	if os.Geteuid() == 0 {
 		return "/var/lib/rayvmm"
 	}
@@ -64,11 +67,14 @@ func defaultStateDir() string {
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&stateDir, "state-dir", defaultStateDir(),
-		"directory for volumes, networks and other state rayvmm keeps between runs")
+		"directory for volumes, networks, the audit log and other state rayvmm keeps between runs ($RAYVMM_STATE_DIR)")
 }
 
 func main() {
 	err := rootCmd.Execute()
+	if cerr := closeAudit(); err == nil {
+		err = cerr
+	}
 	if err == nil {
 		return
 	}

@@ -644,7 +644,7 @@ func (p *pod) active() bool {
 }
 
 // rm removes a pod that runs no VM (with force, it is stopped first):
-// its record, cgroups, logs and exit records, and its volumes but the
+// its record, cgroups, logs and outcome files, and its volumes but the
 // retained ones.
 func (d *Daemon) rm(ctx context.Context, p *pod, force bool, by *Caller, grace *time.Duration) error {
 	d.mu.Lock()

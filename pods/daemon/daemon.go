@@ -10,7 +10,7 @@
 // containerd: a daemon stopped (SIGTERM) or killed (kill -9) leaves its
 // VMs running, and the next daemon on the state directory re-adopts them
 // by pid, process start time and API socket, and learns how the ones that
-// ended meanwhile did from the exit record each VM process writes as it
+// ended meanwhile did from the outcome each VM process writes to a file as it
 // exits. Only one daemon serves a state directory at a time.
 package daemon
 
@@ -41,7 +41,7 @@ const DefaultSocket = "/run/rayvmm/rayvmm.sock"
 // Config is the daemon's settings.
 type Config struct {
 	// StateDir holds the state store, volumes, networks and the pods'
-	// logs, exit records and sockets.
+	// logs, outcome files and sockets.
 	StateDir string
 	// Socket is the API's Unix socket (mode 0660), SocketGID its group
 	// (-1: the daemon's).

@@ -344,7 +344,7 @@ func startError(err error) string {
 }
 
 // launch starts a run of v: its cgroup, its resources (control.Open),
-// its exit record and log, and a detached VM process, whose pid is on
+// its outcome file and log, and a detached VM process, whose pid is on
 // disk before it runs guest code. On error nothing is left.
 func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	p := v.p
@@ -375,7 +375,15 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		}
 		cgc <- m
 	}()
-	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log})
+	// The VM process reports how it ended in a file (not control's pipe),
+	// which outlives this daemon.
+	outf, oerr := os.OpenFile(d.exitPath(pod, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if oerr != nil {
+		<-cgc
+		return nil, fmt.Errorf("outcome file: %w", oerr)
+	}
+	defer outf.Close()
+	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log, OutcomeFile: outf})
 	cg := <-cgc
 	if cg.err == nil {
 		defer func() {
@@ -398,13 +406,6 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		return nil, err
 	}
 	group, oomBase := cg.g, cg.oom
-	exitf, err := os.OpenFile(d.exitPath(pod, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("exit record: %w", err)
-	}
-	defer exitf.Close()
-	ref := res.Files.Ref(exitf, "exit record")
-	res.Handoff.ExitRecord = &ref
 	if _, err := os.Stat(d.logPath(pod, name)); err == nil {
 		os.Rename(d.logPath(pod, name), d.prevLogPath(pod, name))
 	}
@@ -427,31 +428,39 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	if cgDir != nil {
 		defer cgDir.Close()
 	}
+	// The VM process is in its cgroup before it is handed anything (v1:
+	// moved in by BeforeHandoff); its pid is committed while it builds
+	// the VM, and the guest's first instruction waits for that (the gate):
+	// a daemon killed before the go leaves a VM process that reads EOF
+	// and exits, never an unrecorded guest.
 	proc, err := vmproc.Launch(h, res.Files, vmproc.Options{
-		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true, CgroupDir: cgDir,
+		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true, CgroupDir: cgDir, Gate: true,
 		BeforeHandoff: func(pr *vmproc.Process) error {
-			// Its pid is written while it moves into its cgroup; both are
-			// done before it gets its handoff and runs guest code.
-			d.mu.Lock()
-			v.rec.PID, v.rec.StartTime, v.rec.OOMKills = pr.Pid, pr.StartTime, oomBase
-			v.rec.Instance++
-			ch := p.save()
-			d.mu.Unlock()
-			var addErr error
 			if cgDir == nil {
-				addErr = group.Add(pr.Pid)
+				return group.Add(pr.Pid)
 			}
-			if err := <-ch; err != nil {
-				return fmt.Errorf("record the VM process: %w", err)
-			}
-			return addErr
+			return nil
 		},
 	})
 	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	v.rec.PID, v.rec.StartTime, v.rec.OOMKills = proc.Pid, proc.StartTime, oomBase
+	v.rec.Instance++
+	ch := p.save()
+	d.mu.Unlock()
+	err = <-ch
+	if err == nil {
+		err = proc.Go()
+	}
+	if err != nil {
+		proc.Signal(syscall.SIGKILL)
+		proc.Wait()
 		d.mu.Lock()
 		v.rec.PID, v.rec.StartTime = 0, 0
 		d.mu.Unlock()
-		return nil, err
+		return nil, fmt.Errorf("record the VM process: %w", err)
 	}
 	if err := res.Detached(); err != nil {
 		d.log.Warn("close handed-over descriptors", "pod", pod, "vm", name, "err", err)
@@ -592,7 +601,7 @@ func backoff(next, ran time.Duration, scale float64) (delay, after time.Duration
 const reasonStop = "the pod is being stopped"
 
 // endedAway handles a VM whose process ended while no daemon watched it:
-// its exit record says how, if it wrote one. It returns whether v
+// its outcome file says how, if it wrote one. It returns whether v
 // restarts.
 func (d *Daemon) endedAway(v *vm) bool {
 	eff := d.effective(v)
@@ -603,16 +612,16 @@ func (d *Daemon) endedAway(v *vm) bool {
 	}
 	pod := v.p.name()
 	d.mu.Unlock()
-	if rec, err := vmproc.ReadExitRecord(d.exitPath(pod, v.spec.Name)); err == nil {
-		code := rec.Code
-		t.ExitCode, t.Message, t.FinishedAt = &code, rec.Message, rec.Time.UTC()
+	if rec := readOutcome(d.exitPath(pod, v.spec.Name)); rec != nil {
+		code := rec.Status
+		t.ExitCode, t.Message = &code, rec.Reason
 		t.Reason = pods.ReasonCompleted
 		if code != 0 {
 			t.Reason = pods.ReasonError
 		}
 	} else {
 		t.Reason = pods.ReasonUnknown
-		t.Message = "the VM process ended while the daemon was down and left no exit record (killed by SIGKILL?): its status is lost"
+		t.Message = "the VM process ended while the daemon was down and left no outcome (killed by SIGKILL?): its status is lost"
 	}
 	control.Cleanup(d.st.Dir(), eff)
 	if g, err := d.cg.Load(pod, v.spec.Name); err == nil {
@@ -628,10 +637,10 @@ func (d *Daemon) endedAway(v *vm) bool {
 }
 
 // exitState is how a run ended: from the wait status for the daemon's
-// own child, else from the exit record; the record's line is the message.
+// own child, else from the outcome file; its reason is the message.
 func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 	t := pods.Terminated{StartedAt: in.started, FinishedAt: time.Now().UTC()}
-	rec, recErr := vmproc.ReadExitRecord(d.exitPath(v.p.name(), v.spec.Name))
+	rec := readOutcome(d.exitPath(v.p.name(), v.spec.Name))
 	switch {
 	case in.child != nil:
 		st, _ := in.child.Wait()
@@ -644,17 +653,17 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 			code := ws.ExitStatus()
 			t.ExitCode = &code
 		}
-	case recErr == nil:
-		code := rec.Code
+	case rec != nil:
+		code := rec.Status
 		t.ExitCode = &code
 	}
-	if recErr == nil && rec.Message != "" && t.Message == "" {
-		t.Message = rec.Message
+	if rec != nil && rec.Reason != "" && t.Message == "" {
+		t.Message = rec.Reason
 	}
 	switch {
 	case t.ExitCode == nil:
 		t.Reason = pods.ReasonUnknown
-		t.Message = "the VM process was not this daemon's child and left no exit record (killed by SIGKILL?): its status is lost"
+		t.Message = "the VM process was not this daemon's child and left no outcome (killed by SIGKILL?): its status is lost"
 	case *t.ExitCode == 0:
 		t.Reason = pods.ReasonCompleted
 	default:
@@ -666,6 +675,21 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 		}
 	}
 	return t
+}
+
+// readOutcome reads the outcome a VM process wrote to its file as it
+// exited; nil when it wrote none (it was killed by SIGKILL, or never ran).
+func readOutcome(path string) *vmproc.Outcome {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	o, err := vmproc.ReadOutcome(f)
+	if err != nil {
+		return nil
+	}
+	return o
 }
 
 func describe(t *pods.Terminated) string {

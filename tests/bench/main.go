@@ -211,6 +211,11 @@ func bench(ctx context.Context, o options) error {
 		return err
 	}
 	defer os.RemoveAll(tmp)
+	// Every rayvmm started here writes its boots to the audit log of a
+	// state directory of its own, never the host's /var/lib/rayvmm.
+	if err := os.Setenv("RAYVMM_STATE_DIR", filepath.Join(tmp, "state")); err != nil {
+		return err
+	}
 
 	if len(o.podKs) > 0 {
 		if o.waitLoad > 0 {

@@ -36,6 +36,11 @@ type Options struct {
 	// BuiltinKernel is the kernel used when the spec names none (rayguest).
 	BuiltinKernel []byte
 	Log           *slog.Logger
+	// OutcomeFile, if set, is the file the VM process writes its outcome
+	// to (vmproc.WriteOutcome) instead of a pipe: for a detached VM process,
+	// whose outcome must outlive its launcher (the pods daemon reads it
+	// back from the path, also after a restart). The caller keeps it.
+	OutcomeFile *os.File
 }
 
 // Resources are a VM's opened resources, ready to hand over. Close them
@@ -53,6 +58,7 @@ type Resources struct {
 	detach     []func() error // close, without releasing, what a detached VM process holds
 	metricsTmp string
 	metricsDst string
+	outcome    *os.File // the read end of Handoff.Outcome
 }
 
 // Open resolves and opens everything s names. s must be defaulted and
@@ -66,9 +72,7 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	eff := s.Clone()
-	if eff.Name == "" {
-		eff.Name = fmt.Sprintf("rayvmm-%d", os.Getpid())
-	}
+	eff.Name = VMName(s)
 	if eff.Vsock != nil && !filepath.IsAbs(eff.Vsock.UDS) {
 		// The VM process connects guest connections to UDS_P by path.
 		if eff.Vsock.UDS, err = filepath.Abs(eff.Vsock.UDS); err != nil {
@@ -85,6 +89,23 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		}
 	}()
 	h := r.Handoff
+
+	// How the VM ended comes back on a pipe (for the audit log), or in
+	// the file the caller gives.
+	if o.OutcomeFile != nil {
+		ref := r.Files.Ref(o.OutcomeFile, "outcome file")
+		h.Outcome = &ref
+	} else {
+		or, ow, err := os.Pipe()
+		if err != nil {
+			return nil, fmt.Errorf("outcome pipe: %w", err)
+		}
+		r.outcome = or
+		r.afterExit = append(r.afterExit, or.Close)
+		r.own(ow)
+		ref := r.Files.Ref(ow, "outcome pipe")
+		h.Outcome = &ref
+	}
 
 	kvm, err := os.OpenFile(o.KVMDevice, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -296,6 +317,16 @@ func (r *Resources) Launched() error {
 	}
 	r.handedOver = nil
 	return errors.Join(errs...)
+}
+
+// Outcome reads how the VM ended, as its VM process reported it; call it
+// once the process has exited. It is nil when the process reported
+// nothing (it was killed).
+func (r *Resources) Outcome() (*vmproc.Outcome, error) {
+	if r.outcome == nil {
+		return nil, errors.New("the outcome went to Options.OutcomeFile")
+	}
+	return vmproc.ReadOutcome(r.outcome)
 }
 
 // Detached closes this process's copies of everything handed to a

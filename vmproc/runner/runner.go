@@ -24,7 +24,6 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -36,16 +35,38 @@ import (
 )
 
 // Run runs the VM r describes and returns the process's exit status,
-// having printed how the VM ended.
+// having printed how the VM ended and reported it on the outcome pipe.
 func Run(r *vmproc.Received) int {
 	h := r.Handoff
+	var report *os.File
+	if h.Outcome != nil {
+		// First: every way out reports through it.
+		f, err := h.Outcome.Open()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "rayvmm: outcome pipe: %v\n", err)
+			return 1
+		}
+		report = f
+		defer report.Close()
+	}
+	o := run(r)
+	if report != nil {
+		if err := vmproc.WriteOutcome(report, o); err != nil {
+			fmt.Fprintf(os.Stderr, "rayvmm: outcome pipe: %v\n", err)
+		}
+	}
+	return o.Status
+}
+
+// run runs the VM and says how it ended.
+func run(r *vmproc.Received) vmproc.Outcome {
+	h := r.Handoff
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level(h.LogLevel)}))
-	exitRecord := openExitRecord(h.ExitRecord)
-	fail := func(err error) int {
+	ran := false
+	fail := func(err error) vmproc.Outcome {
 		msg := oneLine(err)
 		fmt.Fprintf(os.Stderr, "rayvmm: %s\n", msg)
-		writeExitRecord(exitRecord, 1, msg)
-		return 1
+		return vmproc.Outcome{Status: 1, Reason: msg, Ran: ran}
 	}
 	// Everything the control plane handed over, so that whatever is not
 	// taken over by the VM is closed if building it fails.
@@ -108,16 +129,46 @@ func Run(r *vmproc.Received) int {
 	if h.Console {
 		c := &console{in: os.Stdin}
 		if restore, err = c.start(v.Serial(), func() { stop(errors.New("Ctrl-A x pressed")) }); err != nil {
+			if srv != nil {
+				srv.Close()
+			}
 			v.Close()
 			return fail(err)
 		}
 	}
-	exit, err := v.Run(ctx)
+	// The guest's first instruction waits for the control plane's go,
+	// which comes once the boot is in the audit log (see Handoff.Gate).
+	select {
+	case <-r.Go():
+	case <-ctx.Done():
+	case <-r.Refused():
+		// A detached VM process's descriptor closes right after the go
+		// (Process.Go): EOF refuses only when no go came before it.
+		select {
+		case <-r.Go():
+		default:
+			stop(errors.New("the control plane did not let the guest run"))
+		}
+	}
+	var exit *vmm.Exit
+	if ctx.Err() == nil {
+		ran = true
+		exit, err = v.Run(ctx)
+	}
 	restore()
 	if srv != nil {
 		srv.Close()
 	}
 	closeErr := v.Close()
+	if !ran {
+		// Nothing ran; whoever stopped it (a signal, the control plane)
+		// says why.
+		log.Info("stopped before the guest ran", "cause", context.Cause(ctx))
+		if closeErr != nil {
+			return fail(closeErr)
+		}
+		return vmproc.Outcome{Reason: "stopped before the guest ran: " + context.Cause(ctx).Error()}
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -137,33 +188,7 @@ func Run(r *vmproc.Received) int {
 	case closeErr != nil:
 		return fail(closeErr)
 	}
-	writeExitRecord(exitRecord, 0, exit.String())
-	return 0
-}
-
-// openExitRecord takes over the exit record file, if one was handed over
-// (detached mode); nil otherwise, or if it cannot be used.
-func openExitRecord(ref *vmproc.File) *os.File {
-	if ref == nil {
-		return nil
-	}
-	f, err := ref.Open()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "rayvmm: exit record: %v\n", err)
-		return nil
-	}
-	return f
-}
-
-// writeExitRecord records how the VM process ends, for a control plane
-// that may not be its parent by then.
-func writeExitRecord(f *os.File, code int, msg string) {
-	if f == nil {
-		return
-	}
-	if err := vmproc.WriteExitRecord(f, vmproc.ExitRecord{Code: code, Message: msg, Time: time.Now()}); err != nil {
-		fmt.Fprintf(os.Stderr, "rayvmm: %v\n", err)
-	}
+	return vmproc.Outcome{Reason: exit.String(), Ran: true}
 }
 
 // takeOver opens the handed-over descriptors as the VM's backends.

@@ -12,9 +12,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
+	"github.com/rayvmm/rayvmm/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
