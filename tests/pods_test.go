@@ -3,6 +3,7 @@ package tests
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -836,4 +837,72 @@ func TestPodSocketGroup(t *testing.T) {
 		t.Errorf("ps by a user outside the group: exit %d %s%s", r.code, r.stdout, r.stderr)
 	}
 	d.podOK(t, "", "rm", "--force", "mine")
+}
+
+// The daemon's audit log: its start and stop, and a pod's apply (by the
+// caller the kernel named), each restart, a probe failure that acted, the
+// stop and the rm, in order, in a log that verifies.
+func TestPodAudit(t *testing.T) {
+	t.Parallel()
+	d := startPodDaemon(t)
+	d.apply(t, `apiVersion: rayvmm/v1
+kind: Pod
+metadata: {name: audited}
+spec:
+  vms:
+  - name: vm
+    cmdline: rayguest.run=serve rayguest.ip=192.0.2.50/24
+    memory: 16M
+    nets: [{network: lab}]
+    livenessProbe: {udp: {port: 9}, periodSeconds: 1, failureThreshold: 1}
+`)
+	d.waitFor(t, "audited", "a liveness restart", func(i *pods.Info) bool { return i.Status.VMs[0].RestartCount >= 1 })
+	d.podOK(t, "", "stop", "audited")
+	d.podOK(t, "", "rm", "audited")
+	d.proc.cmd.Process.Signal(syscall.SIGTERM)
+	d.proc.exited(t, "SIGTERM", time.Minute)
+
+	list := d.h.must(t, "audit", "list", "--object", "pod/audited", "--json")
+	var actions []string
+	for _, line := range strings.Split(strings.TrimSpace(list), "\n") {
+		var r struct {
+			Action string `json:"action"`
+			Actor  struct {
+				UID uint32 `json:"uid"`
+				PID uint32 `json:"pid"`
+			} `json:"actor"`
+			Params map[string]string `json:"params"`
+		}
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("audit list --json: %v: %s", err, line)
+		}
+		if len(actions) == 0 || actions[len(actions)-1] != r.Action {
+			actions = append(actions, r.Action)
+		}
+		if r.Action == "pod.restart" && r.Params["vm"] != "audited.vm" {
+			t.Errorf("pod.restart record names VM %q", r.Params["vm"])
+		}
+		// Apply, stop and rm are the caller's (the CLI, named by
+		// SO_PEERCRED); restarts and probe failures the daemon's own.
+		daemonPid := uint32(d.proc.cmd.Process.Pid)
+		byCaller := r.Action == "pod.apply" || r.Action == "pod.stop" || r.Action == "pod.rm"
+		if byCaller == (r.Actor.PID == daemonPid) {
+			t.Errorf("%s recorded with actor pid %d (the daemon is %d)", r.Action, r.Actor.PID, daemonPid)
+		}
+	}
+	// A restart follows each failed probe; the run killed by the stop is
+	// not restarted.
+	want := []string{"pod.apply", "pod.probe-failure", "pod.restart"}
+	if len(actions) < 5 || !slices.Equal(actions[:3], want) || !slices.Equal(actions[len(actions)-2:], []string{"pod.stop", "pod.rm"}) {
+		t.Errorf("the pod's audit history: %v, want %v ... pod.stop pod.rm", actions, want)
+	}
+	daemonRecs := d.h.must(t, "audit", "list", "--object", "daemon/"+d.h.state)
+	for _, a := range []string{"daemon.start", "daemon.stop"} {
+		if !strings.Contains(daemonRecs, a) {
+			t.Errorf("no %s record:\n%s", a, daemonRecs)
+		}
+	}
+	if r := d.h.rayvmm(t, "audit", "verify"); r.code != 0 {
+		t.Errorf("audit verify: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
 }

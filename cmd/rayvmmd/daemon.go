@@ -85,7 +85,7 @@ func lookupGroup(g string) (int, error) {
 	return strconv.Atoi(gr.Gid)
 }
 
-func runDaemon(cmd *cobra.Command, f *daemonFlags) error {
+func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 	gid, err := lookupGroup(f.socketGroup)
 	if err != nil {
 		return err
@@ -102,9 +102,19 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) error {
 	if err != nil {
 		return err
 	}
+	aud, err := openAuditor(f.stateDir)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := aud.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("audit log: %w", cerr)
+		}
+	}()
 	d, err := daemon.New(daemon.Config{
 		StateDir: f.stateDir, Socket: f.socket, SocketGID: gid, BackoffScale: f.backoffScale,
 		Cgroups: cg, Kernel: guestkernel.ELF, KVMDevice: f.kvmDevice, Version: version, Log: log,
+		Auditor: aud,
 		Ready: func() {
 			fmt.Fprintf(os.Stderr, "rayvmmd: serving pods on %s (state directory %s)\n", f.socket, f.stateDir)
 			sdNotify("READY=1")

@@ -112,7 +112,7 @@ func (d *Daemon) probeFailed(v *vm, kind string, fails int, kill bool) {
 func (d *Daemon) auditProbe(v *vm, kind string, fails int) {
 	defer d.wg.Done()
 	d.audit(context.Background(), Entry{Action: AuditPodProbeFailure, Object: Object{Kind: "pod", Name: v.p.name()},
-		Params: map[string]string{"vm": v.spec.Name, "probe": kind, "failures": strconv.Itoa(fails)}})
+		Params: map[string]string{"vm": pods.VMName(v.p.name(), v.spec.Name), "probe": kind, "failures": strconv.Itoa(fails)}})
 }
 
 // probeLoop probes every period after the initial delay, calling result

@@ -756,7 +756,7 @@ func (d *Daemon) decide(v *vm, t pods.Terminated, byProbe bool) bool {
 		defer d.wg.Done()
 		d.audit(ctx, e)
 	}(context.Background(), Entry{Action: AuditPodRestart, Object: Object{Kind: "pod", Name: p.name()},
-		Params: map[string]string{"vm": v.spec.Name, "reason": describe(&t), "restart": fmt.Sprint(v.rec.RestartCount), "backoff": delay.String()}})
+		Params: map[string]string{"vm": pods.VMName(v.p.name(), v.spec.Name), "reason": describe(&t), "restart": fmt.Sprint(v.rec.RestartCount), "backoff": delay.String()}})
 	p.save()
 	return true
 }
