@@ -1,0 +1,53 @@
+// Package forbidden makes the calls the VM process's sandbox must refuse,
+// for the tests that show it does: a VM process built with the
+// seccaptest build tag calls Try after the sandbox is applied, and the
+// control plane must report the process killed by SIGSYS (or, for a path
+// landlock refuses, the error). Nothing but such test builds may link it.
+package forbidden
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Calls names what Try can do, each with the system call it makes.
+var Calls = map[string]string{
+	"execve":      "execve(\"/bin/true\")",
+	"open-shadow": "openat(\"/etc/shadow\", O_RDONLY)",
+	"socket-inet": "socket(AF_INET, SOCK_STREAM)",
+	"ptrace":      "ptrace(PTRACE_TRACEME)",
+	"mount":       "mount(\"none\", \"/mnt\", \"tmpfs\")",
+}
+
+// Try makes the call name. It returns only if the call returned: its
+// error (nil if the call succeeded, which a sandbox must not allow).
+func Try(name string) error {
+	switch name {
+	case "execve":
+		return syscall.Exec("/bin/true", []string{"true"}, nil)
+	case "open-shadow":
+		f, err := os.Open("/etc/shadow")
+		if err == nil {
+			f.Close()
+		}
+		return err
+	case "socket-inet":
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+		if err == nil {
+			unix.Close(fd)
+		}
+		return err
+	case "ptrace":
+		_, _, e := unix.RawSyscall(unix.SYS_PTRACE, unix.PTRACE_TRACEME, 0, 0)
+		if e != 0 {
+			return e
+		}
+		return nil
+	case "mount":
+		return unix.Mount("none", "/mnt", "tmpfs", 0, "")
+	}
+	return fmt.Errorf("forbidden call %q: want one of execve, open-shadow, socket-inet, ptrace, mount", name)
+}
