@@ -4,11 +4,11 @@ import (
 	"fmt"
 
 	"github.com/elastic/go-seccomp-bpf/arch"
-	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
 )
 
-// The filter program is assembled here, with golang.org/x/net/bpf, from
-// go-seccomp-bpf's syscall tables. go-seccomp-bpf's own assembler (v1.6.0)
+// The filter program is assembled here, from go-seccomp-bpf's syscall
+// tables, straight into the kernel's struct sock_filter. go-seccomp-bpf's own assembler (v1.6.0)
 // cannot be used for argument conditions: a condition that fails leaves
 // the argument it loaded in the accumulator, and the comparisons that
 // follow take it for the system call number. mmap(..., PROT_READ|
@@ -59,9 +59,18 @@ var native = func() *arch.Info {
 	return a
 }()
 
+// Classic BPF opcodes (linux/bpf_common.h).
+const (
+	ldAbsW = 0x20 // BPF_LD | BPF_W | BPF_ABS
+	jeqK   = 0x15 // BPF_JMP | BPF_JEQ | BPF_K
+	jgeK   = 0x35 // BPF_JMP | BPF_JGE | BPF_K
+	jsetK  = 0x45 // BPF_JMP | BPF_JSET | BPF_K
+	retK   = 0x06 // BPF_RET | BPF_K
+)
+
 // asm is a program under construction, with labels for forward jumps.
 type asm struct {
-	insts  []bpf.Instruction
+	insts  []unix.SockFilter
 	fixups []fixup
 	labels []int // label -> instruction index; -1 until placed
 }
@@ -71,20 +80,22 @@ type fixup struct {
 	tTrue, tFal int // labels; -1: the next instruction
 }
 
-func (a *asm) label() int             { a.labels = append(a.labels, -1); return len(a.labels) - 1 }
-func (a *asm) place(l int)            { a.labels[l] = len(a.insts) }
-func (a *asm) emit(i bpf.Instruction) { a.insts = append(a.insts, i) }
-func (a *asm) ret(v uint32)           { a.emit(bpf.RetConstant{Val: v}) }
-func (a *asm) load(off uint32)        { a.emit(bpf.LoadAbsolute{Off: off, Size: 4}) }
+func (a *asm) label() int  { a.labels = append(a.labels, -1); return len(a.labels) - 1 }
+func (a *asm) place(l int) { a.labels[l] = len(a.insts) }
+func (a *asm) emit(code uint16, k uint32) {
+	a.insts = append(a.insts, unix.SockFilter{Code: code, K: k})
+}
+func (a *asm) ret(v uint32)    { a.emit(retK, v) }
+func (a *asm) load(off uint32) { a.emit(ldAbsW, off) }
 
 // jump emits a conditional jump to label t when the condition holds and
 // to label f when it does not (-1: fall through).
-func (a *asm) jump(c bpf.JumpTest, v uint32, t, f int) {
+func (a *asm) jump(code uint16, v uint32, t, f int) {
 	a.fixups = append(a.fixups, fixup{at: len(a.insts), tTrue: t, tFal: f})
-	a.emit(bpf.JumpIf{Cond: c, Val: v})
+	a.emit(code, v)
 }
 
-func (a *asm) resolve() ([]bpf.Instruction, error) {
+func (a *asm) resolve() ([]unix.SockFilter, error) {
 	skip := func(at, l int) (uint8, error) {
 		if l < 0 {
 			return 0, nil
@@ -96,15 +107,16 @@ func (a *asm) resolve() ([]bpf.Instruction, error) {
 		return uint8(d), nil
 	}
 	for _, f := range a.fixups {
-		j := a.insts[f.at].(bpf.JumpIf)
 		var err error
-		if j.SkipTrue, err = skip(f.at, f.tTrue); err != nil {
+		if a.insts[f.at].Jt, err = skip(f.at, f.tTrue); err != nil {
 			return nil, err
 		}
-		if j.SkipFalse, err = skip(f.at, f.tFal); err != nil {
+		if a.insts[f.at].Jf, err = skip(f.at, f.tFal); err != nil {
 			return nil, err
 		}
-		a.insts[f.at] = j
+	}
+	if len(a.insts) > 4096 {
+		return nil, fmt.Errorf("filter: %d instructions, the kernel takes 4096", len(a.insts))
 	}
 	return a.insts, nil
 }
@@ -112,7 +124,7 @@ func (a *asm) resolve() ([]bpf.Instruction, error) {
 // assemble builds the filter for groups, in their order; a call named in
 // several groups is merged into its first place. def is the action for
 // everything else.
-func assemble(groups []group, def uint32) ([]bpf.Instruction, error) {
+func assemble(groups []group, def uint32) ([]unix.SockFilter, error) {
 	var order []string
 	merged := map[string]*call{}
 	for _, g := range groups {
@@ -129,15 +141,15 @@ func assemble(groups []group, def uint32) ([]bpf.Instruction, error) {
 			m.when = append(m.when, c.when...)
 		}
 	}
-	a := &asm{}
+	a := &asm{insts: make([]unix.SockFilter, 0, 512), labels: make([]int, 0, 256), fixups: make([]fixup, 0, 256)}
 	a.load(offArch)
 	nativeArch := a.label()
-	a.jump(bpf.JumpEqual, uint32(native.ID), nativeArch, -1)
+	a.jump(jeqK, uint32(native.ID), nativeArch, -1)
 	a.ret(def)
 	a.place(nativeArch)
 	a.load(offNr)
 	notX32 := a.label()
-	a.jump(bpf.JumpGreaterOrEqual, x32SyscallBit, -1, notX32)
+	a.jump(jgeK, x32SyscallBit, -1, notX32)
 	a.ret(def)
 	a.place(notX32)
 	for _, name := range order {
@@ -148,12 +160,12 @@ func assemble(groups []group, def uint32) ([]bpf.Instruction, error) {
 		}
 		end := a.label()
 		if len(c.when) == 0 {
-			a.jump(bpf.JumpEqual, uint32(nr), -1, end)
+			a.jump(jeqK, uint32(nr), -1, end)
 			a.ret(retAllow)
 			a.place(end)
 			continue
 		}
-		a.jump(bpf.JumpEqual, uint32(nr), -1, end)
+		a.jump(jeqK, uint32(nr), -1, end)
 		for _, set := range c.when {
 			next := a.label()
 			for _, cd := range set {
@@ -181,23 +193,23 @@ func (a *asm) cond(c cond, fail int) error {
 	switch c.op {
 	case eq:
 		a.load(argHi(c.arg))
-		a.jump(bpf.JumpEqual, hi, -1, fail)
+		a.jump(jeqK, hi, -1, fail)
 		a.load(argLo(c.arg))
-		a.jump(bpf.JumpEqual, lo, -1, fail)
+		a.jump(jeqK, lo, -1, fail)
 	case ne:
 		pass := a.label()
 		a.load(argHi(c.arg))
-		a.jump(bpf.JumpEqual, hi, -1, pass)
+		a.jump(jeqK, hi, -1, pass)
 		a.load(argLo(c.arg))
-		a.jump(bpf.JumpEqual, lo, fail, -1)
+		a.jump(jeqK, lo, fail, -1)
 		a.place(pass)
 	case noBits:
 		if hi != 0 {
 			a.load(argHi(c.arg))
-			a.jump(bpf.JumpBitsSet, hi, fail, -1)
+			a.jump(jsetK, hi, fail, -1)
 		}
 		a.load(argLo(c.arg))
-		a.jump(bpf.JumpBitsSet, lo, fail, -1)
+		a.jump(jsetK, lo, fail, -1)
 	default:
 		return fmt.Errorf("operation %d", c.op)
 	}

@@ -3,6 +3,7 @@ package seccap
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -18,28 +19,94 @@ const (
 	secbitNoCapAmbientRaiseLocked = 1 << 7
 )
 
-// checkAllThreads fails early, with the reason, where per-thread state
-// cannot be changed on every thread.
-func checkAllThreads() error {
-	if _, _, e := syscall.AllThreadsSyscall(unix.SYS_GETPID, 0, 0, 0); e == unix.ENOTSUP {
-		return errors.New("this binary links cgo, so its threads' capabilities and landlock domain cannot all be changed; build it with CGO_ENABLED=0")
-	}
-	return nil
-}
-
-// allThreadsPrctl is prctl on every thread.
+// allThreadsPrctl is prctl on every thread. Each call stops the world
+// and signals every thread, which costs from tens of microseconds to
+// milliseconds on a loaded host, so the sandbox makes as few as it can.
 func allThreadsPrctl(option, arg2, arg3 uintptr) error {
 	_, _, e := syscall.AllThreadsSyscall6(unix.SYS_PRCTL, option, arg2, arg3, 0, 0, 0)
+	if e == unix.ENOTSUP {
+		return errCgo
+	}
 	if e != 0 {
 		return e
 	}
 	return nil
 }
 
+var errCgo = errors.New("this binary links cgo, so the capabilities of all its threads cannot be changed; build it with CGO_ENABLED=0")
+
+// jailCaps are the capabilities a jailed VM process needs before it is
+// sandboxed: its mounts, pivot_root and hostname; the change of uid and
+// gid; and dropping these four from the bounding set afterwards.
+var jailCaps = []int{unix.CAP_SYS_ADMIN, unix.CAP_SETUID, unix.CAP_SETGID, unix.CAP_SETPCAP}
+
+// PrepareForkThread is for the control plane, on the OS thread that is
+// about to start a VM process: it drops from that thread's bounding set
+// every capability the VM process does not need before its sandbox is
+// applied (all of them, or the four a jail needs). A root VM process
+// started from the thread then begins with no other capability, on every
+// thread, and Apply need not drop them one by one on each of its threads,
+// which is slow. The thread must be locked (runtime.LockOSThread) and
+// stay locked until its goroutine ends, so that the runtime discards it:
+// its bounding set cannot grow back. Without CAP_SETPCAP (a control plane
+// run by an unprivileged user) there is nothing to drop, and it does
+// nothing.
+func PrepareForkThread(jailed bool) error {
+	setpcap, err := capEffective(unix.CAP_SETPCAP)
+	if err != nil || !setpcap {
+		return err
+	}
+	bset, err := boundingSet()
+	if err != nil {
+		return err
+	}
+	for _, c := range bset {
+		if jailed && slices.Contains(jailCaps, c) {
+			continue
+		}
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
+			return fmt.Errorf("drop capability %d from the bounding set: %w", c, err)
+		}
+	}
+	return nil
+}
+
+// boundingSet lists the calling thread's bounding set.
+func boundingSet() ([]int, error) {
+	var caps []int
+	for c := 0; c < 64; c++ {
+		in, err := unix.PrctlRetInt(unix.PR_CAPBSET_READ, uintptr(c), 0, 0, 0)
+		if err != nil {
+			if c == 0 {
+				return nil, fmt.Errorf("prctl(PR_CAPBSET_READ): %w", err)
+			}
+			break // past the last capability the kernel knows
+		}
+		if in == 1 {
+			caps = append(caps, c)
+		}
+	}
+	return caps, nil
+}
+
+// hasAmbient reports whether the calling thread has ambient capabilities.
+func hasAmbient(bset []int) bool {
+	for _, c := range bset {
+		if in, err := unix.PrctlRetInt(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_IS_SET, uintptr(c), 0, 0); err == nil && in == 1 {
+			return true
+		}
+	}
+	return false
+}
+
 // dropPrivileges takes every capability away from every thread, for good:
 // the bounding set and securebits first (they need CAP_SETPCAP), then the
 // ambient set, the jail's uid and gid if any, then the effective,
-// permitted and inheritable sets; and makes the process not dumpable.
+// permitted and inheritable sets; and sets no_new_privs and makes the
+// process not dumpable. Each step that has something to do changes every
+// thread; a step with nothing to do (a VM process started by a control
+// plane that called PrepareForkThread has no capabilities to drop) costs
+// a few system calls on this thread only.
 //
 // A process started without CAP_SETPCAP (rayvmm run by a user in the kvm
 // group) cannot shrink its bounding set; it has no capabilities to use
@@ -49,16 +116,11 @@ func dropPrivileges(j *Jail) error {
 	if err != nil {
 		return err
 	}
-	if setpcap {
-		last, err := lastCap()
-		if err != nil {
-			return err
-		}
-		for c := 0; c <= last; c++ {
-			if err := allThreadsPrctl(unix.PR_CAPBSET_DROP, uintptr(c), 0); err != nil {
-				return fmt.Errorf("drop capability %d from the bounding set: %w", c, err)
-			}
-		}
+	bset, err := boundingSet()
+	if err != nil {
+		return err
+	}
+	if setpcap && len(bset) > 0 {
 		// A uid-0 process gains no capabilities from an execve (which
 		// is refused anyway) nor keeps any across a uid change, and
 		// cannot raise ambient ones.
@@ -67,39 +129,38 @@ func dropPrivileges(j *Jail) error {
 		if err := allThreadsPrctl(unix.PR_SET_SECUREBITS, bits, 0); err != nil {
 			return fmt.Errorf("prctl(PR_SET_SECUREBITS): %w", err)
 		}
+		for _, c := range bset {
+			if err := allThreadsPrctl(unix.PR_CAPBSET_DROP, uintptr(c), 0); err != nil {
+				return fmt.Errorf("drop capability %d from the bounding set: %w", c, err)
+			}
+		}
 	}
-	if err := allThreadsPrctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0); err != nil && err != unix.EINVAL {
-		return fmt.Errorf("clear the ambient capabilities: %w", err)
+	if hasAmbient(bset) {
+		if err := allThreadsPrctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0); err != nil {
+			return fmt.Errorf("clear the ambient capabilities: %w", err)
+		}
 	}
 	if j != nil {
 		if err := j.becomeUser(); err != nil {
 			return fmt.Errorf("jail: %w", err)
 		}
 	}
-	if err := capsetZero(); err != nil {
+	if any, err := hasCapabilities(); err != nil {
 		return err
+	} else if any {
+		if err := capsetZero(); err != nil {
+			return err
+		}
 	}
 	// Not dumpable: no core file of guest memory when the sandbox kills
 	// the process, and no ptrace by other processes of its uid.
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fmt.Errorf("prctl(PR_SET_DUMPABLE): %w", err)
 	}
-	if err := allThreadsPrctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0); err != nil {
+	// On this thread; landlock and the seccomp filter's TSYNC set it on
+	// every other.
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
 	}
 	return nil
-}
-
-// lastCap is the highest capability number the kernel knows: the last
-// one PR_CAPBSET_READ accepts (no /proc needed, which a jail lacks).
-func lastCap() (int, error) {
-	for c := 0; c < 64; c++ {
-		if _, err := unix.PrctlRetInt(unix.PR_CAPBSET_READ, uintptr(c), 0, 0, 0); err != nil {
-			if c == 0 {
-				return 0, fmt.Errorf("prctl(PR_CAPBSET_READ): %w", err)
-			}
-			return c - 1, nil
-		}
-	}
-	return 63, nil
 }

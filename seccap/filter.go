@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"strings"
 
-	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -183,7 +182,7 @@ func defaultAction(m Mode, trap bool) uint32 {
 	return retKillProcess
 }
 
-func processProgram(c Config, a *Applied) ([]bpf.Instruction, error) {
+func processProgram(c Config, a *Applied) ([]unix.SockFilter, error) {
 	return assemble(processGroups(c, a.LandlockABI > 0, a.pid), defaultAction(c.Mode, a.Trap))
 }
 

@@ -13,9 +13,17 @@ import (
 
 // verdict runs an assembled policy on one system call, as the kernel
 // would, with x/net/bpf's interpreter.
-func verdict(t *testing.T, p []bpf.Instruction, auditArch uint32, nr int, args ...uint64) action {
+func verdict(t *testing.T, prog []unix.SockFilter, auditArch uint32, nr int, args ...uint64) action {
 	t.Helper()
-	vm, err := bpf.NewVM(p)
+	raw := make([]bpf.RawInstruction, len(prog))
+	for i, f := range prog {
+		raw[i] = bpf.RawInstruction{Op: f.Code, Jt: f.Jt, Jf: f.Jf, K: f.K}
+	}
+	insts, ok := bpf.Disassemble(raw)
+	if !ok {
+		t.Fatalf("the filter has instructions x/net/bpf does not know")
+	}
+	vm, err := bpf.NewVM(insts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +94,7 @@ func TestProcessFilter(t *testing.T) {
 	allow, trap := action(retAllow), action(retTrap)
 	tests := []struct {
 		name string
-		p    []bpf.Instruction
+		p    []unix.SockFilter
 		call string
 		args []uint64
 		want action
@@ -233,7 +241,7 @@ func TestHandlerDeathCallIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range [][]bpf.Instruction{pp, vp} {
+	for _, p := range [][]unix.SockFilter{pp, vp} {
 		if got := verdict(t, p, x86_64, nr(t, "rt_sigaction"), uint64(unix.SIGSYS), 0, 0, 8); got != retTrap {
 			t.Errorf("rt_sigaction(SIGSYS) = %v, want trap", got)
 		}

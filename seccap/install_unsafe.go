@@ -5,22 +5,13 @@ import (
 	"syscall"
 	"unsafe"
 
-	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
 // load installs a filter program on the calling thread, or with tsync on
 // every thread of the process. log adds SECCOMP_FILTER_FLAG_LOG: refusals
 // by trap are logged by the kernel too.
-func load(insts []bpf.Instruction, tsync, log bool) error {
-	raw, err := bpf.Assemble(insts)
-	if err != nil {
-		return fmt.Errorf("assemble BPF: %w", err)
-	}
-	prog := make([]unix.SockFilter, len(raw))
-	for i, r := range raw {
-		prog[i] = unix.SockFilter{Code: r.Op, Jt: r.Jt, Jf: r.Jf, K: r.K}
-	}
+func load(prog []unix.SockFilter, tsync, log bool) error {
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	var flags uintptr
 	if tsync {
@@ -48,21 +39,42 @@ func capsetZero() error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	_, _, e := syscall.AllThreadsSyscall(unix.SYS_CAPSET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0)
+	if e == unix.ENOTSUP {
+		return errCgo
+	}
 	if e != 0 {
 		return fmt.Errorf("capset: %w", e)
 	}
 	return nil
 }
 
-// capGet returns the calling thread's effective and bounding-relevant
-// sets: whether it holds capability c in its effective set.
-func capEffective(c int) (bool, error) {
+// capGet reads the calling thread's effective, permitted and inheritable
+// sets.
+func capGet() ([2]unix.CapUserData, error) {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return false, fmt.Errorf("capget: %w", err)
+		return data, fmt.Errorf("capget: %w", err)
 	}
-	return data[c/32].Effective&(1<<(c%32)) != 0, nil
+	return data, nil
+}
+
+// capEffective reports whether the calling thread holds capability c.
+func capEffective(c int) (bool, error) {
+	data, err := capGet()
+	return data[c/32].Effective&(1<<(c%32)) != 0, err
+}
+
+// hasCapabilities reports whether the calling thread has any capability
+// in its effective, permitted or inheritable set.
+func hasCapabilities() (bool, error) {
+	data, err := capGet()
+	for _, d := range data {
+		if d.Effective|d.Permitted|d.Inheritable != 0 {
+			return true, err
+		}
+	}
+	return false, err
 }
 
 // sigaction is the kernel's struct sigaction on amd64 and arm64.

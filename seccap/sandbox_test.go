@@ -188,7 +188,9 @@ type sandboxed struct {
 }
 
 // startChild starts a sandboxed child and waits for it to say ready.
-func startChild(t *testing.T, s childSpec, cloneflags uintptr) *sandboxed {
+// With prepared, it forks it from a thread PrepareForkThread prepared, as
+// the control plane does.
+func startChild(t *testing.T, s childSpec, cloneflags uintptr, prepared bool) *sandboxed {
 	t.Helper()
 	rp, err := NewReportPipe()
 	if err != nil {
@@ -210,7 +212,20 @@ func startChild(t *testing.T, s childSpec, cloneflags uintptr) *sandboxed {
 		t.Fatal(err)
 	}
 	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
+	started := make(chan error)
+	go func() {
+		// Never unlocked: PrepareForkThread changed the thread for good,
+		// and the runtime discards it when this goroutine ends.
+		runtime.LockOSThread()
+		if prepared {
+			if err := PrepareForkThread(s.Sandbox.Jail != nil); err != nil {
+				started <- err
+				return
+			}
+		}
+		started <- cmd.Start()
+	}()
+	if err := <-started; err != nil {
 		t.Fatal(err)
 	}
 	rp.Launched()
@@ -320,7 +335,13 @@ func needSandboxHost(t *testing.T) {
 // every vCPU thread with one filter more than the other threads.
 func TestSandboxStatus(t *testing.T) {
 	needSandboxHost(t)
-	c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict}, VCPUs: 2}, 0)
+	for _, prepared := range []bool{false, true} {
+		t.Run(fmt.Sprintf("prepared=%v", prepared), func(t *testing.T) { testSandboxStatus(t, prepared) })
+	}
+}
+
+func testSandboxStatus(t *testing.T, prepared bool) {
+	c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict}, VCPUs: 2}, 0, prepared)
 	pid := c.cmd.Process.Pid
 	st := procStatus(t, pid, 0)
 	for k, want := range map[string]string{
@@ -367,6 +388,7 @@ func TestSandboxStatus(t *testing.T) {
 	if !strings.Contains(c.ready, "sandbox strict: seccomp on every thread") {
 		t.Errorf("ready line %q does not describe the sandbox", c.ready)
 	}
+	t.Log(c.ready)
 }
 
 // TestForbiddenCalls: each forbidden call kills the process with SIGSYS
@@ -389,7 +411,7 @@ func TestForbiddenCalls(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.call, func(t *testing.T) {
-			c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict}, VCPUs: 1}, 0)
+			c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict}, VCPUs: 1}, 0, false)
 			if tt.vcpu {
 				c.send("vcpu " + tt.call)
 			} else {
@@ -420,7 +442,7 @@ func TestForbiddenCalls(t *testing.T) {
 func TestLogMode(t *testing.T) {
 	needSandboxHost(t)
 	kmsg := openKmsg(t)
-	c := startChild(t, childSpec{Sandbox: Config{Mode: ModeLog}, VCPUs: 1}, 0)
+	c := startChild(t, childSpec{Sandbox: Config{Mode: ModeLog}, VCPUs: 1}, 0, true)
 	c.send("repeat socket-inet")
 	c.expect("returned: <nil>")
 	rec := kmsg.find(t, fmt.Sprintf("pid=%d ", c.cmd.Process.Pid), "syscall=41 ")
@@ -575,7 +597,7 @@ func TestJail(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict, Jail: j, DialUnix: []string{sockDir}}, VCPUs: 1}, Cloneflags)
+			c := startChild(t, childSpec{Sandbox: Config{Mode: ModeStrict, Jail: j, DialUnix: []string{sockDir}}, VCPUs: 1}, Cloneflags, true)
 			tt.run(t, c, j)
 			c.cmd.Process.Kill()
 			c.cmd.Wait()

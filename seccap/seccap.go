@@ -187,9 +187,6 @@ func Apply(c Config) (*Applied, error) {
 	if err := Supported(); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
-	if err := checkAllThreads(); err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
-	}
 	// time.Local is loaded lazily from /etc/localtime, on the first log
 	// line that formats a time: load it while files may still be opened.
 	_ = time.Local.String()
