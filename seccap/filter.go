@@ -131,13 +131,12 @@ func processGroups(c Config, landlockFS bool, pid int) []group {
 			{name: "epoll_pwait"}, {name: "epoll_ctl"},
 			{name: "rt_sigaction", when: [][]cond{{{0, ne, uint64(unix.SIGSYS)}}}},
 		}},
-		group{"descriptors handed over: disk images, TAPs, eventfds, pipes, the console", append(calls(
-			"read", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "lseek", "fstat", "close"),
+		group{"descriptors handed over: disk images (pread64, pwrite64), TAPs, eventfds, pipes, the console; os.File's Seek, Stat, SetBlocking, CloseOnExec, and net.Buffers (writev)", append(calls(
+			"read", "pread64", "pwrite64", "writev", "lseek", "fstat", "close"),
 			argIn("fcntl", 1, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL, unix.F_SETFL, unix.F_DUPFD_CLOEXEC))},
 		group{"disk images: flush, grow (qcow2), discard and write zeroes", calls("fsync", "fdatasync", "ftruncate", "fallocate")},
-		group{"the API socket (handed over listening): connections", calls(
-			"accept4", "getsockname", "getpeername", "getsockopt", "setsockopt", "shutdown",
-			"recvfrom", "sendto", "recvmsg", "sendmsg")},
+		group{"the API socket (handed over listening): connections (net.UnixListener.Accept, CloseWrite)", calls(
+			"accept4", "getsockname", "shutdown")},
 		group{"the console: its terminal's raw mode is restored at the end", []call{
 			argIn("ioctl", 1, tcgets, tcsets, tcsetsw, tcsetsf, tiocgwinsz)}},
 	)
@@ -149,8 +148,8 @@ func processGroups(c Config, landlockFS bool, pid int) []group {
 		families = append(families, unix.AF_INET, unix.AF_INET6)
 	}
 	if len(families) > 0 {
-		g = append(g, group{"sockets dialled by path (vsock's <uds>_<PORT>) or to TCP ports (shard reconnects): only these families", []call{
-			argIn("socket", 0, families...), {name: "connect"}}})
+		g = append(g, group{"sockets dialled by path (vsock's <uds>_<PORT>) or to TCP ports (shard reconnects): only these families; net.Dial's connect, SO_ERROR, addresses and socket options", []call{
+			argIn("socket", 0, families...), {name: "connect"}, {name: "getsockopt"}, {name: "setsockopt"}, {name: "getpeername"}}})
 	}
 	if landlockFS {
 		g = append(g, group{"files by path: landlock refuses every one (only allowed here because landlock is enforced)", calls("openat")})
@@ -218,6 +217,9 @@ func describe(c call) string {
 		var parts []string
 		for _, cond := range w {
 			v := fmt.Sprintf("%#x", cond.val)
+			if (c.name == "tgkill" || c.name == "kill") && cond.arg == 0 {
+				v = "getpid()"
+			}
 			if c.name == "ioctl" && cond.arg == 1 {
 				if n, ok := ioctlNames[cond.val]; ok {
 					v = n

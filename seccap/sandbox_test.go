@@ -32,6 +32,12 @@ import (
 
 const childEnv = "RAYVMM_SECCAP_TEST_CHILD"
 
+// benchExits is how many I/O exits one "vcpu bench" runs.
+const benchExits = 2000
+
+// benchCalls is how many calls one "vcpu callbench" makes.
+const benchCalls = 200000
+
 type childSpec struct {
 	Sandbox Config
 	VCPUs   int
@@ -109,6 +115,14 @@ func child(specJSON string) int {
 					} else {
 						fmt.Printf("vcpu run ok\n")
 					}
+				case "bench":
+					start := time.Now()
+					err := c.runIO(benchExits)
+					fmt.Printf("bench %d %v\n", time.Since(start).Nanoseconds(), err)
+				case "callbench":
+					start := time.Now()
+					err := futexWake(benchCalls)
+					fmt.Printf("bench %d %v\n", time.Since(start).Nanoseconds(), err)
 				case "read":
 					var b [1]byte
 					unix.Read(0, b[:])
@@ -178,7 +192,7 @@ func child(specJSON string) int {
 
 // sandboxed is a running child.
 type sandboxed struct {
-	t      *testing.T
+	t      testing.TB
 	cmd    *exec.Cmd
 	in     io.WriteCloser
 	lines  chan string
@@ -190,7 +204,7 @@ type sandboxed struct {
 // startChild starts a sandboxed child and waits for it to say ready.
 // With prepared, it forks it from a thread PrepareForkThread prepared, as
 // the control plane does.
-func startChild(t *testing.T, s childSpec, cloneflags uintptr, prepared bool) *sandboxed {
+func startChild(t testing.TB, s childSpec, cloneflags uintptr, prepared bool) *sandboxed {
 	t.Helper()
 	rp, err := NewReportPipe()
 	if err != nil {
@@ -322,7 +336,7 @@ func threadFilters(t *testing.T, pid int) map[int]int {
 	return m
 }
 
-func needSandboxHost(t *testing.T) {
+func needSandboxHost(t testing.TB) {
 	t.Helper()
 	testenv.RequireKVM(t)
 	if err := Supported(); err != nil {
