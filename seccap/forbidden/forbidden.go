@@ -8,6 +8,7 @@ package forbidden
 import (
 	"fmt"
 	"os"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -50,4 +51,20 @@ func Try(name string) error {
 		return unix.Mount("none", "/mnt", "tmpfs", 0, "")
 	}
 	return fmt.Errorf("forbidden call %q: want one of execve, open-shadow, socket-inet, ptrace, mount", name)
+}
+
+// Env is how a test asks a seccaptest build of the VM process for a
+// forbidden call: CALL makes it on an ordinary goroutine once the sandbox
+// is applied, CALL@vcpu on vCPU 0's thread right before its first
+// KVM_RUN (where the vCPU filter is on too).
+const Env = "RAYVMM_SECCAPTEST_TRY"
+
+// Requested reads Env: the call, and whether a vCPU thread makes it.
+func Requested() (call string, onVCPU, ok bool) {
+	v := os.Getenv(Env)
+	if v == "" {
+		return "", false, false
+	}
+	call, onVCPU = strings.CutSuffix(v, "@vcpu")
+	return call, onVCPU, true
 }
