@@ -1,8 +1,11 @@
 // Package forbidden makes the calls the VM process's sandbox must refuse,
-// for the tests that show it does: a VM process built with the
-// seccaptest build tag calls Try after the sandbox is applied, and the
-// control plane must report the process killed by SIGSYS (or, for a path
-// landlock refuses, the error). Nothing but such test builds may link it.
+// for the tests that show it does. The VM process calls AfterSandbox once
+// its sandbox is applied and OnVCPU on each vCPU thread before its first
+// KVM_RUN; built with the seccaptest build tag (only tests do), those make
+// the call the environment variable Env asks for, and the control plane
+// must then report the process killed by SIGSYS naming the call (or, for a
+// path landlock refuses, the process says the call returned its error).
+// In other builds they do nothing, and Try is not linked.
 package forbidden
 
 import (
@@ -24,7 +27,8 @@ var Calls = map[string]string{
 }
 
 // Try makes the call name. It returns only if the call returned: its
-// error (nil if the call succeeded, which a sandbox must not allow).
+// error (nil if the call succeeded, which a sandbox must not allow). The
+// seccap tests call it directly.
 func Try(name string) error {
 	switch name {
 	case "execve":
