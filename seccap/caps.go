@@ -33,7 +33,7 @@ func allThreadsPrctl(option, arg2, arg3 uintptr) error {
 	return nil
 }
 
-var errCgo = errors.New("this binary links cgo, so the capabilities of all its threads cannot be changed; build it with CGO_ENABLED=0")
+var errCgo = errors.New("this binary is built with cgo, whose threads the sandbox cannot reach; build it with CGO_ENABLED=0 (the Makefile does)")
 
 // jailCaps are the capabilities a jailed VM process needs before it is
 // sandboxed: its mounts, pivot_root and hostname; the change of uid and

@@ -340,7 +340,7 @@ func needSandboxHost(t testing.TB) {
 	t.Helper()
 	testenv.RequireKVM(t)
 	if err := Supported(); err != nil {
-		testenv.Need(t, err.Error())
+		testenv.Need(t, "needs a kernel and a build the sandbox supports: "+err.Error())
 	}
 }
 

@@ -119,6 +119,9 @@ var ErrUnsupported = errors.New("sandbox not supported by this kernel")
 // Supported reports whether the kernel has seccomp filters with the
 // actions the sandbox uses.
 func Supported() error {
+	if builtWithCgo {
+		return errCgo
+	}
 	// PR_GET_SECCOMP fails with EINVAL without CONFIG_SECCOMP.
 	if _, err := unix.PrctlRetInt(unix.PR_GET_SECCOMP, 0, 0, 0, 0); err != nil {
 		return fmt.Errorf("%w: prctl(PR_GET_SECCOMP): %w", ErrUnsupported, err)
