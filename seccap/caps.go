@@ -43,15 +43,17 @@ var jailCaps = []int{unix.CAP_SYS_ADMIN, unix.CAP_SETUID, unix.CAP_SETGID, unix.
 // PrepareForkThread is for the control plane, on the OS thread that is
 // about to start a VM process: it drops from that thread's bounding set
 // every capability the VM process does not need before its sandbox is
-// applied (all of them, or the four a jail needs). A root VM process
-// started from the thread then begins with no other capability, on every
-// thread, and Apply need not drop them one by one on each of its threads,
-// which is slow. The thread must be locked (runtime.LockOSThread) and
-// stay locked until its goroutine ends, so that the runtime discards it:
-// its bounding set cannot grow back. Without CAP_SETPCAP (a control plane
-// run by an unprivileged user) there is nothing to drop, and it does
-// nothing.
+// applied (all of them, or the four a jail needs), and sets its
+// no_new_privs. A VM process started from the thread then begins that
+// way on every thread, and Apply need not change them one by one on each
+// of its threads, which stops the world each time. The thread must be
+// locked (runtime.LockOSThread) and stay locked until its goroutine ends,
+// so that the runtime discards it. Without CAP_SETPCAP (a control plane
+// run by an unprivileged user) there is no capability to drop.
 func PrepareForkThread(jailed bool) error {
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+	}
 	setpcap, err := capEffective(unix.CAP_SETPCAP)
 	if err != nil || !setpcap {
 		return err
@@ -102,11 +104,11 @@ func hasAmbient(bset []int) bool {
 // dropPrivileges takes every capability away from every thread, for good:
 // the bounding set and securebits first (they need CAP_SETPCAP), then the
 // ambient set, the jail's uid and gid if any, then the effective,
-// permitted and inheritable sets; and sets no_new_privs and makes the
-// process not dumpable. Each step that has something to do changes every
-// thread; a step with nothing to do (a VM process started by a control
-// plane that called PrepareForkThread has no capabilities to drop) costs
-// a few system calls on this thread only.
+// permitted and inheritable sets; and sets no_new_privs on every thread
+// and makes the process not dumpable. Each step that has something to do
+// changes every thread; a step with nothing to do (a VM process started
+// from a thread PrepareForkThread prepared has no capabilities to drop and
+// no_new_privs already) costs a few system calls on this thread only.
 //
 // A process started without CAP_SETPCAP (rayvmm run by a user in the kvm
 // group) cannot shrink its bounding set; it has no capabilities to use
@@ -157,10 +159,12 @@ func dropPrivileges(j *Jail) error {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fmt.Errorf("prctl(PR_SET_DUMPABLE): %w", err)
 	}
-	// On this thread; landlock and the seccomp filter's TSYNC set it on
-	// every other.
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+	// Every thread needs it before landlock. A process that has it on
+	// this thread had it when it started, and so has every thread.
+	if nnp, err := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0); err != nil || nnp != 1 {
+		if err := allThreadsPrctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0); err != nil {
+			return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+		}
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/landlock-lsm/go-landlock/landlock"
 	llsyscall "github.com/landlock-lsm/go-landlock/landlock/syscall"
+	"golang.org/x/sys/unix"
 )
 
 // LandlockABI is the kernel's landlock ABI version; 0 when it has none.
@@ -37,12 +38,26 @@ func restrictLandlock(c Config) (abi int, rules string, err error) {
 	for _, p := range c.DialTCP {
 		rs = append(rs, landlock.ConnectTCP(p))
 	}
-	cfg := landlock.V11.BestEffort()
-	if err := cfg.Restrict(rs...); err != nil {
-		return abi, "", fmt.Errorf("restrict: %w", err)
+	// go-landlock builds the ruleset, best effort down to the kernel's
+	// ABI. Its Restrict is not used: before ABI 8 it sets no_new_privs
+	// on every thread first, one more stop-the-world than needed when
+	// the threads have it already (see dropPrivileges).
+	fd, flags, err := landlock.V11.BestEffort().NewRulesetFD(rs...)
+	if err != nil {
+		return abi, "", fmt.Errorf("ruleset: %w", err)
 	}
-	if abi == 0 {
-		return 0, "", nil
+	if fd < 0 {
+		return 0, "", nil // no landlock in this kernel
+	}
+	defer unix.Close(fd)
+	if abi >= 8 {
+		// One call from this thread restricts them all.
+		err = llsyscall.LandlockRestrictSelf(fd, flags|llsyscall.FlagRestrictSelfTSync)
+	} else {
+		err = llsyscall.AllThreadsLandlockRestrictSelf(fd, flags)
+	}
+	if err != nil {
+		return abi, "", fmt.Errorf("landlock_restrict_self: %w", err)
 	}
 	return abi, describeLandlock(c), nil
 }
