@@ -3,12 +3,11 @@ package seccap
 import (
 	"fmt"
 
-	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/sys/unix"
 )
 
-// The filter program is assembled here, from go-seccomp-bpf's syscall
-// tables, straight into the kernel's struct sock_filter. go-seccomp-bpf's own assembler (v1.6.0)
+// The filter program is assembled here, straight into the kernel's
+// struct sock_filter, with the call numbers of sysnum. go-seccomp-bpf's own assembler (v1.6.0)
 // cannot be used for argument conditions: a condition that fails leaves
 // the argument it loaded in the accumulator, and the comparisons that
 // follow take it for the system call number. mmap(..., PROT_READ|
@@ -49,15 +48,6 @@ func argLo(i int) uint32 { return uint32(16 + 8*i) }
 func argHi(i int) uint32 { return uint32(16 + 8*i + 4) }
 
 const x32SyscallBit = 0x40000000
-
-// native is the running architecture's syscall table and audit number.
-var native = func() *arch.Info {
-	a, err := arch.GetInfo("")
-	if err != nil {
-		panic(fmt.Sprintf("seccap: %v", err))
-	}
-	return a
-}()
 
 // Classic BPF opcodes (linux/bpf_common.h).
 const (
@@ -144,7 +134,7 @@ func assemble(groups []group, def uint32) ([]unix.SockFilter, error) {
 	a := &asm{insts: make([]unix.SockFilter, 0, 512), labels: make([]int, 0, 256), fixups: make([]fixup, 0, 256)}
 	a.load(offArch)
 	nativeArch := a.label()
-	a.jump(jeqK, uint32(native.ID), nativeArch, -1)
+	a.jump(jeqK, auditArch, nativeArch, -1)
 	a.ret(def)
 	a.place(nativeArch)
 	a.load(offNr)
@@ -154,9 +144,9 @@ func assemble(groups []group, def uint32) ([]unix.SockFilter, error) {
 	a.place(notX32)
 	for _, name := range order {
 		c := merged[name]
-		nr, ok := native.SyscallNames[name]
+		nr, ok := sysnum[name]
 		if !ok {
-			return nil, fmt.Errorf("filter: no system call %q on %s", name, native.Name)
+			return nil, fmt.Errorf("filter: no system call %q on %s", name, archName)
 		}
 		end := a.label()
 		if len(c.when) == 0 {

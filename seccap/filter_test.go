@@ -72,6 +72,16 @@ func nr(t *testing.T, name string) int {
 	return n
 }
 
+// TestSysnum: the call numbers the filters use (x/sys) are those of
+// go-seccomp-bpf's table.
+func TestSysnum(t *testing.T) {
+	for name, n := range sysnum {
+		if want, ok := arch.X86_64.SyscallNames[name]; !ok || want != n {
+			t.Errorf("%s: %d, go-seccomp-bpf says %d", name, n, want)
+		}
+	}
+}
+
 func TestProcessFilter(t *testing.T) {
 	const pid = 4242
 	strict := &Applied{Mode: ModeStrict, Trap: true, LandlockABI: 7, pid: pid}

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/rayvmm/rayvmm/seccap/forbidden"
+	"github.com/rayvmm/rayvmm/seccap/report"
 )
 
 // TestSeccaptestHooks builds a stand-in for the VM process with and
@@ -29,7 +30,7 @@ func TestSeccaptestHooks(t *testing.T) {
 	}
 	tagged, plain := build("tagged", "-tags", "seccaptest"), build("plain")
 	run := func(bin, try string) (string, error) {
-		rp, err := NewReportPipe()
+		rp, err := report.NewPipe()
 		if err != nil {
 			t.Fatal(err)
 		}

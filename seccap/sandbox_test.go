@@ -20,6 +20,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/internal/testenv"
 	"github.com/rayvmm/rayvmm/seccap/forbidden"
+	"github.com/rayvmm/rayvmm/seccap/report"
 )
 
 // The tests below run the sandbox in a child process, this test binary
@@ -192,13 +193,13 @@ func child(specJSON string) int {
 
 // sandboxed is a running child.
 type sandboxed struct {
-	t      testing.TB
-	cmd    *exec.Cmd
-	in     io.WriteCloser
-	lines  chan string
-	out    strings.Builder
-	report *ReportPipe
-	ready  string
+	t     testing.TB
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	lines chan string
+	out   strings.Builder
+	rp    *report.Pipe
+	ready string
 }
 
 // startChild starts a sandboxed child and waits for it to say ready.
@@ -206,7 +207,7 @@ type sandboxed struct {
 // the control plane does.
 func startChild(t testing.TB, s childSpec, cloneflags uintptr, prepared bool) *sandboxed {
 	t.Helper()
-	rp, err := NewReportPipe()
+	rp, err := report.NewPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +244,7 @@ func startChild(t testing.TB, s childSpec, cloneflags uintptr, prepared bool) *s
 		t.Fatal(err)
 	}
 	rp.Launched()
-	c := &sandboxed{t: t, cmd: cmd, in: in, lines: make(chan string, 100), report: rp}
+	c := &sandboxed{t: t, cmd: cmd, in: in, lines: make(chan string, 100), rp: rp}
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
@@ -294,7 +295,7 @@ func (c *sandboxed) wait() (*os.ProcessState, error) {
 		c.out.WriteString(l + "\n")
 	}
 	c.cmd.Wait()
-	return c.cmd.ProcessState, c.report.Explain(c.cmd.ProcessState)
+	return c.cmd.ProcessState, c.rp.Explain(c.cmd.ProcessState)
 }
 
 // procStatus reads /proc/PID/task/TID/status (TID 0: the process's).
@@ -442,7 +443,7 @@ func TestForbiddenCalls(t *testing.T) {
 			if ws := ps.Sys().(syscall.WaitStatus); !ws.Signaled() || ws.Signal() != syscall.SIGSYS {
 				t.Fatalf("child: %v, want killed by SIGSYS; it printed:\n%s", ps, c.out.String())
 			}
-			if !errors.Is(err, ErrKilled) || err.Error() != tt.want {
+			if !errors.Is(err, report.ErrKilled) || err.Error() != tt.want {
 				t.Errorf("report: %v\nwant: %s", err, tt.want)
 			}
 			if strings.Contains(c.out.String(), "returned") {
@@ -474,7 +475,7 @@ func TestLogMode(t *testing.T) {
 // positive return value; Apply must fail rather than run unfiltered.
 func TestTSYNCFailureIsAnError(t *testing.T) {
 	needSandboxHost(t)
-	rp, err := NewReportPipe()
+	rp, err := report.NewPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
