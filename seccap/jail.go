@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -73,7 +72,21 @@ const Cloneflags = unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWIPC | un
 // ErrJail is the category of bad jail requests.
 var ErrJail = errors.New("invalid jail")
 
-var jailID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+// validID: 1 to 64 letters, digits, '_', '.' or '-', starting with a
+// letter or digit (no regexp: the VM process links this package, and
+// compiling one costs every process at start).
+func validID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for i, c := range id {
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || (c != '_' && c != '.' && c != '-')) {
+			return false
+		}
+	}
+	return true
+}
 
 // PrepareJail makes the jail root DIR/ID/root, owned by root and
 // readable by all, and the mount points of binds inside. It refuses an ID
@@ -83,7 +96,7 @@ func PrepareJail(dir, id string, uid, gid int, binds []Bind) (*Jail, error) {
 	switch {
 	case !filepath.IsAbs(dir):
 		return nil, fmt.Errorf("%w: jail directory %q is not an absolute path", ErrJail, dir)
-	case !jailID.MatchString(id):
+	case !validID(id):
 		return nil, fmt.Errorf("%w: VM id %q: want 1 to 64 letters, digits, '_', '.' or '-', not starting with a punctuation mark", ErrJail, id)
 	case uid <= 0 || gid <= 0:
 		return nil, fmt.Errorf("%w: --uid %d --gid %d: a jail runs the VM as an unprivileged user and group, not root", ErrJail, uid, gid)
