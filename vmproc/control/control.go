@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/storage/volume"
@@ -52,7 +53,8 @@ type Resources struct {
 	afterExit  []func() error // in reverse order once the VM process is gone
 	metricsTmp string
 	metricsDst string
-	outcome    *os.File // the read end of Handoff.Outcome
+	outcome    *os.File     // the read end of Handoff.Outcome
+	report     *report.Pipe // strict mode's SIGSYS report
 }
 
 // Open resolves and opens everything s names. s must be defaulted and
@@ -123,6 +125,9 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		if h.Vsock, err = r.listen(eff.Vsock.UDS); err != nil {
 			return nil, fmt.Errorf("vsock.uds: %w", err)
 		}
+	}
+	if err := r.openSandbox(eff); err != nil {
+		return nil, err
 	}
 	if eff.MetricsFile != "" {
 		f, err := os.CreateTemp(filepath.Dir(eff.MetricsFile), ".metrics-*")
@@ -306,6 +311,16 @@ func (r *Resources) Launched() error {
 // once the process has exited. It is nil when the process reported
 // nothing (it was killed).
 func (r *Resources) Outcome() (*vmproc.Outcome, error) { return vmproc.ReadOutcome(r.outcome) }
+
+// SandboxKill tells whether the sandbox killed the exited VM process: nil
+// unless st is death by SIGSYS, else a *report.KilledError naming the
+// refused call when the process reported it.
+func (r *Resources) SandboxKill(st *os.ProcessState) error {
+	if r.report == nil {
+		return nil
+	}
+	return r.report.Explain(st)
+}
 
 // Close releases what the VM held once its process is gone: volume locks,
 // the hold on networks, the API socket. It puts the metrics file in place
