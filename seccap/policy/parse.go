@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -205,11 +206,27 @@ func parsePolicy(n *yaml.Node) (*Policy, error) {
 	return p, nil
 }
 
+// The name patterns are compiled on first use, not at init: rayvmm links
+// this package (rayvmm policy check), and compiling them cost every
+// rayvmm start, rayvmm boot's included, 0.3 to 0.5 ms.
 var (
-	namePattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
-	ruleName    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$`)
-	labelKey    = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$`)
+	namePattern = lazyRegexp(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
+	ruleName    = lazyRegexp(`^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$`)
+	labelKey    = lazyRegexp(`^[A-Za-z0-9]([A-Za-z0-9_./-]{0,61}[A-Za-z0-9])?$`)
 )
+
+// lazyRegexp is a regexp compiled on first use.
+type lazyRegexp string
+
+var compiled sync.Map // lazyRegexp -> *regexp.Regexp
+
+func (l lazyRegexp) MatchString(s string) bool {
+	re, ok := compiled.Load(l)
+	if !ok {
+		re, _ = compiled.LoadOrStore(l, regexp.MustCompile(string(l)))
+	}
+	return re.(*regexp.Regexp).MatchString(s)
+}
 
 func parseRule(n *yaml.Node, i int) (Rule, error) {
 	rp := fmt.Sprintf("rules[%d]", i)

@@ -8,9 +8,7 @@
 //	rayvmm: VM process killed by the sandbox (SIGSYS): syscall 59 (execve)
 //
 // It is a package of its own so that the VM process does not link the
-// system call name tables (go-seccomp-bpf's, for every architecture),
-// which cost each process that links them 0.2 to 0.5 ms and 160 KiB at
-// start.
+// system call name tables (names.go).
 package report
 
 import (
@@ -20,7 +18,6 @@ import (
 	"os"
 	"syscall"
 
-	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/sys/unix"
 )
 
@@ -145,14 +142,3 @@ func (e *KilledError) Error() string {
 
 // Is makes every KilledError match ErrKilled.
 func (e *KilledError) Is(target error) bool { return target == ErrKilled }
-
-// SyscallName names system call nr of an audit architecture; "" if
-// unknown.
-func SyscallName(auditArch uint32, nr int) string {
-	for _, a := range []*arch.Info{arch.X86_64, arch.I386, arch.AARCH64, arch.ARM} {
-		if uint32(a.ID) == auditArch {
-			return a.SyscallNumbers[nr]
-		}
-	}
-	return ""
-}

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/elastic/go-seccomp-bpf/arch"
 )
 
 func TestKilledError(t *testing.T) {
@@ -27,6 +29,20 @@ func TestKilledError(t *testing.T) {
 		err := killedError(tt.rec)
 		if err.Error() != tt.want || !errors.Is(err, ErrKilled) {
 			t.Errorf("%s: %v", tt.name, err)
+		}
+	}
+}
+
+// TestNames: the name tables agree with go-seccomp-bpf's.
+func TestNames(t *testing.T) {
+	for _, a := range []*arch.Info{arch.X86_64, arch.I386} {
+		for nr, name := range a.SyscallNumbers {
+			if got := SyscallName(uint32(a.ID), nr); got != name {
+				t.Errorf("%s syscall %d: %q, go-seccomp-bpf says %q", a.Name, nr, got, name)
+			}
+		}
+		if got := SyscallName(uint32(a.ID), 100000); got != "" {
+			t.Errorf("%s syscall 100000: %q", a.Name, got)
 		}
 	}
 }
