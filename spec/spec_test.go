@@ -62,6 +62,14 @@ func TestDecodeErrorsNamePaths(t *testing.T) {
 		{"vsock low cid", `{"vsock": {"cid": 2, "uds": "v.sock"}}`, `vsock.cid: 2: want 3 to`},
 		{"api socket too long", `{"apiSocket": "/` + strings.Repeat("a", 120) + `"}`, `apiSocket: "`},
 		{"name", `{"name": "web server"}`, `name: "web server": use 1 to 64`},
+		{"sandbox mode", `{"sandbox": {"mode": "lax"}}`, `sandbox.mode: "lax": want strict, log or off`},
+		{"sandbox unknown", `{"sandbox": {"seccomp": true}}`, `sandbox.seccomp: unknown field`},
+		{"jail with sandbox off", `{"sandbox": {"mode": "off", "jail": {"dir": "/j", "uid": 1, "gid": 1}}}`, `sandbox.jail: needs mode strict or log`},
+		{"jail dir", `{"sandbox": {"jail": {"dir": "j", "uid": 1, "gid": 1}}}`, `sandbox.jail.dir: "j" is not an absolute path`},
+		{"jail no dir", `{"sandbox": {"jail": {"uid": 1, "gid": 1}}}`, `sandbox.jail.dir: a directory is required`},
+		{"jail root", `{"sandbox": {"jail": {"dir": "/j", "uid": 0, "gid": 1}}}`, `sandbox.jail.uid: 0: want an unprivileged uid`},
+		{"jail gid", `{"sandbox": {"jail": {"dir": "/j", "uid": 1000}}}`, `sandbox.jail.gid: 0: want an unprivileged gid`},
+		{"jail uid range", `{"sandbox": {"jail": {"dir": "/j", "uid": 4294967295, "gid": 1}}}`, `sandbox.jail.uid: 4294967295: want an unprivileged uid`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -145,8 +145,8 @@ func waitGone(t *testing.T, pid int, what string) {
 // network (one per NIC), its API socket and its vsock socket (each told
 // apart by the address it was bound to, in /proc/PID/net/unix), eventfds,
 // the Go runtime's epoll, the console (stdin, stdout and stderr: pipes
-// here), the lifeline pipe and the one it reports how the VM ended on.
-// Nothing else: no kernel file, no state
+// here), the lifeline pipe, the one it reports how the VM ended on and
+// the sandbox's SIGSYS report pipe. Nothing else: no kernel file, no state
 // directory, no netlink socket, nothing inherited from elsewhere.
 func TestVMProcessIsRayvmmVM(t *testing.T) {
 	requireKVM(t)
@@ -219,7 +219,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 5}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 6}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}

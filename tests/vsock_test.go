@@ -284,29 +284,41 @@ func connectPattern() []byte {
 	return b
 }
 
+// echoListener listens on path (mode 0666, so that a jailed VM process
+// may connect too) for one connection, echoes what comes until the peer
+// closes, and then sends what came on the channel (nil if the accept
+// failed).
+func echoListener(t *testing.T, path string) <-chan []byte {
+	t.Helper()
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	if err := os.Chmod(path, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		var all bytes.Buffer
+		io.Copy(io.MultiWriter(c, &all), c)
+		got <- all.Bytes()
+	}()
+	return got
+}
+
 // TestVsockGuestConnect: the guest connects to the host's <uds>_1234, and
 // with nothing listening there it gets RST and says so.
 func TestVsockGuestConnect(t *testing.T) {
 	t.Run("listener", func(t *testing.T) {
 		uds := filepath.Join(t.TempDir(), "v.sock")
-		ln, err := net.Listen("unix", uds+"_1234")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		got := make(chan []byte, 1)
-		go func() {
-			c, err := ln.Accept()
-			if err != nil {
-				got <- nil
-				return
-			}
-			defer c.Close()
-			// Echo until the guest closes; record what came.
-			var all bytes.Buffer
-			io.Copy(io.MultiWriter(c, &all), c)
-			got <- all.Bytes()
-		}()
+		got := echoListener(t, uds+"_1234")
 		vm := startVsock(t, uds, "rayguest.run=vsock-connect:1234", "")
 		code := vm.wait(t)
 		if !strings.Contains(vm.out.String(), "rayguest: vsock ok") {

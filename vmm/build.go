@@ -41,6 +41,8 @@ type Options struct {
 	Started   time.Time
 	CPUBefore time.Duration
 	BootTimer bool
+	// VCPUThread: see Config.
+	VCPUThread func(id, vcpuFD, vmFD int) error
 }
 
 // Build makes a VM from an effective spec (defaulted, validated, every
@@ -75,6 +77,7 @@ func Build(s *spec.VM, b Backends, o Options) (_ *VM, err error) {
 		KVM: b.KVM, MemoryBytes: uint64(s.Memory), CPUs: s.CPUs, CPUTemplate: s.CPUTemplate,
 		Kernel: b.Kernel, Initrd: b.Initrd, Cmdline: s.Cmdline,
 		Console: o.Console, Log: o.Log, Started: o.Started, CPUBefore: o.CPUBefore, BootTimer: o.BootTimer,
+		VCPUThread: o.VCPUThread,
 	})
 	if err != nil {
 		return nil, err

@@ -21,8 +21,9 @@
 //     and no lifeline, so it survives the daemon; the daemon finds it again
 //     by pid, process start time and API socket (see Process.StartTime).
 //
-// The package links only the standard library, spec and x/sys, because
-// both sides link it.
+// The package links only the standard library, spec, seccap (the
+// sandbox's plain-data config, and the fork thread's preparation) and
+// x/sys, because both sides link it.
 package vmproc
 
 import (
@@ -37,6 +38,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/spec"
 )
 
@@ -75,6 +77,10 @@ type Handoff struct {
 	// Metrics is a file to write the device metrics (JSON) to when the VM
 	// exits, if any.
 	Metrics *File `json:"metrics,omitempty"`
+	// Sandbox is how the VM process confines itself once the VM is built
+	// and before the guest runs (nil: not at all). Its ReportFD is a
+	// handed-over descriptor (the SIGSYS report pipe of strict mode).
+	Sandbox *seccap.Config `json:"sandbox,omitempty"`
 	// Holds are descriptors the VM process only keeps open for as long as
 	// it runs, such as a volume's lock, so that the state they stand for
 	// lasts exactly as long as the VM.
@@ -210,7 +216,10 @@ func Receive() (*Received, error) {
 		pipe.Close()
 		return nil, fmt.Errorf("handoff: %w", err)
 	}
-	if h.Lifeline && os.Getppid() != h.ParentPID {
+	// A jailed VM process is pid 1 of a pid namespace of its own, where
+	// its parent has no pid (getppid returns 0); the lifeline still holds.
+	jailed := h.Sandbox != nil && h.Sandbox.Jail != nil
+	if ppid := os.Getppid(); h.Lifeline && ppid != h.ParentPID && !(jailed && ppid == 0) {
 		pipe.Close()
 		return nil, fmt.Errorf("handoff: the control plane (pid %d) exited before the VM started", h.ParentPID)
 	}
@@ -273,6 +282,14 @@ func (h *Handoff) check() error {
 	}
 	if err := h.Spec.Validate(); err != nil {
 		return fmt.Errorf("spec: %w", err)
+	}
+	if sb := h.Sandbox; sb != nil {
+		if _, err := seccap.ParseMode(string(sb.Mode)); err != nil || sb.Mode == "" {
+			return fmt.Errorf("sandbox: mode %q", sb.Mode)
+		}
+		if sb.Jail != nil && sb.Mode == seccap.ModeOff {
+			return errors.New("sandbox: a jail with the sandbox off")
+		}
 	}
 	for i, d := range h.Disks {
 		if len(d.Files) == 0 {

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/seccap"
 )
 
 // Binary is the VM process's executable name.
@@ -125,6 +127,14 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 			return nil, err
 		}
 	}
+	sandboxed := h.Sandbox != nil && h.Sandbox.Mode != seccap.ModeOff
+	jailed := sandboxed && h.Sandbox.Jail != nil
+	// Not jailed, the VM process starts landlocked (from the thread that
+	// forks it): its sandbox then stops no world while it builds the VM.
+	landlock := sandboxed && !jailed && seccap.LandlockABI() > 0
+	if landlock {
+		h.Sandbox.Landlocked = true
+	}
 	h.Version = Version
 	h.ParentPID = os.Getpid()
 	h.Lifeline = !o.Detached
@@ -164,6 +174,10 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	} else {
 		attr.Sys.Pdeathsig = syscall.SIGTERM
 	}
+	if jailed {
+		// A new pid namespace takes a fork: this one (see seccap.Jail).
+		attr.Sys.Cloneflags = seccap.Cloneflags
+	}
 	// Descriptors this process inherited without close-on-exec (from a
 	// shell, a test harness) would leak into the VM process, which must
 	// hold only what the handoff lists: mark them all; the ones in
@@ -180,6 +194,22 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	// only after the child is gone.
 	go func() {
 		runtime.LockOSThread()
+		if sandboxed {
+			// The VM process starts with no capability it does not need
+			// and no_new_privs on every thread, so that its sandbox need
+			// not stop the world to change them. This thread is never
+			// unlocked: the runtime discards it when the goroutine ends.
+			if err := seccap.PrepareForkThread(jailed); err != nil {
+				started <- fmt.Errorf("sandbox: %w", err)
+				return
+			}
+			if landlock {
+				if err := seccap.LandlockForkThread(*h.Sandbox, bin); err != nil {
+					started <- fmt.Errorf("sandbox: %w", err)
+					return
+				}
+			}
+		}
 		proc, err := os.StartProcess(bin, []string{Binary}, attr)
 		if err != nil {
 			started <- err

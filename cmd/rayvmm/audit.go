@@ -221,8 +221,8 @@ names a copy (keep one off the host).`,
 		Long: `Run the compliance checks on the audit log:
 
   integrity   the log verifies (as "audit verify")
-  sandbox     no VM ran with the sandbox off (a VM booted by this release
-              always runs with it off: there is no sandbox yet)
+  sandbox     no VM ran with the sandbox off (--sandbox off); runs in log
+              mode and the sandbox's kills are listed
   denials     denied attempts per user (fails past --max-denied)
   levels      no read-write attach across security levels
   snapshots   every volume had a snapshot in the last --snapshot-days days

@@ -52,8 +52,11 @@ import (
 // VMM names as the tables show them.
 const (
 	nameRayvmm = "rayvmm"
-	nameQEMU   = "QEMU microvm"
-	nameGokvm  = "gokvm"
+	// nameRayvmmOff is rayvmm with its VM process's sandbox off (rayvmm
+	// runs it strict by default), for the sandbox's cost.
+	nameRayvmmOff = "rayvmm --sandbox off"
+	nameQEMU      = "QEMU microvm"
+	nameGokvm     = "gokvm"
 )
 
 var logStart = time.Now()
@@ -289,6 +292,11 @@ func bench(ctx context.Context, o options) error {
 		{
 			name:      nameRayvmm,
 			req:       launch.Request{Argv: []string{rayvmm, "boot", "--memory", mem, "--cpus", "1", "--cmdline", "", "--boot-timer"}, SampleChild: "rayvmm-vm"},
+			cleanExit: poweredOff,
+		},
+		{
+			name:      nameRayvmmOff,
+			req:       launch.Request{Argv: []string{rayvmm, "boot", "--sandbox", "off", "--memory", mem, "--cpus", "1", "--cmdline", "", "--boot-timer"}, SampleChild: "rayvmm-vm"},
 			cleanExit: poweredOff,
 		},
 		{

@@ -12,15 +12,17 @@ import (
 	"syscall"
 
 	"github.com/rayvmm/rayvmm/audit"
+	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/vmproc"
 )
 
 // BootAudit records one VM's life in the audit log: vm.boot with the
-// volumes and networks it attached, durable before the guest's first
-// instruction; then how it ended (vm.exit, or vm.crash with the reason,
-// also for a VM process killed by a signal) and the detaches, once they
-// have happened, sealed. A boot that fails before its VM process starts is
+// volumes and networks it attached and the sandbox mode, durable before
+// the guest's first instruction; then how it ended (vm.exit; vm.crash
+// with the reason, also for a VM process killed by a signal;
+// vm.sandbox-kill, critical, naming the refused system call) and the
+// detaches, once they have happened, sealed. A boot that fails before its VM process starts is
 // one vm.boot record with the error.
 //
 // The boot record is appended while the VM process builds the VM (its
@@ -57,9 +59,12 @@ func NewBootAudit(open func() (*audit.Log, error), s *spec.VM, warn io.Writer) *
 	}
 	p := audit.Params{"kernel": kernel, "cmdline": s.Cmdline, "memory": s.Memory.String(), "cpus": strconv.Itoa(s.CPUs),
 		"cpu_template": s.CPUTemplate,
-		// No sandbox yet (the seccap work adds it to the spec): every VM
-		// runs with it off, and `audit report` says so.
-		audit.ParamSandbox: audit.SandboxOff}
+		// The mode it runs with: `audit report` flags the runs with it
+		// off (and lists those in log mode).
+		audit.ParamSandbox: string(SandboxMode(s))}
+	if j := s.Sandbox.Jail; j != nil {
+		p["jail"] = fmt.Sprintf("%s uid=%d gid=%d", j.Dir, j.UID, j.GID)
+	}
 	for i, d := range s.Disks {
 		p["disk."+strconv.Itoa(i)] = d.String()
 	}
@@ -178,8 +183,10 @@ func (b *BootAudit) boot(ctx context.Context, r *Resources) error {
 type ending struct {
 	outcome *vmproc.Outcome // the VM process's report; nil if it made none
 	killed  error           // the VM process was killed by a signal
-	err     error           // Foreground's error (the audit log's, a wait's)
-	code    int             // rayvmm boot's exit status
+	// sandboxKill: the sandbox killed it (a *report.KilledError)
+	sandboxKill error
+	err         error // Foreground's error (the audit log's, a wait's)
+	code        int   // rayvmm boot's exit status
 }
 
 // end records how the VM ended and the detaches, once the VM process is
@@ -191,6 +198,16 @@ func (b *BootAudit) end(ctx context.Context, e ending) error {
 	status := strconv.Itoa(e.code)
 	var es []audit.Entry
 	switch o := e.outcome; {
+	case e.sandboxKill != nil:
+		p := audit.Params{audit.ParamStatus: status, audit.ParamReason: e.sandboxKill.Error()}
+		var k *report.KilledError
+		if errors.As(e.sandboxKill, &k) && k.Syscall >= 0 {
+			p["syscall"] = strconv.Itoa(k.Syscall)
+			if k.Name != "" {
+				p["syscall_name"] = k.Name
+			}
+		}
+		es = append(es, audit.Entry{Action: audit.VMSandboxKill, Object: b.vm, Err: e.sandboxKill, Params: p, Level: audit.Critical})
 	case e.killed != nil:
 		es = append(es, audit.Entry{Action: audit.VMCrash, Object: b.vm, Err: e.killed,
 			Params: audit.Params{audit.ParamStatus: status, audit.ParamReason: e.killed.Error()}})

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/storage/volume"
@@ -58,7 +59,8 @@ type Resources struct {
 	detach     []func() error // close, without releasing, what a detached VM process holds
 	metricsTmp string
 	metricsDst string
-	outcome    *os.File // the read end of Handoff.Outcome
+	outcome    *os.File     // the read end of Handoff.Outcome
+	report     *report.Pipe // strict mode's SIGSYS report
 }
 
 // Open resolves and opens everything s names. s must be defaulted and
@@ -135,6 +137,9 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		if h.Vsock, err = r.listen(eff.Vsock.UDS); err != nil {
 			return nil, fmt.Errorf("vsock.uds: %w", err)
 		}
+	}
+	if err := r.openSandbox(eff); err != nil {
+		return nil, err
 	}
 	if eff.MetricsFile != "" {
 		f, err := os.CreateTemp(filepath.Dir(eff.MetricsFile), ".metrics-*")
@@ -381,6 +386,16 @@ func Cleanup(stateDir string, s *spec.VM) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// SandboxKill tells whether the sandbox killed the exited VM process: nil
+// unless st is death by SIGSYS, else a *report.KilledError naming the
+// refused call when the process reported it.
+func (r *Resources) SandboxKill(st *os.ProcessState) error {
+	if r.report == nil {
+		return nil
+	}
+	return r.report.Explain(st)
 }
 
 // Close releases what the VM held once its process is gone: volume locks,

@@ -7,6 +7,11 @@
 // by path; the one thing it connects to by path is what a guest vsock
 // connection to host port P asks for, the Unix socket <vsock.uds>_P.
 //
+// Before the guest's first instruction the process sandboxes itself
+// (package seccap, the handoff's Sandbox: prepared while the VM is built,
+// applied once it is, a tighter filter on each vCPU thread) and waits for
+// the control plane's go (the boot is in the audit log).
+//
 // How the VM ended is reported as rayvmm boot always did: one line on
 // stderr ("rayvmm: ...") and the exit status (0 for a power off, a reset or
 // a requested stop; 1 for a crash, an error, or a final disk flush that
@@ -28,6 +33,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network/port"
+	"github.com/rayvmm/rayvmm/seccap"
+	"github.com/rayvmm/rayvmm/seccap/forbidden"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm"
 	"github.com/rayvmm/rayvmm/vmm/api"
@@ -68,6 +75,19 @@ func run(r *vmproc.Received) vmproc.Outcome {
 		fmt.Fprintf(os.Stderr, "rayvmm: %s\n", msg)
 		return vmproc.Outcome{Status: 1, Reason: msg, Ran: ran}
 	}
+	// Half of the sandbox needs nothing the VM is built from: prepare it
+	// while the VM is built (seccap.Prepare).
+	type prepared struct {
+		p   *seccap.Prepared
+		err error
+	}
+	preparing := make(chan prepared, 1)
+	if h.Sandbox != nil {
+		go func() {
+			p, err := seccap.Prepare(*h.Sandbox)
+			preparing <- prepared{p, err}
+		}()
+	}
 	// Everything the control plane handed over, so that whatever is not
 	// taken over by the VM is closed if building it fails.
 	holds, err := openHolds(h.Holds)
@@ -86,8 +106,18 @@ func run(r *vmproc.Received) vmproc.Outcome {
 	if h.Console {
 		stdout = os.Stdout
 	}
+	// The sandbox is applied after the VM is built; each vCPU thread,
+	// made when the VM runs, stacks its own filter then.
+	var sandbox *seccap.Applied
 	v, err := vmm.Build(h.Spec, b, vmm.Options{
 		Console: stdout, Log: log, Started: h.Started, CPUBefore: h.CPUBefore, BootTimer: h.BootTimer,
+		VCPUThread: func(id, vcpuFD, vmFD int) error {
+			if err := sandbox.VCPUFilter(vcpuFD, vmFD); err != nil {
+				return err
+			}
+			forbidden.OnVCPU(id)
+			return nil
+		},
 	})
 	unmap() // the guest is loaded (or will not be)
 	if err != nil {
@@ -135,6 +165,25 @@ func run(r *vmproc.Received) vmproc.Outcome {
 			v.Close()
 			return fail(err)
 		}
+	}
+	// Everything is open: from here on the process can do almost
+	// nothing (package seccap).
+	if h.Sandbox != nil {
+		pr := <-preparing
+		err := pr.err
+		if err == nil {
+			sandbox, err = pr.p.Apply()
+		}
+		if err != nil {
+			restore()
+			if srv != nil {
+				srv.Close()
+			}
+			v.Close()
+			return fail(err)
+		}
+		log.Info(sandbox.String())
+		forbidden.AfterSandbox()
 	}
 	// The guest's first instruction waits for the control plane's go,
 	// which comes once the boot is in the audit log (see Handoff.Gate).

@@ -76,6 +76,10 @@ type handshake struct {
 	gone     bool
 }
 
+// newWorker makes a worker for one activation. It makes no system call:
+// Activate runs on the vCPU thread whose MMIO write activated the device,
+// under that thread's tighter sandbox filter, so the worker sets itself up
+// on its own goroutine (open).
 func newWorker(d *Device, mem *memory.Memory, irq virtio.Interrupt, rxq, txq *queue.Queue) (*worker, error) {
 	w := &worker{
 		d: d, mem: mem, irq: irq, rxq: rxq, txq: txq, cid: uint64(d.cfg.CID),
@@ -84,30 +88,37 @@ func newWorker(d *Device, mem *memory.Memory, irq virtio.Interrupt, rxq, txq *qu
 		byFd:       map[int32]any{},
 		localPorts: map[uint32]struct{}{},
 		lastPort:   FirstHostPort - 1,
+		epfd:       -1,
 	}
 	rc, err := d.kick.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
 	rc.Control(func(fd uintptr) { w.kickFd = int(fd) })
+	return w, nil
+}
+
+// open makes the worker's epoll instance and watches the kick eventfd
+// and the listener with it.
+func (w *worker) open() (err error) {
 	if w.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
-		return nil, fmt.Errorf("epoll: %w", err)
+		return fmt.Errorf("epoll: %w", err)
 	}
 	if err := unix.SetNonblock(w.epfd, true); err != nil {
 		unix.Close(w.epfd)
-		return nil, fmt.Errorf("epoll: %w", err)
+		return fmt.Errorf("epoll: %w", err)
 	}
 	w.ep = os.NewFile(uintptr(w.epfd), "vsock-epoll")
 	for _, r := range []struct {
 		fd     int
 		events uint32
-	}{{w.kickFd, unix.EPOLLIN}, {d.lfd, unix.EPOLLIN | unix.EPOLLET}} {
+	}{{w.kickFd, unix.EPOLLIN}, {w.d.lfd, unix.EPOLLIN | unix.EPOLLET}} {
 		if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, r.fd, &unix.EpollEvent{Events: r.events, Fd: int32(r.fd)}); err != nil {
 			w.ep.Close()
-			return nil, fmt.Errorf("epoll add: %w", err)
+			return fmt.Errorf("epoll add: %w", err)
 		}
 	}
-	return w, nil
+	return nil
 }
 
 // hostEvents is how every host socket is watched; EPOLLOUT is added only
@@ -134,6 +145,12 @@ func (w *worker) watchOut(c *conn, on bool) {
 
 func (w *worker) run() {
 	defer close(w.done)
+	if err := w.open(); err != nil {
+		// The device stays silent until the driver resets it.
+		w.d.metrics.LoopErrors.Add(1)
+		w.d.log.Warn("virtio-vsock: cannot start", "err", err)
+		return
+	}
 	defer w.closeAll()
 	w.now = time.Now()
 	w.accept()
