@@ -790,22 +790,15 @@ spec:
 // The socket is mode 0660 in --socket-group's group: a user in that group
 // reaches the daemon, who applies a pod is its owner (SO_PEERCRED), and a
 // user outside it is refused by the kernel. The users are uids without
-// names, made by setpriv.
+// names, made by setpriv; the policy lets the member run pods.
 func TestPodSocketGroup(t *testing.T) {
 	t.Parallel()
 	requireTool(t, "setpriv")
 	const member, stranger = "64123", "64124"
-	dir, err := os.MkdirTemp("", "rvsock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	// The CLI, where other users may run it.
-	cli := filepath.Join(dir, "rayvmm")
-	copyFile(t, rayvmm, cli)
+	dir, cli := userCLI(t)
+	policy := writePolicy(t, dir, `rules: [{name: member-pods, effect: allow, subjects: ["user:64123"], actions: ["*"], objects: [{kind: pod}]}]`)
 	sock := filepath.Join(dir, "d.sock")
-	d := startPodDaemonAt(t, sock, "--socket-group", member)
+	d := startPodDaemonAt(t, sock, "--socket-group", member, "--policy", policy)
 	st, err := os.Stat(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -814,10 +807,7 @@ func TestPodSocketGroup(t *testing.T) {
 		t.Errorf("socket mode %v gid %d, want 0660 gid %s", st.Mode().Perm(), st.Sys().(*syscall.Stat_t).Gid, member)
 	}
 	as := func(uid string, stdin string, args ...string) result {
-		return runCommand(t, strings.NewReader(stdin), podWait, func(ctx context.Context) *exec.Cmd {
-			full := append([]string{"--reuid", uid, "--regid", uid, "--clear-groups", cli, "pod", "--host", "unix://" + sock}, args...)
-			return exec.CommandContext(ctx, "setpriv", full...)
-		})
+		return asUser(t, cli, sock, uid, nil, stdin, args...)
 	}
 	if r := as(member, "apply", "apply", "-f", "-"); r.code == 0 {
 		t.Fatal("apply of a stdin that says apply succeeded")
@@ -837,6 +827,244 @@ func TestPodSocketGroup(t *testing.T) {
 		t.Errorf("ps by a user outside the group: exit %d %s%s", r.code, r.stdout, r.stderr)
 	}
 	d.podOK(t, "", "rm", "--force", "mine")
+}
+
+// userCLI copies the CLI where other users may run it, into a directory
+// they may enter, which can also hold the daemon's socket.
+func userCLI(t *testing.T) (dir, cli string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "rvsock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	cli = filepath.Join(dir, "rayvmm")
+	copyFile(t, rayvmm, cli)
+	return dir, cli
+}
+
+// writePolicy writes an access policy file into dir.
+func writePolicy(t *testing.T, dir, text string) string {
+	t.Helper()
+	f := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(f, []byte(text+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// asUser runs "rayvmm pod ARGS" against the daemon at sock as uid (its
+// gid the same number) with exactly the supplementary groups given,
+// through setpriv: the daemon knows the caller only from the kernel.
+func asUser(t *testing.T, cli, sock, uid string, groups []string, stdin string, args ...string) result {
+	t.Helper()
+	return runCommand(t, strings.NewReader(stdin), podWait, func(ctx context.Context) *exec.Cmd {
+		full := []string{"--reuid", uid, "--regid", uid}
+		if len(groups) == 0 {
+			full = append(full, "--clear-groups")
+		} else {
+			full = append(full, "--groups", strings.Join(groups, ","))
+		}
+		full = append(full, cli, "pod", "--host", "unix://"+sock)
+		return exec.CommandContext(ctx, "setpriv", append(full, args...)...)
+	})
+}
+
+// The access policy with real uids (setpriv) through the CLI: the daemon
+// knows each caller from SO_PEERCRED and SO_PEERGROUPS, and the policy
+// decides. An allowed user applies a pod that runs and is its owner; a
+// read up, a write down and a deny rule that beats an allow are each a
+// 403 naming the rule or check, and leave no pod, process, cgroup, TAP or
+// volume attachment behind; ps lists only what the caller may inspect;
+// SIGHUP reloads the policy and changes the answer, a file that does not
+// parse is refused on SIGHUP and the old policy stays in force; every
+// decision and both reloads are in the audit log.
+func TestPodPolicy(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "setpriv")
+	const (
+		alice    = "64401" // confidential through group 64410
+		bob      = "64402" // internal
+		stranger = "64403" // no clearance, no rules
+		sockGrp  = "64400"
+	)
+	team := []string{sockGrp, "64410"}
+	dir, cli := userCLI(t)
+	const allowTeam = `subjects:
+  users: {"64402": internal}
+  groups: {"64410": confidential}
+objects:
+  - {kind: volume, name: "conf-*", classification: confidential}
+rules:
+  - name: team-pods
+    effect: allow
+    subjects: ["group:64410", "user:64402"]
+    actions: [create, run, inspect, delete]
+    objects: [{kind: pod}]
+  - name: team-resources
+    effect: allow
+    subjects: ["group:64410", "user:64402"]
+    actions: [attach-ro, attach-rw, join]
+    objects: [{kind: volume}, {kind: network}]
+`
+	policy := writePolicy(t, dir, allowTeam+`  - name: bob-keeps-pods
+    effect: deny
+    subjects: ["user:64402"]
+    actions: [delete]
+    objects: [{kind: pod}]`)
+	sock := filepath.Join(dir, "d.sock")
+	d := startPodDaemonAt(t, sock, "--socket-group", sockGrp, "--policy", policy)
+	h := d.h
+	h.must(t, "volume", "create", "conf-data", "--size", "1M")
+	h.must(t, "volume", "create", "plain", "--size", "1M")
+	as := func(uid string, groups []string, stdin string, args ...string) result {
+		return asUser(t, cli, sock, uid, groups, stdin, args...)
+	}
+	doc := func(name, disk, nets string) string {
+		return podDoc(`apiVersion: rayvmm/v1
+kind: Pod
+metadata: {name: {{name}}}
+spec:
+  vms:
+  - name: vm
+    cmdline: rayguest.run=echo
+    memory: 16M
+    nets: [{{nets}}]
+    disks: [{{disk}}]
+`, "{{name}}", name, "{{disk}}", disk, "{{nets}}", nets)
+	}
+	// denied checks a 403 naming what decided, and that the pod left
+	// nothing: no record, no cgroup, no TAP, the volumes free.
+	denied := func(r result, pod, want string) {
+		t.Helper()
+		if r.code == 0 || !strings.Contains(r.stderr, want) || !strings.Contains(r.stderr, "403") && !strings.Contains(r.stderr, "deny: ") {
+			t.Errorf("pod %s: exit %d, want a denial naming %q:\n%s%s", pod, r.code, want, r.stdout, r.stderr)
+		}
+		if r := d.pod(t, "", "inspect", pod); r.code == 0 || !strings.Contains(r.stderr, "no such pod: "+pod) {
+			t.Errorf("pod %s after its denial: exit %d %s%s", pod, r.code, r.stdout, r.stderr)
+		}
+		if d.cg.Exists(pod, "") {
+			t.Errorf("pod %s: a cgroup after its denial", pod)
+		}
+		if taps := h.taps(t); len(taps) != 0 {
+			t.Errorf("pod %s: TAPs after its denial: %v", pod, taps)
+		}
+		if got := inspect(t, h.state, "plain").State; got != "available" {
+			t.Errorf("pod %s: volume plain is %s after its denial", pod, got)
+		}
+	}
+
+	// Alice is confidential through a supplementary group the kernel
+	// reports (SO_PEERGROUPS): she attaches a confidential volume
+	// read-write and her pod runs, owned by her.
+	if r := as(alice, team, doc("a-ok", "{volume: conf-data}", ""), "apply", "-f", "-"); r.code != 0 {
+		t.Fatalf("apply by alice: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	i := d.waitFor(t, "a-ok", "phase Running", func(i *pods.Info) bool { return i.Status.Phase == pods.Running })
+	if i.Owner.UID != 64401 {
+		t.Errorf("a-ok's owner %+v, want uid %s", i.Owner, alice)
+	}
+	if got := inspect(t, h.state, "conf-data").State; got != "attached" {
+		t.Errorf("conf-data is %s while alice's pod runs", got)
+	}
+	// Without her group she has no clearance and no rule.
+	denied(as(alice, []string{sockGrp}, doc("a-nogroup", "{volume: plain}", ""), "apply", "-f", "-"), "a-nogroup", `rule allows it (default deny)`)
+	// No write down: read-write on an internal volume.
+	denied(as(alice, team, doc("a-down", "{volume: plain}", ""), "apply", "-f", "-"), "a-down", `level check "no write down"`)
+	// Networks at exactly the pod's level: lab is internal.
+	denied(as(alice, team, doc("a-net", "", "{network: lab}"), "apply", "-f", "-"), "a-net", `level check "network at the pod's level"`)
+	// No read up: bob (internal) reads a confidential volume.
+	denied(as(bob, []string{sockGrp}, doc("b-up", "{volume: conf-data, readOnly: true}", "{network: lab}"), "apply", "-f", "-"), "b-up", `level check "no read up"`)
+
+	// Bob runs a pod at his level; the deny rule beats team-pods' allow
+	// of delete.
+	if r := as(bob, []string{sockGrp}, doc("b-ok", "{volume: plain, readOnly: true}", "{network: lab}"), "apply", "-f", "-"); r.code != 0 {
+		t.Fatalf("apply by bob: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	d.waitFor(t, "b-ok", "phase Running", func(i *pods.Info) bool { return i.Status.Phase == pods.Running })
+	r := as(bob, []string{sockGrp}, "", "rm", "--force", "b-ok")
+	if r.code == 0 || !strings.Contains(r.stderr, `rule "bob-keeps-pods" (rules[2]) denies it`) {
+		t.Errorf("rm by bob: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	if d.info(t, "b-ok").Status.Phase != pods.Running {
+		t.Error("bob's denied rm touched b-ok")
+	}
+	// ps shows what the caller may inspect: everything to bob, nothing
+	// to a user no rule lets in.
+	if r := as(bob, []string{sockGrp}, "", "ps"); r.code != 0 || !strings.Contains(r.stdout, "a-ok") || !strings.Contains(r.stdout, "b-ok") {
+		t.Errorf("ps by bob: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := as(stranger, []string{sockGrp}, "", "ps"); r.code != 0 || strings.Contains(r.stdout, "a-ok") {
+		t.Errorf("ps by a stranger: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := as(stranger, []string{sockGrp}, "", "inspect", "a-ok"); r.code == 0 || !strings.Contains(r.stderr, "default deny") {
+		t.Errorf("inspect by a stranger: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+
+	// SIGHUP: without the deny rule, bob may remove his pod.
+	writePolicy(t, dir, allowTeam)
+	d.proc.cmd.Process.Signal(syscall.SIGHUP)
+	d.proc.out.waitForLine(t, "rayvmmd: policy reloaded: policy "+policy+": 2 rules", podWait)
+	if r := as(bob, []string{sockGrp}, "", "rm", "--force", "--grace-period", "0", "b-ok"); r.code != 0 {
+		t.Errorf("rm by bob after the reload: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	// A file that does not parse is refused; the old policy stays.
+	writePolicy(t, dir, allowTeam+"  - {name: broken, effect: allow, subjects: [\"*\"], actions: [attach], objects: [{kind: volume}]}")
+	d.proc.cmd.Process.Signal(syscall.SIGHUP)
+	d.proc.out.waitForLine(t, "the policy in force is unchanged", podWait)
+	if !strings.Contains(d.proc.out.String(), `rayvmmd: policy reload: policy `+policy+`: line 17: rules[2].actions[0]: unknown action "attach"`) {
+		t.Errorf("the refused reload's line:\n%s", d.proc.out.String())
+	}
+	if r := as(bob, []string{sockGrp}, "", "inspect", "a-ok"); r.code != 0 {
+		t.Errorf("inspect by bob after a refused reload: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := as(stranger, []string{sockGrp}, "", "inspect", "a-ok"); r.code == 0 {
+		t.Error("the refused policy (which allows anyone) let a stranger inspect")
+	}
+	d.podOK(t, "", "rm", "--force", "--grace-period", "0", "a-ok")
+
+	// The audit log holds every decision with its caller, and both
+	// reloads, the refused one with its error.
+	var decisions []string
+	for _, line := range strings.Split(strings.TrimSpace(h.must(t, "audit", "list", "--json")), "\n") {
+		var rec struct {
+			Action string                `json:"action"`
+			Object struct{ Name string } `json:"object"`
+			Actor  struct{ UID uint32 }  `json:"actor"`
+			Params map[string]string     `json:"params"`
+			Result string                `json:"result"`
+		}
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("audit list --json: %v: %s", err, line)
+		}
+		switch rec.Action {
+		case "policy.allow", "policy.deny":
+			decisions = append(decisions, fmt.Sprintf("%d %s %s %s", rec.Actor.UID, rec.Action, rec.Params["request"], rec.Object.Name))
+			if rec.Params["rule"] == "" || rec.Params["subject_level"] == "" || rec.Params["object_level"] == "" {
+				t.Errorf("decision record without its rule or levels: %s", line)
+			}
+		case "daemon.reload":
+			decisions = append(decisions, fmt.Sprintf("reload ok=%v", rec.Result == "ok"))
+		}
+	}
+	for _, want := range []string{
+		"64401 policy.allow attach-rw conf-data",
+		"64401 policy.deny create a-nogroup",
+		"64401 policy.deny attach-rw plain",
+		"64401 policy.deny join lab",
+		"64402 policy.deny attach-ro conf-data",
+		"64402 policy.deny delete b-ok",
+		"64403 policy.deny inspect a-ok",
+		"reload ok=true",
+		"64402 policy.allow delete b-ok",
+		"reload ok=false",
+		"0 policy.allow delete a-ok",
+	} {
+		if !slices.Contains(decisions, want) {
+			t.Errorf("no audit record %q in:\n%s", want, strings.Join(decisions, "\n"))
+		}
+	}
 }
 
 // The daemon's audit log: its start and stop, and a pod's apply (by the

@@ -40,8 +40,11 @@ func (a *auditor) Record(ctx context.Context, e daemon.Entry) error {
 	case "deny":
 		ae.Decision, ae.Level = audit.Deny, audit.Warning
 	}
-	if e.Action == audit.PodProbeFailure {
+	switch e.Action {
+	case audit.PodProbeFailure:
 		ae.Level = audit.Warning
+	case audit.VMSandboxKill:
+		ae.Level = audit.Critical
 	}
 	if c := e.Caller; c != nil {
 		ae.Actor = &audit.Actor{UID: c.UID, GID: c.GID, PID: uint32(c.PID), Command: commandOf(c.PID)}

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/rayvmm/rayvmm/guestkernel"
+	"github.com/rayvmm/rayvmm/pods"
 	"github.com/rayvmm/rayvmm/pods/cgroup"
 	"github.com/rayvmm/rayvmm/pods/daemon"
 )
@@ -28,6 +29,7 @@ func defaultStateDir() string {
 type daemonFlags struct {
 	socket, stateDir, socketGroup string
 	cgroupParent, kvmDevice       string
+	policy                        string
 	backoffScale                  float64
 	verbose                       bool
 }
@@ -49,7 +51,19 @@ containerd leaves containers to their shims: the next daemon on the state
 directory re-adopts them (pid, process start time and API socket), resumes
 their probes and restart policies, and reports VMs that ended meanwhile with
 the status their VM process recorded. A kill -9 of the daemon does the same.
-To stop VMs, "rayvmm pod stop" them. Under systemd use KillMode=process (as
+To stop VMs, "rayvmm pod stop" them.
+
+Every request is decided by the access policy (--policy FILE, default
+/etc/rayvmm/policy.yaml; see seccap/policy/README.md) for the caller the
+kernel names (SO_PEERCRED: uid, gid and groups): root may do everything,
+anyone else what a rule allows and the mandatory levels permit. Without a
+policy file only root may act. A denial is a 403 naming the rule or level
+check that decided, and makes nothing. SIGHUP reloads the file; one that
+does not parse is refused and the old policy stays in force. Every
+decision, pod action, and the daemon's start, stop and policy reload go to
+the audit log under the state directory.
+
+Under systemd use KillMode=process (as
 containerd.service does), so that systemd does not kill the VMs with it;
 readiness is reported with sd_notify (Type=notify). Only one daemon serves a
 state directory.`,
@@ -66,6 +80,7 @@ state directory.`,
 	fl.StringVar(&f.cgroupParent, "cgroup-parent", cgroup.DefaultParent, "cgroup directory the pods' groups go under")
 	fl.StringVar(&f.kvmDevice, "kvm-device", "/dev/kvm", "KVM device")
 	fl.Float64Var(&f.backoffScale, "backoff-scale", 1, "multiply the restart back-off (10s doubling to 300s, reset after 10m) by this, for tests")
+	fl.StringVar(&f.policy, "policy", DefaultPolicy, "the access policy file (YAML; see seccap/policy/README.md), reloaded on SIGHUP; if the default file does not exist only root may act")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log what the daemon does to stderr")
 	rootCmd.AddCommand(cmd)
 }
@@ -102,6 +117,10 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 	if err != nil {
 		return err
 	}
+	authz, err := openPolicy(f.policy, cmd.Flags().Changed("policy"))
+	if err != nil {
+		return err
+	}
 	aud, err := openAuditor(f.stateDir)
 	if err != nil {
 		return err
@@ -112,10 +131,12 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 		}
 	}()
 	d, err := daemon.New(daemon.Config{
-		StateDir: f.stateDir, Socket: f.socket, SocketGID: gid, BackoffScale: f.backoffScale,
+		Authorizer: authz,
+		StateDir:   f.stateDir, Socket: f.socket, SocketGID: gid, BackoffScale: f.backoffScale,
 		Cgroups: cg, Kernel: guestkernel.ELF, KVMDevice: f.kvmDevice, Version: version, Log: log,
 		Auditor: aud,
 		Ready: func() {
+			fmt.Fprintf(os.Stderr, "rayvmmd: %s\n", authz.Describe())
 			fmt.Fprintf(os.Stderr, "rayvmmd: serving pods on %s (state directory %s)\n", f.socket, f.stateDir)
 			sdNotify("READY=1")
 		},
@@ -130,7 +151,14 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 	defer signal.Stop(hup)
 	go func() {
 		for range hup {
-			d.Reload(nil) // no policy to reload until the access policy is wired
+			// A file that does not parse leaves the old policy in force.
+			err := authz.Reload()
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "rayvmmd: %s\n", pods.OneLine(err.Error()))
+			} else {
+				fmt.Fprintf(os.Stderr, "rayvmmd: policy reloaded: %s\n", authz.Describe())
+			}
+			d.Reload(authz.path, err)
 		}
 	}()
 	err = d.Serve(ctx)

@@ -12,6 +12,10 @@ import (
 func TestDaemonBadFlags(t *testing.T) {
 	dir := t.TempDir()
 	state, sock := filepath.Join(dir, "state"), filepath.Join(dir, "d.sock")
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("rules:\n- effect: allow\n  subjects: [\"*\"]\n  actions: [attach]\n  objects: [{kind: volume}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tt := range []struct {
 		args []string
 		want string
@@ -21,10 +25,12 @@ func TestDaemonBadFlags(t *testing.T) {
 		{[]string{"--socket-group", "no-such-group-rayvmm"}, "--socket-group no-such-group-rayvmm"},
 		{[]string{"--cgroup-parent", "/abs"}, `cgroup parent "/abs"`},
 		{[]string{"extra"}, "unknown command"},
+		{[]string{"--policy", "/nonexistent/policy.yaml"}, "--policy: "},
+		{[]string{"--policy", bad}, `line 4: rules[0].actions[0]: unknown action "attach"`},
 	} {
 		// Flag values stay set between Executes in one process: give each
 		// its default again first.
-		base := []string{"daemon", "--state-dir", state, "--socket", sock, "--backoff-scale", "1", "--socket-group", "", "--cgroup-parent", "rayvmm"}
+		base := []string{"daemon", "--state-dir", state, "--socket", sock, "--backoff-scale", "1", "--socket-group", "", "--cgroup-parent", "rayvmm", "--policy", DefaultPolicy}
 		rootCmd.SetArgs(append(base, tt.args...))
 		err := rootCmd.Execute()
 		if err == nil || !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") {

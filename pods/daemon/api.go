@@ -128,7 +128,11 @@ func (d *Daemon) authorize(ctx context.Context, action string, o Object) error {
 	if err != nil {
 		return errCode(http.StatusBadRequest, "%s %s: %w", action, o, err)
 	}
-	e := Entry{Caller: &c, Action: AuditPolicyAllow, Object: o, Decision: "allow", Params: map[string]string{"request": action, "rule": dec.Reason}}
+	params := map[string]string{"request": action, "rule": dec.Reason}
+	for k, v := range dec.Params {
+		params[k] = v
+	}
+	e := Entry{Caller: &c, Action: AuditPolicyAllow, Object: o, Decision: "allow", Params: params}
 	if !dec.Allow {
 		e.Action, e.Decision = AuditPolicyDeny, "deny"
 	}
@@ -208,17 +212,40 @@ func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
 // apply creates a pod, starts a stopped one applied again with the same
 // spec, and refuses a different spec for an existing pod (pod specs are
 // immutable, as in Kubernetes).
+//
+// A new pod needs every decision of applyDecisions, for the caller, who
+// becomes its owner and whose clearance it runs at. Applying an existing
+// pod again needs only run on it: its spec is the same, and what it
+// attaches and joins was decided for its owner when it was created.
 func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int, error) {
-	for _, dec := range applyDecisions(p) {
-		if err := d.authorize(ctx, dec.action, dec.o); err != nil {
-			return nil, 0, err
-		}
-	}
 	caller, _ := callerOf(ctx)
 	name := p.Metadata.Name
 	obj := Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}
 	want, _ := json.Marshal(p)
 	d.mu.Lock()
+	_, exists := d.pods[name]
+	d.mu.Unlock()
+	decided := false // every decision of a new pod was made
+	for {
+		if exists {
+			if err := d.authorize(ctx, ActRun, obj); err != nil {
+				return nil, 0, err
+			}
+		} else {
+			for _, dec := range applyDecisions(p) {
+				if err := d.authorize(ctx, dec.action, dec.o); err != nil {
+					return nil, 0, err
+				}
+			}
+			decided = true
+		}
+		d.mu.Lock()
+		if _, exists = d.pods[name]; exists || decided {
+			break
+		}
+		// Removed since: decide it as a new pod.
+		d.mu.Unlock()
+	}
 	if old, ok := d.pods[name]; ok {
 		defer d.mu.Unlock()
 		have, _ := json.Marshal(old.rec.Pod)

@@ -282,10 +282,12 @@ func (d *Daemon) stop() {
 	d.log.Info("stopped; VMs keep running")
 }
 
-// Reload records a policy reload (SIGHUP) in the audit log; the policy
-// itself is reloaded by whoever owns it (cmd/rayvmmd).
-func (d *Daemon) Reload(err error) {
-	d.audit(context.Background(), Entry{Action: AuditDaemonReload, Object: Object{Kind: "daemon", Name: d.st.Dir()}, Err: err})
+// Reload records a reload of the policy file (SIGHUP) in the audit log,
+// with its error when the file was refused; the policy itself is reloaded
+// by whoever owns it (cmd/rayvmmd).
+func (d *Daemon) Reload(file string, err error) {
+	d.audit(context.Background(), Entry{Action: AuditDaemonReload, Object: Object{Kind: "daemon", Name: d.st.Dir()},
+		Params: map[string]string{"policy": file}, Err: err})
 }
 
 // notify wakes everyone waiting for a change. d.mu must be held.

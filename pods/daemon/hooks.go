@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"net"
 
-	"golang.org/x/sys/unix"
+	"github.com/rayvmm/rayvmm/seccap/policy"
 )
 
 // The daemon's two hooks for the access policy (seccap/policy) and the
@@ -24,6 +24,8 @@ type Caller struct {
 	PID int32
 	UID uint32
 	GID uint32
+	// Groups are its supplementary groups.
+	Groups []uint32
 }
 
 func (c Caller) String() string { return fmt.Sprintf("uid %d (pid %d)", c.UID, c.PID) }
@@ -55,6 +57,8 @@ type Decision struct {
 	// Reason names the rule or check that decided, for the 403 and the
 	// audit log.
 	Reason string
+	// Params go into the decision's audit record (the rule, the levels).
+	Params map[string]string
 }
 
 // Authorizer decides requests. owner is the pod's owner, whose clearance
@@ -86,6 +90,7 @@ const (
 	AuditDaemonStart     = "daemon.start"
 	AuditDaemonStop      = "daemon.stop"
 	AuditDaemonReload    = "daemon.reload"
+	AuditVMSandboxKill   = "vm.sandbox-kill"
 )
 
 // Auditor appends records; an error fails the request it describes
@@ -96,27 +101,18 @@ type Auditor interface {
 
 type callerKey struct{}
 
-// peerCred reads the caller of a Unix socket connection.
+// peerCred reads the caller of a Unix socket connection from the kernel
+// (SO_PEERCRED and SO_PEERGROUPS, as the access policy reads them).
 func peerCred(c net.Conn) (Caller, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return Caller{}, fmt.Errorf("peer credentials: %T is not a Unix socket", c)
 	}
-	rc, err := uc.SyscallConn()
+	pc, err := policy.PeerCred(uc)
 	if err != nil {
-		return Caller{}, fmt.Errorf("peer credentials: %w", err)
+		return Caller{}, err
 	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := rc.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return Caller{}, fmt.Errorf("peer credentials: %w", err)
-	}
-	if cerr != nil {
-		return Caller{}, fmt.Errorf("peer credentials: SO_PEERCRED: %w", cerr)
-	}
-	return Caller{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
+	return Caller{PID: pc.PID, UID: pc.UID, GID: pc.GID, Groups: pc.Groups}, nil
 }
 
 // callerOf is the request's caller, set by the server's ConnContext.

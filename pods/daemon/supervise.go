@@ -56,6 +56,10 @@ type instance struct {
 	eff       *spec.VM
 	group     *cgroup.Group
 	oomBase   uint64
+	// res is what this daemon opened for the run (nil when adopted): the
+	// sandbox's SIGSYS report is read from it when the process ends.
+	res         *control.Resources
+	sandboxKill error
 }
 
 func newPod(d *Daemon, r *record) *pod {
@@ -466,6 +470,7 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		d.log.Warn("close handed-over descriptors", "pod", pod, "vm", name, "err", err)
 	}
 	in.pid, in.startTime, in.child, in.done, in.started = proc.Pid, proc.StartTime, proc, proc.Done(), time.Now().UTC()
+	in.res = res
 	d.mu.Lock()
 	d.running(v, in, fmt.Sprintf("started VM %s (pid %d)", name, proc.Pid))
 	d.mu.Unlock()
@@ -564,6 +569,17 @@ func (in *instance) signal(sig syscall.Signal) {
 // restart; it returns whether v restarts.
 func (d *Daemon) ended(v *vm, in *instance, killReason string) bool {
 	t := d.exitState(v, in)
+	if in.res != nil {
+		in.res.CloseReport()
+	}
+	if in.sandboxKill != nil {
+		d.wg.Add(1)
+		go func(e Entry) {
+			defer d.wg.Done()
+			d.audit(context.Background(), e)
+		}(Entry{Action: AuditVMSandboxKill, Object: Object{Kind: "vm", Name: in.eff.Name}, Err: in.sandboxKill,
+			Params: map[string]string{"pod": v.p.name(), "reason": in.sandboxKill.Error()}})
+	}
 	if killReason != "" {
 		t.Message = pods.OneLine(killReason + "; " + t.Message)
 	}
@@ -649,6 +665,12 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 			code := 128 + int(ws.Signal())
 			t.ExitCode, t.Signal = &code, int(ws.Signal())
 			t.Message = fmt.Sprintf("killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+			if in.res != nil {
+				if kerr := in.res.SandboxKill(st); kerr != nil {
+					// "VM process killed by the sandbox (SIGSYS): syscall 59 (execve)"
+					t.Message, in.sandboxKill = kerr.Error(), kerr
+				}
+			}
 		} else {
 			code := ws.ExitStatus()
 			t.ExitCode = &code

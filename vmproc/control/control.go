@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
@@ -340,6 +341,9 @@ func (r *Resources) Outcome() (*vmproc.Outcome, error) {
 // locks and its hold on each network stay held for as long as it runs,
 // whatever happens to this process. Once it is gone, Cleanup removes what
 // it leaves. After Detached, Close does nothing.
+//
+// The sandbox's SIGSYS report stays readable (SandboxKill) until
+// CloseReport, for a launcher that sees its VM process exit.
 func (r *Resources) Detached() error {
 	errs := []error{r.Launched()}
 	for _, d := range r.detach {
@@ -349,9 +353,21 @@ func (r *Resources) Detached() error {
 	return errors.Join(errs...)
 }
 
+// CloseReport closes the read end of the sandbox's SIGSYS report, once
+// the detached VM process is gone and SandboxKill was asked.
+func (r *Resources) CloseReport() error {
+	if r.report == nil {
+		return nil
+	}
+	err := r.report.Close()
+	r.report = nil
+	return err
+}
+
 // Cleanup removes what a detached VM process with effective spec s left
-// once it is gone: its API and vsock sockets, and the lock files of its
-// volumes and networks that no one else holds. Its TAPs went with it.
+// once it is gone: its API and vsock sockets, the lock files of its
+// volumes and networks that no one else holds, and its jail's
+// directories. Its TAPs went with it.
 func Cleanup(stateDir string, s *spec.VM) error {
 	var errs []error
 	rm := func(path string) {
@@ -384,6 +400,14 @@ func Cleanup(stateDir string, s *spec.VM) error {
 		if n.Network != "" {
 			errs = append(errs, network.Unhold(stateDir, n.Network))
 		}
+	}
+	if j := s.Sandbox.Jail; j != nil {
+		// What PrepareJail made for it (openSandbox's binds).
+		jail := &seccap.Jail{Root: filepath.Join(j.Dir, s.Name, "root")}
+		if s.Vsock != nil {
+			jail.Binds = []seccap.Bind{{Path: filepath.Dir(s.Vsock.UDS), ReadOnly: true}}
+		}
+		errs = append(errs, jail.Remove())
 	}
 	return errors.Join(errs...)
 }
