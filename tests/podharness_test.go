@@ -54,6 +54,10 @@ type podDaemon struct {
 	proc     *proc
 	c        *client.Client
 	extra    []string
+	// bin is the rayvmm it runs ("": the one under test), env what it
+	// adds to the environment of the daemon and the CLI.
+	bin string
+	env []string
 }
 
 // startPodDaemon starts a daemon in a new namespace with network "lab"
@@ -66,6 +70,14 @@ func startPodDaemon(t *testing.T, extra ...string) *podDaemon {
 // startPodDaemonAt is startPodDaemon with the API socket at sock ("": in
 // the state directory).
 func startPodDaemonAt(t *testing.T, sock string, extra ...string) *podDaemon {
+	t.Helper()
+	d := newPodDaemon(t, sock, extra...)
+	d.start(t)
+	return d
+}
+
+// newPodDaemon is startPodDaemonAt without the start.
+func newPodDaemon(t *testing.T, sock string, extra ...string) *podDaemon {
 	t.Helper()
 	h := newHost(t)
 	h.must(t, "net", "create", "lab", "--subnet", "192.0.2.0/24")
@@ -86,16 +98,19 @@ func startPodDaemonAt(t *testing.T, sock string, extra ...string) *podDaemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.cleanup(t) })
-	d.start(t)
 	return d
 }
 
 // command runs rayvmm ARGS in the daemon's namespace (nsenter: the
 // process keeps the host's /sys).
 func (d *podDaemon) command(ctx context.Context, args ...string) *exec.Cmd {
-	full := append([]string{"--net=/run/netns/" + d.h.ns.Name, "--", rayvmm, "--state-dir", d.h.state}, args...)
+	bin := rayvmm
+	if d.bin != "" {
+		bin = d.bin
+	}
+	full := append([]string{"--net=/run/netns/" + d.h.ns.Name, "--", bin, "--state-dir", d.h.state}, args...)
 	cmd := exec.CommandContext(ctx, "nsenter", full...)
-	cmd.Env = append(os.Environ(), client.EnvHost+"=unix://"+d.sock)
+	cmd.Env = append(append(os.Environ(), client.EnvHost+"=unix://"+d.sock), d.env...)
 	return cmd
 }
 

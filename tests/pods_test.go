@@ -18,7 +18,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/pods"
+	"github.com/rayvmm/rayvmm/seccap/forbidden"
 )
 
 const twoVMPod = `apiVersion: rayvmm/v1
@@ -829,6 +831,46 @@ func TestPodSocketGroup(t *testing.T) {
 	d.podOK(t, "", "rm", "--force", "mine")
 }
 
+// A pod VM whose VM process the sandbox kills (a seccaptest rayvmm-vm
+// that calls execve) is reported Terminated with the one line naming the
+// call and its SIGSYS exit code, is handled by its restart policy, and
+// the daemon records a critical vm.sandbox-kill.
+func TestPodSandboxKill(t *testing.T) {
+	t.Parallel()
+	d := newPodDaemon(t, "")
+	d.bin = seccaptestRayvmm(t)
+	d.env = []string{forbidden.Env + "=execve"}
+	d.start(t)
+	d.apply(t, `apiVersion: rayvmm/v1
+kind: Pod
+metadata: {name: jailbreak}
+spec:
+  restartPolicy: Never
+  vms: [{name: vm, cmdline: rayguest.run=echo, memory: 16M}]
+`)
+	const line = "VM process killed by the sandbox (SIGSYS): syscall 59 (execve)"
+	i := d.waitFor(t, "jailbreak", "phase Failed", func(i *pods.Info) bool { return i.Status.Phase == pods.Failed })
+	vs := vmStatus(t, i, "vm")
+	if term := vs.State.Terminated; term == nil || term.Message != line || term.ExitCode == nil || *term.ExitCode != 128+int(syscall.SIGSYS) || vs.RestartCount != 0 {
+		t.Errorf("VM status %+v (terminated %+v), want terminated with %q, exit code 159, no restart", vs, vs.State.Terminated, line)
+	}
+	// Stopping the daemon waits for its records.
+	d.proc.cmd.Process.Signal(syscall.SIGTERM)
+	d.proc.exited(t, "SIGTERM", time.Minute)
+	var found bool
+	for _, r := range auditRecords(t, d.h.state) {
+		if r.Action == audit.VMSandboxKill {
+			found = true
+			if r.Level != audit.Critical || r.Result != line || r.Object.Name != "jailbreak.vm" || r.Params["pod"] != "jailbreak" {
+				t.Errorf("vm.sandbox-kill record: %+v", r)
+			}
+		}
+	}
+	if !found {
+		t.Error("no vm.sandbox-kill record")
+	}
+}
+
 // userCLI copies the CLI where other users may run it, into a directory
 // they may enter, which can also hold the daemon's socket.
 func userCLI(t *testing.T) (dir, cli string) {
@@ -1069,7 +1111,8 @@ spec:
 
 // The daemon's audit log: its start and stop, and a pod's apply (by the
 // caller the kernel named), each restart, a probe failure that acted, the
-// stop and the rm, in order, in a log that verifies.
+// stop and the rm, in order, each request's access decision (root's: no
+// policy file, root is allowed everything), in a log that verifies.
 func TestPodAudit(t *testing.T) {
 	t.Parallel()
 	d := startPodDaemon(t)
@@ -1091,7 +1134,7 @@ spec:
 	d.proc.exited(t, "SIGTERM", time.Minute)
 
 	list := d.h.must(t, "audit", "list", "--object", "pod/audited", "--json")
-	var actions []string
+	var actions, decided []string
 	for _, line := range strings.Split(strings.TrimSpace(list), "\n") {
 		var r struct {
 			Action string `json:"action"`
@@ -1103,6 +1146,16 @@ spec:
 		}
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatalf("audit list --json: %v: %s", err, line)
+		}
+		if r.Action == "policy.allow" {
+			// Root's requests are decided too (root is allowed everything).
+			if r.Params["rule"] != "root" || r.Actor.PID == uint32(d.proc.cmd.Process.Pid) {
+				t.Errorf("policy.allow of root's %s by actor pid %d, rule %q", r.Params["request"], r.Actor.PID, r.Params["rule"])
+			}
+			if r.Params["request"] != "inspect" { // the test's polls
+				decided = append(decided, r.Params["request"])
+			}
+			continue
 		}
 		if len(actions) == 0 || actions[len(actions)-1] != r.Action {
 			actions = append(actions, r.Action)
@@ -1123,6 +1176,10 @@ spec:
 	want := []string{"pod.apply", "pod.probe-failure", "pod.restart"}
 	if len(actions) < 5 || !slices.Equal(actions[:3], want) || !slices.Equal(actions[len(actions)-2:], []string{"pod.stop", "pod.rm"}) {
 		t.Errorf("the pod's audit history: %v, want %v ... pod.stop pod.rm", actions, want)
+	}
+	// The apply (create, run), the stop (run) and the rm (delete).
+	if want := []string{"create", "run", "run", "delete"}; !slices.Equal(decided, want) {
+		t.Errorf("the pod's access decisions: %v, want %v", decided, want)
 	}
 	daemonRecs := d.h.must(t, "audit", "list", "--object", "daemon/"+d.h.state)
 	for _, a := range []string{"daemon.start", "daemon.stop"} {

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/rayvmm/rayvmm/pods"
@@ -351,37 +352,34 @@ func (d *Daemon) infoOf(p *pod) *pods.Info {
 	return p.info()
 }
 
+// handleList lists the pods the caller may inspect. Each pod is a
+// decision of its own, and each decision is recorded: they are decided
+// at once, so that the audit log commits their records together.
 func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 	d.mu.Lock()
-	var names []string
-	for n := range d.pods {
-		names = append(names, n)
+	var ps []*pod
+	for _, p := range d.pods {
+		ps = append(ps, p)
 	}
 	d.mu.Unlock()
-	sort.Strings(names)
-	out := []*pods.Info{}
-	for _, n := range names {
+	sort.Slice(ps, func(i, j int) bool { return ps[i].name() < ps[j].name() })
+	allowed := make([]bool, len(ps))
+	var wg sync.WaitGroup
+	for i, p := range ps {
 		d.mu.Lock()
-		p, ok := d.pods[n]
-		var labels map[string]string
-		if ok {
-			labels = p.rec.Pod.Metadata.Labels
-		}
+		o := Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}
 		d.mu.Unlock()
-		if !ok {
-			continue
-		}
-		if d.cfg.Authorizer != nil {
-			if err := d.authorize(r.Context(), ActInspect, Object{Kind: "pod", Name: n, Labels: labels}); err != nil {
-				continue // list shows what the caller may inspect
-			}
-		}
-		d.mu.Lock()
-		if !p.removed {
+		wg.Go(func() { allowed[i] = d.authorize(r.Context(), ActInspect, o) == nil })
+	}
+	wg.Wait()
+	out := []*pods.Info{}
+	d.mu.Lock()
+	for i, p := range ps {
+		if allowed[i] && !p.removed { // list shows what the caller may inspect
 			out = append(out, p.info())
 		}
-		d.mu.Unlock()
 	}
+	d.mu.Unlock()
 	writeJSON(w, http.StatusOK, out)
 }
 

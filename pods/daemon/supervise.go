@@ -438,7 +438,7 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	// a daemon killed before the go leaves a VM process that reads EOF
 	// and exits, never an unrecorded guest.
 	proc, err := vmproc.Launch(h, res.Files, vmproc.Options{
-		Binary: d.cfg.VMBinary, Stdout: logf, Stderr: logf, Detached: true, CgroupDir: cgDir, Gate: true,
+		Binary: d.cfg.VMBinary, Env: control.PassEnv(), Stdout: logf, Stderr: logf, Detached: true, CgroupDir: cgDir, Gate: true,
 		BeforeHandoff: func(pr *vmproc.Process) error {
 			if cgDir == nil {
 				return group.Add(pr.Pid)
@@ -456,7 +456,12 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	d.mu.Unlock()
 	err = <-ch
 	if err == nil {
-		err = proc.Go()
+		if err = proc.Go(); err != nil && exitedBeforeGo(proc) {
+			// It ended before its go (the sandbox killed it, say): a
+			// run that ended, which ended reports (with the sandbox's
+			// line) and the restart policy handles.
+			err = nil
+		}
 	}
 	if err != nil {
 		proc.Signal(syscall.SIGKILL)
@@ -475,6 +480,20 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	d.running(v, in, fmt.Sprintf("started VM %s (pid %d)", name, proc.Pid))
 	d.mu.Unlock()
 	return in, nil
+}
+
+// exitedBeforeGo reports whether a VM process whose go failed (its lifeline is
+// closed: it is exiting, or gone) has ended, waiting a bounded time for
+// its exit status.
+func exitedBeforeGo(proc *vmproc.Process) bool {
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	select {
+	case <-proc.Done():
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // running records v's process as running. d.mu must be held.

@@ -69,7 +69,7 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 
 	p, err := vmproc.Launch(h, r.Files, vmproc.Options{
 		Binary: o.Binary, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-		Env: passEnv(), Gate: o.Audit != nil,
+		Env: PassEnv(), Gate: o.Audit != nil,
 	})
 	if err != nil {
 		return 1, err
@@ -129,9 +129,9 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 	return st.ExitCode(), nil
 }
 
-// passEnv is the environment the VM process keeps: nothing but what the
+// PassEnv is the environment a VM process keeps: nothing but what the
 // Go runtime reads, and the sandbox tests' request.
-func passEnv() []string {
+func PassEnv() []string {
 	var env []string
 	// forbidden.Env: a seccaptest build of rayvmm-vm makes the forbidden
 	// call it names (the sandbox's tests); other builds ignore it.
