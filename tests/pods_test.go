@@ -947,7 +947,7 @@ rules:
   - name: team-resources
     effect: allow
     subjects: ["group:64410", "user:64402"]
-    actions: [attach-ro, attach-rw, join]
+    actions: [attach-ro, attach-rw, join, clone, create]
     objects: [{kind: volume}, {kind: network}]
 `
 	policy := writePolicy(t, dir, allowTeam+`  - name: bob-keeps-pods
@@ -960,6 +960,7 @@ rules:
 	h := d.h
 	h.must(t, "volume", "create", "conf-data", "--size", "1M")
 	h.must(t, "volume", "create", "plain", "--size", "1M")
+	h.must(t, "volume", "snapshot", "plain", "golden")
 	as := func(uid string, groups []string, stdin string, args ...string) result {
 		return asUser(t, cli, sock, uid, groups, stdin, args...)
 	}
@@ -995,6 +996,9 @@ spec:
 		if got := inspect(t, h.state, "plain").State; got != "available" {
 			t.Errorf("pod %s: volume plain is %s after its denial", pod, got)
 		}
+		if vols := h.must(t, "volume", "list"); strings.Contains(vols, pod+"-") {
+			t.Errorf("pod %s: a pod volume after its denial:\n%s", pod, vols)
+		}
 	}
 
 	// Alice is confidential through a supplementary group the kernel
@@ -1016,8 +1020,10 @@ spec:
 	denied(as(alice, team, doc("a-down", "{volume: plain}", ""), "apply", "-f", "-"), "a-down", `level check "no write down"`)
 	// Networks at exactly the pod's level: lab is internal.
 	denied(as(alice, team, doc("a-net", "", "{network: lab}"), "apply", "-f", "-"), "a-net", `level check "network at the pod's level"`)
-	// No read up: bob (internal) reads a confidential volume.
-	denied(as(bob, []string{sockGrp}, doc("b-up", "{volume: conf-data, readOnly: true}", "{network: lab}"), "apply", "-f", "-"), "b-up", `level check "no read up"`)
+	// No read up: bob (internal) reads a confidential volume; the pod
+	// volume he may clone is not made.
+	bUp := strings.Replace(doc("b-up", "{volume: conf-data, readOnly: true}", "{network: lab}"), "spec:\n", "spec:\n  volumes: [{name: scratch, from: golden}]\n", 1)
+	denied(as(bob, []string{sockGrp}, bUp, "apply", "-f", "-"), "b-up", `level check "no read up"`)
 
 	// Bob runs a pod at his level; the deny rule beats team-pods' allow
 	// of delete.
@@ -1095,6 +1101,8 @@ spec:
 		"64401 policy.deny create a-nogroup",
 		"64401 policy.deny attach-rw plain",
 		"64401 policy.deny join lab",
+		"64402 policy.allow clone golden",
+		"64402 policy.allow create b-up-scratch",
 		"64402 policy.deny attach-ro conf-data",
 		"64402 policy.deny delete b-ok",
 		"64403 policy.deny inspect a-ok",
