@@ -26,8 +26,18 @@ func openAuditor(stateDir string) (*auditor, error) {
 	return &auditor{l: l}, nil
 }
 
-// Record appends e; the record is on disk when it returns.
-func (a *auditor) Record(ctx context.Context, e daemon.Entry) error {
+// Record appends es, in order; the records are on disk when it returns.
+func (a *auditor) Record(ctx context.Context, es ...daemon.Entry) error {
+	aes := make([]audit.Entry, len(es))
+	for i, e := range es {
+		aes[i] = entry(e)
+	}
+	_, err := a.l.Append(context.WithoutCancel(ctx), aes...)
+	return err
+}
+
+// entry is the audit log's record of e.
+func entry(e daemon.Entry) audit.Entry {
 	ae := audit.Entry{
 		Action: e.Action,
 		Object: audit.Object{Kind: e.Object.Kind, Name: e.Object.Name},
@@ -49,8 +59,7 @@ func (a *auditor) Record(ctx context.Context, e daemon.Entry) error {
 	if c := e.Caller; c != nil {
 		ae.Actor = &audit.Actor{UID: c.UID, GID: c.GID, PID: uint32(c.PID), Command: commandOf(c.PID)}
 	}
-	_, err := a.l.Append(context.WithoutCancel(ctx), ae)
-	return err
+	return ae
 }
 
 // Close seals what the daemon recorded.

@@ -13,7 +13,6 @@ import (
 	"slices"
 	"sort"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/rayvmm/rayvmm/pods"
@@ -115,57 +114,76 @@ func fail(w http.ResponseWriter, err error) {
 	}
 }
 
-// authorize decides one action of the caller on o, records the decision,
-// and returns a 403 error for a denial.
-func (d *Daemon) authorize(ctx context.Context, action string, o Object) error {
+// request is one decision a request needs: an action on an object.
+type request struct {
+	action string
+	o      Object
+}
+
+// decideAll decides each of the caller's requests and records every
+// decision, allow or deny, in order and committed together. It returns a
+// 403 error for each denied request (nil for an allowed one); its own
+// error is for a caller it cannot name, a request the policy cannot
+// decide, or decisions it could not record.
+func (d *Daemon) decideAll(ctx context.Context, reqs []request) ([]error, error) {
 	c, ok := callerOf(ctx)
 	if !ok {
-		return errCode(http.StatusForbidden, "the caller could not be identified (SO_PEERCRED)")
+		return nil, errCode(http.StatusForbidden, "the caller could not be identified (SO_PEERCRED)")
 	}
+	denied := make([]error, len(reqs))
 	if d.cfg.Authorizer == nil {
-		return nil
+		return denied, nil
 	}
-	dec, err := d.cfg.Authorizer.Decide(c, action, o)
+	es := make([]Entry, len(reqs))
+	for i, rq := range reqs {
+		dec, err := d.cfg.Authorizer.Decide(c, rq.action, rq.o)
+		if err != nil {
+			return nil, errCode(http.StatusBadRequest, "%s %s: %w", rq.action, rq.o, err)
+		}
+		params := map[string]string{"request": rq.action, "rule": dec.Reason}
+		for k, v := range dec.Params {
+			params[k] = v
+		}
+		es[i] = Entry{Caller: &c, Action: AuditPolicyAllow, Object: rq.o, Decision: "allow", Params: params}
+		if !dec.Allow {
+			es[i].Action, es[i].Decision = AuditPolicyDeny, "deny"
+			denied[i] = errCode(http.StatusForbidden, "%s", dec.Reason)
+		}
+	}
+	if err := d.audit(ctx, es...); err != nil {
+		return nil, err
+	}
+	return denied, nil
+}
+
+// authorize decides the caller's requests (see decideAll) and returns the
+// first denial as a 403 error naming what decided it.
+func (d *Daemon) authorize(ctx context.Context, reqs ...request) error {
+	denied, err := d.decideAll(ctx, reqs)
 	if err != nil {
-		return errCode(http.StatusBadRequest, "%s %s: %w", action, o, err)
-	}
-	params := map[string]string{"request": action, "rule": dec.Reason}
-	for k, v := range dec.Params {
-		params[k] = v
-	}
-	e := Entry{Caller: &c, Action: AuditPolicyAllow, Object: o, Decision: "allow", Params: params}
-	if !dec.Allow {
-		e.Action, e.Decision = AuditPolicyDeny, "deny"
-	}
-	if err := d.audit(ctx, e); err != nil {
 		return err
 	}
-	if !dec.Allow {
-		return errCode(http.StatusForbidden, "%s", dec.Reason)
+	for _, err := range denied {
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
-// objects is every decision an apply needs: the pod itself, its pod
-// volumes (made by cloning a snapshot), and each VM's volumes and
+// applyDecisions is every decision an apply needs: the pod itself, its
+// pod volumes (made by cloning a snapshot), and each VM's volumes and
 // networks.
-func applyDecisions(p *pods.Pod) []struct {
-	action string
-	o      Object
-} {
-	type dec = struct {
-		action string
-		o      Object
-	}
+func applyDecisions(p *pods.Pod) []request {
 	name := p.Metadata.Name
-	out := []dec{
+	out := []request{
 		{ActCreate, Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}},
 		{ActRun, Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}},
 	}
 	podVol := map[string]bool{}
 	for _, v := range p.Spec.Volumes {
 		podVol[v.Name] = true
-		out = append(out, dec{ActClone, Object{Kind: "volume", Name: v.From}}, dec{ActCreate, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}})
+		out = append(out, request{ActClone, Object{Kind: "volume", Name: v.From}}, request{ActCreate, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}})
 	}
 	for _, vm := range p.Spec.VMs {
 		for _, dsk := range vm.Disks {
@@ -180,11 +198,11 @@ func applyDecisions(p *pods.Pod) []struct {
 			if dsk.ReadOnly {
 				a = ActAttachRO
 			}
-			out = append(out, dec{a, Object{Kind: "volume", Name: vol}})
+			out = append(out, request{a, Object{Kind: "volume", Name: vol}})
 		}
 		for _, n := range vm.Nets {
 			if n.Network != "" {
-				out = append(out, dec{ActJoin, Object{Kind: "network", Name: n.Network}})
+				out = append(out, request{ActJoin, Object{Kind: "network", Name: n.Network}})
 			}
 		}
 	}
@@ -229,14 +247,12 @@ func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int
 	decided := false // every decision of a new pod was made
 	for {
 		if exists {
-			if err := d.authorize(ctx, ActRun, obj); err != nil {
+			if err := d.authorize(ctx, request{ActRun, obj}); err != nil {
 				return nil, 0, err
 			}
 		} else {
-			for _, dec := range applyDecisions(p) {
-				if err := d.authorize(ctx, dec.action, dec.o); err != nil {
-					return nil, 0, err
-				}
+			if err := d.authorize(ctx, applyDecisions(p)...); err != nil {
+				return nil, 0, err
 			}
 			decided = true
 		}
@@ -323,7 +339,7 @@ func (d *Daemon) lookup(r *http.Request, action string) (*pod, error) {
 		labels = p.rec.Pod.Metadata.Labels
 	}
 	d.mu.Unlock()
-	if err := d.authorize(r.Context(), action, Object{Kind: "pod", Name: name, Labels: labels}); err != nil {
+	if err := d.authorize(r.Context(), request{action, Object{Kind: "pod", Name: name, Labels: labels}}); err != nil {
 		return nil, err
 	}
 	if !ok {
@@ -354,7 +370,7 @@ func (d *Daemon) infoOf(p *pod) *pods.Info {
 
 // handleList lists the pods the caller may inspect. Each pod is a
 // decision of its own, and each decision is recorded: they are decided
-// at once, so that the audit log commits their records together.
+// together, so that the audit log commits their records at once.
 func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 	d.mu.Lock()
 	var ps []*pod
@@ -363,19 +379,21 @@ func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 	}
 	d.mu.Unlock()
 	sort.Slice(ps, func(i, j int) bool { return ps[i].name() < ps[j].name() })
-	allowed := make([]bool, len(ps))
-	var wg sync.WaitGroup
+	reqs := make([]request, len(ps))
+	d.mu.Lock()
 	for i, p := range ps {
-		d.mu.Lock()
-		o := Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}
-		d.mu.Unlock()
-		wg.Go(func() { allowed[i] = d.authorize(r.Context(), ActInspect, o) == nil })
+		reqs[i] = request{ActInspect, Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}}
 	}
-	wg.Wait()
+	d.mu.Unlock()
+	denied, err := d.decideAll(r.Context(), reqs)
+	if err != nil {
+		fail(w, err)
+		return
+	}
 	out := []*pods.Info{}
 	d.mu.Lock()
 	for i, p := range ps {
-		if allowed[i] && !p.removed { // list shows what the caller may inspect
+		if denied[i] == nil && !p.removed { // list shows what the caller may inspect
 			out = append(out, p.info())
 		}
 	}
@@ -627,12 +645,16 @@ func (d *Daemon) handleRm(w http.ResponseWriter, r *http.Request, p *pod) {
 	vols := p.rec.Pod.Spec.Volumes
 	name := p.name()
 	d.mu.Unlock()
+	var reqs []request
 	for _, v := range vols {
 		if !v.Retain {
-			if err := d.authorize(r.Context(), ActDelete, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}); err != nil {
-				fail(w, err)
-				return
-			}
+			reqs = append(reqs, request{ActDelete, Object{Kind: "volume", Name: pods.VolumeName(name, v.Name)}})
+		}
+	}
+	if len(reqs) > 0 {
+		if err := d.authorize(r.Context(), reqs...); err != nil {
+			fail(w, err)
+			return
 		}
 	}
 	grace, err := graceParam(r)

@@ -297,12 +297,12 @@ func (d *Daemon) notify() {
 }
 
 // audit records e if an auditor is wired.
-func (d *Daemon) audit(ctx context.Context, e Entry) error {
-	if d.cfg.Auditor == nil {
+func (d *Daemon) audit(ctx context.Context, es ...Entry) error {
+	if d.cfg.Auditor == nil || len(es) == 0 {
 		return nil
 	}
-	if err := d.cfg.Auditor.Record(ctx, e); err != nil {
-		d.log.Error("audit log", "action", e.Action, "err", err)
+	if err := d.cfg.Auditor.Record(ctx, es...); err != nil {
+		d.log.Error("audit log", "action", es[0].Action, "records", len(es), "err", err)
 		return fmt.Errorf("audit log: %w", err)
 	}
 	return nil

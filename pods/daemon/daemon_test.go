@@ -201,10 +201,10 @@ type fakeAudit struct {
 	e  []Entry
 }
 
-func (a *fakeAudit) Record(_ context.Context, e Entry) error {
+func (a *fakeAudit) Record(_ context.Context, es ...Entry) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.e = append(a.e, e)
+	a.e = append(a.e, es...)
 	return nil
 }
 

@@ -93,10 +93,11 @@ const (
 	AuditVMSandboxKill   = "vm.sandbox-kill"
 )
 
-// Auditor appends records; an error fails the request it describes
-// (fail closed).
+// Auditor appends records, in order; the records of one call are
+// committed together. An error fails the request they describe (fail
+// closed).
 type Auditor interface {
-	Record(ctx context.Context, e Entry) error
+	Record(ctx context.Context, es ...Entry) error
 }
 
 type callerKey struct{}
