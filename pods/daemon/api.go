@@ -512,9 +512,14 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 		fail(w, errCode(http.StatusBadRequest, "for=%q: want Ready, Running, Ended or Removed", cond))
 		return
 	}
-	if _, err := d.lookup(r, ActInspect); err != nil && cond != "Removed" {
-		fail(w, err)
-		return
+	if _, err := d.lookup(r, ActInspect); err != nil {
+		// Waiting for a pod that is gone to be removed answers at once
+		// (below); a denial is a denial whatever is waited for.
+		var he *httpError
+		if cond != "Removed" || !errors.As(err, &he) || he.code != http.StatusNotFound {
+			fail(w, err)
+			return
+		}
 	}
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()

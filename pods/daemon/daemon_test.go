@@ -193,6 +193,9 @@ func (fakePolicy) Decide(c Caller, action string, o Object) (Decision, error) {
 	if action == ActJoin && o.Name == "lab" {
 		return Decision{Allow: false, Reason: `deny: 1000 join network/lab: rule "no-lab" (rules[0]) denies it`}, nil
 	}
+	if action == ActInspect && o.Name == "hidden" {
+		return Decision{Allow: false, Reason: `deny: 1000 inspect pod/hidden: rule "hide" (rules[2]) denies it`}, nil
+	}
 	return Decision{Allow: true, Reason: `rule "anything" (rules[1])`}, nil
 }
 
@@ -238,6 +241,13 @@ func TestPolicyHook(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(td.cg, "memory")); len(ents) != 0 {
 		t.Errorf("a denied apply made cgroups: %v", ents)
+	}
+	// A wait is an inspect: denied also when waiting for a removal.
+	if _, err := td.c.Wait(context.Background(), "hidden", "Removed", time.Minute); !errors.As(err, &ce) || ce.Status != http.StatusForbidden || !strings.Contains(ce.Message, `rule "hide"`) {
+		t.Errorf("wait for the removal of a pod the caller may not inspect: %v", err)
+	}
+	if _, err := td.c.Wait(context.Background(), "gone", "Removed", time.Minute); err != nil {
+		t.Errorf("wait for the removal of a pod that is gone: %v", err)
 	}
 	got := strings.Join(audit.actions(), "\n")
 	for _, want := range []string{"daemon.start", "policy.allow pod/web create", "policy.allow pod/web run", "policy.allow volume/data attach-rw", "policy.deny network/lab join"} {
