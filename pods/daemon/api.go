@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/rayvmm/rayvmm/pods"
@@ -120,25 +121,24 @@ type request struct {
 	o      Object
 }
 
-// decideAll decides each of the caller's requests and records every
-// decision, allow or deny, in order and committed together. It returns a
-// 403 error for each denied request (nil for an allowed one); its own
-// error is for a caller it cannot name, a request the policy cannot
-// decide, or decisions it could not record.
-func (d *Daemon) decideAll(ctx context.Context, reqs []request) ([]error, error) {
+// decisions decides each of the caller's requests: the decisions' audit
+// entries, and for each request a 403 error if it is denied (nil if
+// allowed). Its own error is for a caller it cannot name or a request the
+// policy cannot decide.
+func (d *Daemon) decisions(ctx context.Context, reqs []request) ([]Entry, []error, error) {
 	c, ok := callerOf(ctx)
 	if !ok {
-		return nil, errCode(http.StatusForbidden, "the caller could not be identified (SO_PEERCRED)")
+		return nil, nil, errCode(http.StatusForbidden, "the caller could not be identified (SO_PEERCRED)")
 	}
 	denied := make([]error, len(reqs))
 	if d.cfg.Authorizer == nil {
-		return denied, nil
+		return nil, denied, nil
 	}
 	es := make([]Entry, len(reqs))
 	for i, rq := range reqs {
 		dec, err := d.cfg.Authorizer.Decide(c, rq.action, rq.o)
 		if err != nil {
-			return nil, errCode(http.StatusBadRequest, "%s %s: %w", rq.action, rq.o, err)
+			return nil, nil, errCode(http.StatusBadRequest, "%s %s: %w", rq.action, rq.o, err)
 		}
 		params := map[string]string{"request": rq.action, "rule": dec.Reason}
 		for k, v := range dec.Params {
@@ -150,6 +150,17 @@ func (d *Daemon) decideAll(ctx context.Context, reqs []request) ([]error, error)
 			denied[i] = errCode(http.StatusForbidden, "%s", dec.Reason)
 		}
 	}
+	return es, denied, nil
+}
+
+// decideAll decides each of the caller's requests (see decisions) and
+// records every decision, allow or deny, in order and committed together.
+// Its own error is also for decisions it could not record.
+func (d *Daemon) decideAll(ctx context.Context, reqs []request) ([]error, error) {
+	es, denied, err := d.decisions(ctx, reqs)
+	if err != nil {
+		return nil, err
+	}
 	if err := d.audit(ctx, es...); err != nil {
 		return nil, err
 	}
@@ -159,16 +170,38 @@ func (d *Daemon) decideAll(ctx context.Context, reqs []request) ([]error, error)
 // authorize decides the caller's requests (see decideAll) and returns the
 // first denial as a 403 error naming what decided it.
 func (d *Daemon) authorize(ctx context.Context, reqs ...request) error {
-	denied, err := d.decideAll(ctx, reqs)
+	recorded, err := d.authorizeAsync(ctx, reqs...)
 	if err != nil {
 		return err
 	}
-	for _, err := range denied {
-		if err != nil {
-			return err
+	return recorded()
+}
+
+// authorizeAsync is authorize for a request that goes on while its
+// decisions are recorded: a denial is recorded, and returned, at once;
+// when everything is allowed the records are written while the request
+// proceeds, and recorded waits for them. The request must call recorded
+// before it answers, and fail with its error (a decision that could not
+// be recorded): every decision is on disk before its answer.
+func (d *Daemon) authorizeAsync(ctx context.Context, reqs ...request) (recorded func() error, err error) {
+	es, denied, err := d.decisions(ctx, reqs)
+	if err != nil {
+		return nil, err
+	}
+	for _, derr := range denied {
+		if derr != nil {
+			if err := d.audit(ctx, es...); err != nil {
+				return nil, err
+			}
+			return nil, derr
 		}
 	}
-	return nil
+	if len(es) == 0 {
+		return func() error { return nil }, nil
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- d.audit(context.WithoutCancel(ctx), es...) }()
+	return sync.OnceValue(func() error { return <-ch }), nil
 }
 
 // applyDecisions is every decision an apply needs: the pod itself, its
@@ -236,7 +269,18 @@ func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
 // becomes its owner and whose clearance it runs at. Applying an existing
 // pod again needs only run on it: its spec is the same, and what it
 // attaches and joins was decided for its owner when it was created.
-func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int, error) {
+//
+// A new pod's decisions are recorded while it is made (its VMs start
+// meanwhile); the answer waits for their records and its own.
+func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (_ *pods.ApplyResult, _ int, err error) {
+	var recorded func() error // the new pod's decisions, on disk
+	defer func() {
+		if recorded != nil {
+			if rerr := recorded(); rerr != nil && err == nil {
+				err = rerr
+			}
+		}
+	}()
 	caller, _ := callerOf(ctx)
 	name := p.Metadata.Name
 	obj := Object{Kind: "pod", Name: name, Labels: p.Metadata.Labels}
@@ -251,7 +295,7 @@ func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int
 				return nil, 0, err
 			}
 		} else {
-			if err := d.authorize(ctx, applyDecisions(p)...); err != nil {
+			if recorded, err = d.authorizeAsync(ctx, applyDecisions(p)...); err != nil {
 				return nil, 0, err
 			}
 			decided = true
@@ -298,7 +342,10 @@ func (d *Daemon) apply(ctx context.Context, p *pods.Pod) (*pods.ApplyResult, int
 	// unrecorded; the answer waits for this commit and the audit record.
 	np.resume()
 	d.mu.Unlock()
-	err := <-ch
+	err = <-ch
+	if err == nil {
+		err = recorded()
+	}
 	if err == nil {
 		err = d.audit(ctx, Entry{Caller: &caller, Action: AuditPodApply, Object: obj, Params: map[string]string{"uid": rec.UID, "vms": strconv.Itoa(len(p.Spec.VMs)), "restart_policy": p.Spec.RestartPolicy}})
 	}
@@ -328,9 +375,23 @@ func (p *pod) restart() {
 
 // lookup finds a pod the caller may act on.
 func (d *Daemon) lookup(r *http.Request, action string) (*pod, error) {
+	p, recorded, err := d.lookupAsync(r, action)
+	if err != nil {
+		return nil, err
+	}
+	if err := recorded(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// lookupAsync is lookup with the decision recorded while the request
+// goes on (see authorizeAsync): the caller waits for recorded before it
+// answers.
+func (d *Daemon) lookupAsync(r *http.Request, action string) (_ *pod, recorded func() error, _ error) {
 	name := r.PathValue("name")
 	if err := pods.CheckName(name); err != nil {
-		return nil, errCode(http.StatusBadRequest, "pod name %v", err)
+		return nil, nil, errCode(http.StatusBadRequest, "pod name %v", err)
 	}
 	d.mu.Lock()
 	p, ok := d.pods[name]
@@ -339,13 +400,17 @@ func (d *Daemon) lookup(r *http.Request, action string) (*pod, error) {
 		labels = p.rec.Pod.Metadata.Labels
 	}
 	d.mu.Unlock()
-	if err := d.authorize(r.Context(), request{action, Object{Kind: "pod", Name: name, Labels: labels}}); err != nil {
-		return nil, err
+	recorded, err := d.authorizeAsync(r.Context(), request{action, Object{Kind: "pod", Name: name, Labels: labels}})
+	if err != nil {
+		return nil, nil, err
 	}
 	if !ok {
-		return nil, errCode(http.StatusNotFound, "no such pod: %s", name)
+		if err := recorded(); err != nil {
+			return nil, nil, err
+		}
+		return nil, nil, errCode(http.StatusNotFound, "no such pod: %s", name)
 	}
-	return p, nil
+	return p, recorded, nil
 }
 
 // onPod makes a handler of a call on one pod: the pod is looked up and
@@ -512,13 +577,27 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 		fail(w, errCode(http.StatusBadRequest, "for=%q: want Ready, Running, Ended or Removed", cond))
 		return
 	}
-	if _, err := d.lookup(r, ActInspect); err != nil {
+	// The decision is recorded while the wait goes on; every answer
+	// waits for its record.
+	_, recorded, err := d.lookupAsync(r, ActInspect)
+	if err != nil {
 		// Waiting for a pod that is gone to be removed answers at once
 		// (below); a denial is a denial whatever is waited for.
 		var he *httpError
 		if cond != "Removed" || !errors.As(err, &he) || he.code != http.StatusNotFound {
 			fail(w, err)
 			return
+		}
+		recorded = func() error { return nil } // recorded with the 404
+	}
+	defer recorded()
+	answer := func(code int, v any, err error) {
+		if rerr := recorded(); rerr != nil {
+			fail(w, rerr)
+		} else if err != nil {
+			fail(w, err)
+		} else {
+			writeJSON(w, code, v)
 		}
 	}
 	deadline := time.NewTimer(timeout)
@@ -538,14 +617,14 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 		d.mu.Unlock()
 		if ok {
 			if info == nil {
-				writeJSON(w, http.StatusOK, map[string]string{"name": name, "result": "removed"})
+				answer(http.StatusOK, map[string]string{"name": name, "result": "removed"}, nil)
 			} else {
-				writeJSON(w, http.StatusOK, info)
+				answer(http.StatusOK, info, nil)
 			}
 			return
 		}
 		if p == nil && cond != "Removed" {
-			fail(w, errCode(http.StatusNotFound, "no such pod: %s (removed while waiting for %s)", name, cond))
+			answer(0, nil, errCode(http.StatusNotFound, "no such pod: %s (removed while waiting for %s)", name, cond))
 			return
 		}
 		select {
@@ -557,7 +636,7 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 			if info != nil {
 				what = fmt.Sprintf("phase %s, ready %s", info.Status.Phase, info.ReadyCount())
 			}
-			fail(w, errCode(http.StatusGatewayTimeout, "pod %s: not %s after %v (%s)", name, cond, timeout, what))
+			answer(0, nil, errCode(http.StatusGatewayTimeout, "pod %s: not %s after %v (%s)", name, cond, timeout, what))
 			return
 		}
 	}

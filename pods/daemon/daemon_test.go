@@ -202,11 +202,18 @@ func (fakePolicy) Decide(c Caller, action string, o Object) (Decision, error) {
 type fakeAudit struct {
 	mu sync.Mutex
 	e  []Entry
+	// failOn: records about this object are refused (a full disk).
+	failOn string
 }
 
 func (a *fakeAudit) Record(_ context.Context, es ...Entry) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	for _, e := range es {
+		if a.failOn != "" && e.Object.String() == a.failOn {
+			return errors.New("write audit: no space left on device")
+		}
+	}
 	a.e = append(a.e, es...)
 	return nil
 }
@@ -262,6 +269,28 @@ func TestPolicyHook(t *testing.T) {
 		}
 	}
 	audit.mu.Unlock()
+}
+
+// Decisions that cannot be recorded fail the request (closed): the apply
+// answers the audit log's error and leaves no pod; a wait answers it too.
+func TestAuditFailsClosed(t *testing.T) {
+	audit := &fakeAudit{failOn: "pod/unrecorded"}
+	td := newTestDaemon(t, Config{Authorizer: fakePolicy{}, Auditor: audit})
+	ctx := context.Background()
+	_, err := td.c.Apply(ctx, []byte("apiVersion: rayvmm/v1\nkind: Pod\nmetadata: {name: unrecorded}\nspec: {vms: [{name: a}]}\n"))
+	var ce *client.Error
+	if !errors.As(err, &ce) || ce.Status != http.StatusInternalServerError || !strings.Contains(ce.Message, "audit log: write audit: no space left on device") {
+		t.Fatalf("apply whose decisions cannot be recorded: %v", err)
+	}
+	if list, err := td.c.List(ctx); err != nil || len(list) != 0 {
+		t.Errorf("after the failed apply: %d pods (%v)", len(list), err)
+	}
+	if td.d.cg.Exists("unrecorded", "") {
+		t.Error("the failed apply left a cgroup")
+	}
+	if _, err := td.c.Wait(ctx, "unrecorded", "Removed", time.Minute); !errors.As(err, &ce) || !strings.Contains(ce.Message, "no space left on device") {
+		t.Errorf("wait whose decision cannot be recorded: %v", err)
+	}
 }
 
 // A pod that cannot start (here: no KVM device) is Failed with the
