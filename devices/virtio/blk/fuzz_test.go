@@ -10,9 +10,9 @@ import (
 	"testing"
 
 	"github.com/rayvmm/rayvmm/devices/virtio"
-	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
+	"github.com/rayvmm/rayvmm/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 

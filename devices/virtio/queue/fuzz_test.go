@@ -6,9 +6,9 @@ import (
 	"flag"
 	"testing"
 
-	"github.com/rayvmm/rayvmm/devices/virtio/internal/seedcorpus"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
+	"github.com/rayvmm/rayvmm/internal/seedcorpus"
 )
 
 var updateSeeds = flag.Bool("update-seeds", false, "rewrite the fuzz seed corpus in testdata/fuzz")
