@@ -113,7 +113,9 @@ func TestHostileServer(t *testing.T) {
 		{"short header", func(r request) []byte { return simpleReply(r.handle, 0, nil)[:10] }},
 		{"short data", func(r request) []byte { return simpleReply(r.handle, 0, make([]byte, 100)) }},
 		{"wrong handle", func(r request) []byte { return simpleReply(r.handle+7, 0, make([]byte, r.length)) }},
-		{"huge chunk", func(r request) []byte { return chunkReply(r.handle, replyFlagDone, replyOffsetData, 0xffffffff, be64(r.offset)) }},
+		{"huge chunk", func(r request) []byte {
+			return chunkReply(r.handle, replyFlagDone, replyOffsetData, 0xffffffff, be64(r.offset))
+		}},
 		{"chunk outside the read", func(r request) []byte {
 			return chunkReply(r.handle, replyFlagDone, replyOffsetData, 8+16, append(be64(r.offset+uint64(r.length)-8), make([]byte, 16)...))
 		}},
