@@ -162,17 +162,16 @@ func (v *Volume) retryCtx(ctx context.Context, f func(context.Context) error) er
 	}
 }
 
+var zeroPage [4096]byte
+
+// allZero compares page by page with memeq, which is vectorised.
 func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroPage))
+		if !bytes.Equal(b[:n], zeroPage[:n]) {
 			return false
 		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
+		b = b[n:]
 	}
 	return true
 }
