@@ -61,6 +61,7 @@ type Volume struct {
 	log    *slog.Logger
 	shards []*shard
 	closed atomic.Bool
+	fenced atomic.Pointer[error]
 	bg     sync.WaitGroup // reports and lagging writes
 	stop   chan struct{}
 
@@ -196,6 +197,21 @@ func (v *Volume) dial(ctx context.Context, s *shard, r Replica) (*nbd.Client, er
 	return c, nil
 }
 
+// Fence makes every later request fail with err: the control plane
+// calls it when this process may no longer write the volume (its
+// ownership lease expired, and another process may own it now).
+func (v *Volume) Fence(err error) { v.fenced.Store(&err) }
+
+func (v *Volume) usable() error {
+	if v.closed.Load() {
+		return fmt.Errorf("volume closed: %w", ErrIO)
+	}
+	if e := v.fenced.Load(); e != nil {
+		return fmt.Errorf("%w (%w)", *e, ErrIO)
+	}
+	return nil
+}
+
 // Size is the volume's size in bytes.
 func (v *Volume) Size() int64 { return v.cfg.Layout.Size }
 
@@ -212,8 +228,8 @@ func (v *Volume) split(off, n int64, p []byte) ([]piece, error) {
 	if off < 0 || n < 0 || off > v.Size() || n > v.Size()-off {
 		return nil, fmt.Errorf("request at %d+%d beyond the volume's %d bytes: %w", off, n, v.Size(), ErrIO)
 	}
-	if v.closed.Load() {
-		return nil, fmt.Errorf("volume closed: %w", ErrIO)
+	if err := v.usable(); err != nil {
+		return nil, err
 	}
 	v.guestOps.Add(1)
 	ss := v.cfg.Layout.ShardSize
@@ -606,8 +622,8 @@ func (v *Volume) acquireLag(s *shard, r *replica) bool {
 // Flush waits until every replica has every write the guest has been
 // acknowledged, then flushes all of them.
 func (v *Volume) Flush() error {
-	if v.closed.Load() {
-		return fmt.Errorf("flush: volume closed: %w", ErrIO)
+	if err := v.usable(); err != nil {
+		return fmt.Errorf("flush: %w", err)
 	}
 	v.guestOps.Add(1)
 	errs := make([]error, len(v.shards))

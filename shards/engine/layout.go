@@ -56,8 +56,11 @@ type Replica struct {
 	// failed keeps the generation it failed at, so it is never read
 	// again until a rebuild brings it to the current one.
 	Gen uint64 `json:"generation"`
-	// Rebuild progress, while Rebuilding.
-	Copied int64 `json:"copied,omitempty"`
+	// Leaving marks a replica a rebalance removes once the shard has
+	// its other replicas healthy; the engine still writes it until then.
+	Leaving bool `json:"leaving,omitempty"`
+	// Error is why the replica failed, for the operator.
+	Error string `json:"error,omitempty"`
 }
 
 // Shard is one ShardSize slice of the volume and its replicas.
@@ -102,7 +105,7 @@ func (s *Shard) MarkFailed(node string) bool {
 		return false
 	}
 	wasReadable := s.Readable(s.Replicas[i])
-	s.Replicas[i].State, s.Replicas[i].Copied = Failed, 0
+	s.Replicas[i].State = Failed
 	if wasReadable {
 		s.Gen++
 		for j := range s.Replicas {

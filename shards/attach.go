@@ -1,0 +1,438 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/nbd"
+)
+
+// AttachOptions configure Attach.
+type AttachOptions struct {
+	Holder string // who attaches, for `volume inspect` and errors
+	Log    *slog.Logger
+	// Engine tunes the data path (timeouts, lag, chunk size); its
+	// Layout, Dialer and Reporter are filled in by Attach.
+	Engine engine.Config
+	// OwnerTTL is the ownership lease's TTL in seconds (default 10): a
+	// killed owner's volume can be attached again after it.
+	OwnerTTL int
+}
+
+// Attachment is a sharded volume opened for I/O by this process: it owns
+// the volume (a lease-bound key no other process can take while it
+// lives), runs the engine, records the engine's replica state changes in
+// etcd, and repairs the volume in the background: replicas that failed
+// are rebuilt as soon as their node is live, and rebalance moves are
+// carried out.
+type Attachment struct {
+	Volume *Volume
+	Disk   *engine.Volume
+
+	st    *Store
+	log   *slog.Logger
+	lease clientv3.LeaseID
+
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+
+	pmu      sync.Mutex
+	progress map[string]int64 // "shard/node" -> copied, not yet written
+	kick     chan struct{}
+}
+
+// Attach opens a sharded volume for I/O. This is the one seam between the
+// control plane and the data path: today the engine runs in this process;
+// in the VM-process split the engine runs there and gets the same Dialer
+// and Reporter over the control socket (see README.md).
+func Attach(ctx context.Context, st *Store, name string, o AttachOptions) (_ *Attachment, err error) {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.OwnerTTL <= 0 {
+		o.OwnerTTL = 10
+	}
+	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, kick: make(chan struct{}, 1)}
+	if a.lease, err = st.own(ctx, name, o.Holder, o.OwnerTTL); err != nil {
+		return nil, err
+	}
+	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	a.cancel = cancel
+	defer func() {
+		if err != nil {
+			a.release()
+		}
+	}()
+	lost := make(chan struct{})
+	a.done.Add(1)
+	go func() {
+		defer a.done.Done()
+		a.keepOwner(bg, lost)
+	}()
+	v, layout, err := st.Layout(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	a.Volume = v
+	cfg := o.Engine
+	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log = layout, a, a, a.log
+	if a.Disk, err = engine.Open(ctx, cfg); err != nil {
+		return nil, err
+	}
+	a.done.Add(2)
+	go func() {
+		defer a.done.Done()
+		select {
+		case <-lost:
+			a.log.Error("ownership of the volume lost (lease expired); refusing further I/O")
+			a.Disk.Fence(ErrNotOwner)
+		case <-bg.Done():
+		}
+	}()
+	go func() {
+		defer a.done.Done()
+		a.repairLoop(bg)
+	}()
+	return a, nil
+}
+
+// own takes the volume's owner key under a new lease.
+func (s *Store) own(ctx context.Context, name, holder string, ttl int) (clientv3.LeaseID, error) {
+	if _, err := s.Volume(ctx, name); err != nil {
+		return 0, err
+	}
+	l, err := s.c.Grant(ctx, int64(ttl))
+	if err != nil {
+		return 0, fmt.Errorf("attach %s: grant lease: %w", name, err)
+	}
+	o := Owner{Holder: holder, PID: os.Getpid(), Host: hostname(), Since: time.Now().UTC()}
+	r, err := s.c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ownerKey(name)), "=", 0)).
+		Then(clientv3.OpPut(ownerKey(name), encode(o), clientv3.WithLease(l.ID))).Commit()
+	if err == nil && !r.Succeeded {
+		err = fmt.Errorf("%w (%s)", ErrOwned, s.ownerString(ctx, name))
+	}
+	if err != nil {
+		s.c.Revoke(context.WithoutCancel(ctx), l.ID)
+		return 0, fmt.Errorf("attach %s: %w", name, err)
+	}
+	return l.ID, nil
+}
+
+// keepOwner keeps the ownership lease alive; lost is closed if it expires.
+func (a *Attachment) keepOwner(ctx context.Context, lost chan struct{}) {
+	ka, err := a.st.c.KeepAlive(ctx, a.lease)
+	if err != nil {
+		close(lost)
+		return
+	}
+	for range ka {
+	}
+	if ctx.Err() == nil {
+		close(lost)
+	}
+}
+
+// Close stops the repair loop, flushes and closes the engine and gives
+// up ownership.
+func (a *Attachment) Close() error {
+	var err error
+	if a.Disk != nil {
+		err = a.Disk.Flush()
+	}
+	a.release()
+	return err
+}
+
+func (a *Attachment) release() {
+	if a.cancel != nil {
+		a.cancel()
+	}
+	if a.Disk != nil {
+		a.Disk.Close()
+	}
+	a.done.Wait()
+	a.flushProgress()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a.st.c.Revoke(ctx, a.lease)
+}
+
+// Dial implements engine.Dialer: it looks the node's address up and
+// negotiates the replica's export with structured replies.
+func (a *Attachment) Dial(ctx context.Context, shard int, r engine.Replica) (*nbd.Client, error) {
+	return DialReplica(ctx, a.st, r)
+}
+
+// DialReplica connects to a replica's export on its node, wherever the
+// node is now registered. The control plane runs this for the VM process
+// too and passes it the connected socket.
+func DialReplica(ctx context.Context, st *Store, r engine.Replica) (*nbd.Client, error) {
+	conn, info, err := DialExport(ctx, st, r)
+	if err != nil {
+		return nil, err
+	}
+	return nbd.NewClient(conn, info), nil
+}
+
+// DialExport is DialReplica up to the end of the handshake.
+func DialExport(ctx context.Context, st *Store, r engine.Replica) (net.Conn, nbd.Info, error) {
+	n, err := st.Node(ctx, r.Node)
+	if err != nil {
+		return nil, nbd.Info{}, err
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", n.Address)
+	if err != nil {
+		return nil, nbd.Info{}, fmt.Errorf("node %s: %w", r.Node, err)
+	}
+	info, err := nbd.Handshake(ctx, conn, r.Export, true)
+	if err != nil {
+		conn.Close()
+		return nil, nbd.Info{}, fmt.Errorf("node %s: %w", r.Node, err)
+	}
+	return conn, info, nil
+}
+
+// Failed implements engine.Reporter.
+func (a *Attachment) Failed(ctx context.Context, shard int, node, reason string) (engine.Shard, error) {
+	return a.st.updateShard(ctx, a.Volume.Name, shard, a.lease, func(sh *engine.Shard) error {
+		if sh.MarkFailed(node) {
+			if i := sh.Find(node); i >= 0 {
+				sh.Replicas[i].Error = truncate(reason, 300)
+			}
+		}
+		return nil
+	})
+}
+
+// Rebuilt implements engine.Reporter.
+func (a *Attachment) Rebuilt(ctx context.Context, shard int, node string) (engine.Shard, error) {
+	sh, err := a.st.updateShard(ctx, a.Volume.Name, shard, a.lease, func(sh *engine.Shard) error {
+		i := sh.Find(node)
+		if i < 0 || sh.Replicas[i].State != engine.Rebuilding {
+			return fmt.Errorf("shard %d replica on %s is no longer being rebuilt", shard, node)
+		}
+		sh.Replicas[i].State, sh.Replicas[i].Gen, sh.Replicas[i].Error = engine.Healthy, sh.Gen, ""
+		return nil
+	})
+	if err == nil {
+		a.pmu.Lock()
+		delete(a.progress, fmt.Sprintf("%d/%s", shard, node))
+		a.pmu.Unlock()
+		a.st.c.Delete(ctx, progressKey(a.Volume.Name, shard, node))
+	}
+	return sh, err
+}
+
+// Progress implements engine.Reporter: the latest value is written at
+// most once a second by the repair loop.
+func (a *Attachment) Progress(shard int, node string, copied int64) {
+	a.pmu.Lock()
+	a.progress[fmt.Sprintf("%d/%s", shard, node)] = copied
+	a.pmu.Unlock()
+}
+
+func (a *Attachment) flushProgress() {
+	a.pmu.Lock()
+	p := a.progress
+	a.progress = map[string]int64{}
+	a.pmu.Unlock()
+	for k, n := range p {
+		var shard int
+		idx, node, _ := strings.Cut(k, "/")
+		fmt.Sscan(idx, &shard)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		a.st.c.Put(ctx, progressKey(a.Volume.Name, shard, node), fmt.Sprint(n), clientv3.WithLease(a.lease))
+		cancel()
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// repairLoop rebuilds replicas that need it and completes moves, on
+// every change of the volume's shard map or of node liveness, and every
+// few seconds (a rebuild that failed is tried again).
+func (a *Attachment) repairLoop(ctx context.Context) {
+	wctx := clientv3.WithRequireLeader(ctx)
+	go func() {
+		for ctx.Err() == nil {
+			w1 := a.st.c.Watch(wctx, shardPrefix(a.Volume.Name), clientv3.WithPrefix())
+			w2 := a.st.c.Watch(wctx, Prefix+"live/", clientv3.WithPrefix())
+		loop:
+			for {
+				select {
+				case _, ok := <-w1:
+					if !ok {
+						break loop
+					}
+				case _, ok := <-w2:
+					if !ok {
+						break loop
+					}
+				}
+				a.Kick()
+			}
+			if !sleepCtx(ctx, time.Second) {
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(3 * time.Second)
+	defer tick.Stop()
+	for {
+		if err := a.repair(ctx); err != nil && ctx.Err() == nil {
+			a.log.Warn("repair pass", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.kick:
+		case <-tick.C:
+		}
+	}
+}
+
+// Kick asks the repair loop for a pass now.
+func (a *Attachment) Kick() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// ErrRepairIncomplete is returned by RepairPass when something still
+// needs doing that cannot be done now (a node is down).
+var ErrRepairIncomplete = errors.New("volume still needs repair")
+
+// repair is one pass: leaving replicas whose shard has its replicas
+// healthy are removed (record first, then the engine stops writing them);
+// replicas that failed or are being rebuilt, on live nodes, are rebuilt
+// one at a time.
+func (a *Attachment) repair(ctx context.Context) error {
+	shards, _, err := a.st.Shards(ctx, a.Volume.Name)
+	if err != nil {
+		return err
+	}
+	_, live, err := a.st.Nodes(ctx)
+	if err != nil {
+		return err
+	}
+	for _, sh := range shards {
+		if err := a.repairShard(ctx, sh, live); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *Attachment) repairShard(ctx context.Context, sh engine.Shard, live map[string]bool) error {
+	inService := map[string]engine.State{}
+	for _, r := range a.Disk.Replicas(sh.Index) {
+		inService[r.Node] = r.State
+	}
+	stayHealthy := 0
+	for _, r := range sh.Replicas {
+		if sh.Readable(r) && !r.Leaving {
+			stayHealthy++
+		}
+	}
+	for _, r := range sh.Replicas {
+		switch {
+		case r.Leaving && stayHealthy >= a.Volume.Replicas:
+			if _, err := a.st.updateShard(ctx, a.Volume.Name, sh.Index, a.lease, func(s *engine.Shard) error {
+				if i := s.Find(r.Node); i >= 0 && s.Replicas[i].Leaving {
+					s.Replicas = append(s.Replicas[:i], s.Replicas[i+1:]...)
+				}
+				return nil
+			}); err != nil {
+				return fmt.Errorf("remove shard %d replica on %s: %w", sh.Index, r.Node, err)
+			}
+			a.log.Info("moved replica away", "shard", sh.Index, "node", r.Node)
+			a.Disk.Drop(sh.Index, r.Node)
+		case r.Leaving:
+			// Kept until the shard has its replicas elsewhere.
+		case (r.State == engine.Failed || r.State == engine.Rebuilding) && live[r.Node] && inService[r.Node] == "":
+			if err := a.rebuild(ctx, sh.Index, r); err != nil {
+				a.log.Warn("rebuild", "shard", sh.Index, "node", r.Node, "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (a *Attachment) rebuild(ctx context.Context, shard int, r engine.Replica) error {
+	if r.State == engine.Failed {
+		if _, err := a.st.updateShard(ctx, a.Volume.Name, shard, a.lease, func(s *engine.Shard) error {
+			if i := s.Find(r.Node); i >= 0 && s.Replicas[i].State == engine.Failed {
+				s.Replicas[i].State = engine.Rebuilding
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	a.log.Info("rebuilding replica", "shard", shard, "node", r.Node)
+	stop := make(chan struct{})
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				a.flushProgress()
+			case <-stop:
+				return
+			}
+		}
+	}()
+	err := a.Disk.Rebuild(ctx, shard, r)
+	close(stop)
+	if err == nil {
+		a.log.Info("replica rebuilt", "shard", shard, "node", r.Node)
+	}
+	return err
+}
+
+// Pending counts what still needs repair: replicas that are not
+// readable, and leaving replicas, over the whole volume.
+func (s *Store) Pending(ctx context.Context, name string) (int, error) {
+	shards, _, err := s.Shards(ctx, name)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, sh := range shards {
+		for _, r := range sh.Replicas {
+			if !sh.Readable(r) || r.Leaving {
+				n++
+			}
+		}
+	}
+	return n, nil
+}

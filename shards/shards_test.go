@@ -1,0 +1,218 @@
+package shards
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/etcdtest"
+)
+
+func TestPlace(t *testing.T) {
+	p, err := Place(4, 3, []string{"c", "a", "b", "d"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := map[string]int{}
+	for _, ns := range p {
+		seen := map[string]bool{}
+		for _, n := range ns {
+			if seen[n] {
+				t.Fatalf("shard placed twice on %s: %v", n, ns)
+			}
+			seen[n] = true
+			count[n]++
+		}
+	}
+	if !reflect.DeepEqual(count, map[string]int{"a": 3, "b": 3, "c": 3, "d": 3}) {
+		t.Fatalf("counts %v", count)
+	}
+	if _, err := Place(1, 3, []string{"a", "b"}, nil); err == nil {
+		t.Fatal("placed 3 replicas on 2 nodes")
+	}
+}
+
+func TestPlanRebalance(t *testing.T) {
+	vol := Volume{Name: "v", Replicas: 3}
+	var shards []engine.Shard
+	for i := range 4 {
+		shards = append(shards, engine.Shard{Index: i, Gen: 1, Replicas: []engine.Replica{
+			{Node: "a", State: engine.Healthy, Gen: 1}, {Node: "b", State: engine.Healthy, Gen: 1}, {Node: "c", State: engine.Healthy, Gen: 1}}})
+	}
+	maps := map[string][]engine.Shard{"v": shards}
+	moves, err := PlanRebalance([]Volume{vol}, maps, []string{"a", "b", "c", "d"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 12 replicas on 4 nodes: d gets 3, one from each.
+	if len(moves) != 3 {
+		t.Fatalf("moves %+v", moves)
+	}
+	from := map[string]int{}
+	for _, m := range moves {
+		if m.To != "d" {
+			t.Fatalf("move %+v", m)
+		}
+		from[m.From]++
+	}
+	if len(from) != 3 {
+		t.Fatalf("moves not spread over a, b, c: %+v", moves)
+	}
+	// c is gone: its replicas move to d.
+	moves, err = PlanRebalance([]Volume{vol}, maps, []string{"a", "b", "d"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(moves) != 4 {
+		t.Fatalf("moves with c gone %+v", moves)
+	}
+	for _, m := range moves {
+		if m.From != "c" || m.To != "d" {
+			t.Fatalf("move %+v", m)
+		}
+	}
+}
+
+// cluster runs nodes in this process against a real etcd.
+type testCluster struct {
+	t     *testing.T
+	etcd  *etcdtest.Etcd
+	st    *Store
+	nodes map[string]*testNode
+}
+
+type testNode struct {
+	dir    string
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newTestCluster(t *testing.T) *testCluster {
+	e := etcdtest.Start(t)
+	st, err := Connect(context.Background(), ConnectOptions{Endpoints: []string{e.Endpoint}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return &testCluster{t: t, etcd: e, st: st, nodes: map[string]*testNode{}}
+}
+
+func (c *testCluster) startNode(name string) {
+	c.t.Helper()
+	n := c.nodes[name]
+	if n == nil {
+		n = &testNode{dir: c.t.TempDir()}
+		c.nodes[name] = n
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	n.cancel, n.done = cancel, make(chan error, 1)
+	go func() {
+		n.done <- ServeNode(ctx, NodeConfig{Name: name, Listen: "127.0.0.1:0", Dir: n.dir, Store: c.st, TTL: 2,
+			Ready: func(string) { close(ready) }})
+	}()
+	select {
+	case <-ready:
+	case err := <-n.done:
+		c.t.Fatalf("node %s: %v", name, err)
+	case <-time.After(30 * time.Second):
+		c.t.Fatalf("node %s not ready in 30 s", name)
+	}
+	c.t.Cleanup(func() { c.stopNode(name) })
+}
+
+func (c *testCluster) stopNode(name string) {
+	n := c.nodes[name]
+	if n.cancel == nil {
+		return
+	}
+	n.cancel()
+	if err := <-n.done; err != nil {
+		c.t.Errorf("node %s: %v", name, err)
+	}
+	n.cancel = nil
+}
+
+func (c *testCluster) replicaBytes(v *Volume, node string, shard int) []byte {
+	b, err := os.ReadFile(filepath.Join(c.nodes[node].dir, v.ID, fmt.Sprintf("%d.raw", shard)))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return b
+}
+
+// TestAttachFailRebuild: a volume on three nodes; one node stops under
+// writes (recorded failed in etcd), comes back, and the attachment's
+// repair loop rebuilds it until every replica is identical.
+func TestAttachFailRebuild(t *testing.T) {
+	c := newTestCluster(t)
+	for _, n := range []string{"a", "b", "c"} {
+		c.startNode(n)
+	}
+	ctx := context.Background()
+	v, err := c.st.CreateVolume(ctx, "vol", CreateOptions{Size: 1 << 20, ShardSize: 256 << 10, Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.MinReplicas != 2 || v.Consistency != engine.Strong {
+		t.Fatalf("defaults: %+v", v)
+	}
+	if _, err := c.st.CreateVolume(ctx, "vol", CreateOptions{Size: 1 << 20, ShardSize: 256 << 10, Replicas: 3}); err == nil {
+		t.Fatal("created vol twice")
+	}
+	a, err := Attach(ctx, c.st, "vol", AttachOptions{Holder: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if _, err := Attach(ctx, c.st, "vol", AttachOptions{Holder: "second"}); err == nil {
+		t.Fatal("attached twice")
+	}
+	want := bytes.Repeat([]byte("0123456789abcdef"), 1<<16)
+	if _, err := a.Disk.WriteAt(want[:512<<10], 0); err != nil {
+		t.Fatal(err)
+	}
+	c.stopNode("b")
+	if _, err := a.Disk.WriteAt(want[512<<10:], 512<<10); err != nil {
+		t.Fatal(err)
+	}
+	shards, _, err := c.st.Shards(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := shards[3].Replicas[shards[3].Find("b")]; r.State != engine.Failed || shards[3].Gen != 2 {
+		t.Fatalf("shard 3 after b stopped: %+v", shards[3])
+	}
+	c.startNode("b")
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		n, err := c.st.Pending(ctx, "vol")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d replicas still need repair after 60 s", n)
+		}
+		a.Kick()
+		time.Sleep(100 * time.Millisecond) // polling etcd for the repair loop's result
+	}
+	if err := a.Disk.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		for _, n := range []string{"a", "b", "c"} {
+			if !bytes.Equal(c.replicaBytes(v, n, i), want[i*256<<10:(i+1)*256<<10]) {
+				t.Errorf("shard %d on %s differs", i, n)
+			}
+		}
+	}
+}
