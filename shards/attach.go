@@ -15,6 +15,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/shards/engine"
 	"github.com/rayvmm/rayvmm/shards/nbd"
+	"github.com/rayvmm/rayvmm/storage"
 )
 
 // AttachOptions configure Attach.
@@ -435,4 +436,35 @@ func (s *Store) Pending(ctx context.Context, name string) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+var _ storage.Disk = (*engine.Volume)(nil)
+
+// OpenDisk resolves the sharded volume name into an opened disk for a
+// VM: it connects to the cluster metadata, attaches the volume (this
+// process owns it until release) with its replica-state reporter and
+// repair loop, and returns the disk and release, which flushes the disk,
+// gives the volume up and disconnects. It is the one seam rayvmm boot
+// uses; the VM-process split moves the engine behind it into the VM
+// process (README.md, "Where the data path runs").
+func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *slog.Logger) (storage.Disk, func() error, error) {
+	st, err := Connect(ctx, o)
+	if err != nil {
+		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
+	}
+	st.log = log
+	a, err := Attach(ctx, st, name, AttachOptions{Holder: holder, Log: log})
+	if err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	release := func() error {
+		err := a.Close()
+		st.Close()
+		if err != nil {
+			return fmt.Errorf("sharded volume %s: %w", name, err)
+		}
+		return nil
+	}
+	return a.Disk, release, nil
 }

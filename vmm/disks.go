@@ -58,6 +58,26 @@ func (v *VM) AttachDisk(spec storage.DiskSpec, stateDir string) (_ *Disk, err er
 		release = func() error { return errors.Join(disk.Flush(), disk.Close()) }
 		d.Source = spec.Path
 	}
+	rel := release
+	release = nil // attachBackend releases it on failure
+	return v.attachBackend(d, backend, rel)
+}
+
+// AttachBackend attaches a disk whose backend the caller has opened (a
+// sharded volume, say); source names it in errors and metrics, and
+// release is called when the VM closes, after the device was reset. If
+// it fails, release is called at once.
+func (v *VM) AttachBackend(spec storage.DiskSpec, source string, backend storage.Disk, release func() error) (*Disk, error) {
+	return v.attachBackend(&Disk{Spec: spec, Source: source}, backend, release)
+}
+
+func (v *VM) attachBackend(d *Disk, backend storage.Disk, release func() error) (_ *Disk, err error) {
+	spec := d.Spec
+	defer func() {
+		if err != nil && release != nil {
+			release()
+		}
+	}()
 	lim, err := ratelimit.New(spec.Limits)
 	if err != nil {
 		return nil, fmt.Errorf("disk %s: %w", d.Source, err)

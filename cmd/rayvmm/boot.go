@@ -149,7 +149,7 @@ func runBoot(ctx context.Context, f *bootFlags) error {
 	}
 	defer v.Close()
 	for _, d := range diskSpecs {
-		if _, err := v.AttachDisk(d, stateDir); err != nil {
+		if err := attachDisk(ctx, v, d, log); err != nil {
 			return fmt.Errorf("--disk: %w", err)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/shards"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
@@ -45,17 +46,42 @@ func args(names ...string) cobra.PositionalArgs {
 func store() (*volume.Store, error) { return volume.Open(stateDir) }
 
 func init() {
-	var size, format string
+	var size, format, shardSize, consistency string
+	var replicas, minReplicas int
+	var nodes []string
 	create := &cobra.Command{
-		Use:   "create NAME --size SIZE [--format raw|qcow2]",
-		Short: "Create an empty volume",
+		Use:   "create NAME --size SIZE [--format raw|qcow2] | --replicas N [--shard-size SIZE] [--consistency strong|eventual] [--nodes A,B,C]",
+		Short: "Create an empty volume, local or sharded",
+		Long: `Create an empty volume. Without --replicas it is a local raw or qcow2 image
+under the state directory. With --replicas it is a sharded volume: split into
+--shard-size shards, each kept as N replicas on distinct storage nodes
+("rayvmm shard serve"), placed so every node holds about as many replicas
+as any other. Its metadata lives in etcd (see "rayvmm shard").
+
+Consistency: strong (default) acknowledges a write once every healthy replica
+has it, and refuses writes to a shard with fewer than --min-replicas healthy
+replicas (default: a majority); eventual acknowledges on the first replica,
+the others follow, and a flush waits for all of them (default minimum 1).`,
 		Example: `  rayvmm volume create data --size 10G
-  rayvmm volume create scratch --size 512M --format raw`,
+  rayvmm volume create scratch --size 512M --format raw
+  rayvmm volume create db --size 4G --replicas 3 --shard-size 64M
+  rayvmm volume create logs --size 1G --replicas 2 --consistency eventual --nodes a,b`,
 		Args: args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			n, err := storage.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
+			}
+			if cmd.Flags().Changed("replicas") {
+				if cmd.Flags().Changed("format") {
+					return fmt.Errorf("--format: a sharded volume's replicas are raw; leave --format out with --replicas")
+				}
+				return shardedCreate(cmd, a[0], n, shardSize, consistency, replicas, minReplicas, nodes)
+			}
+			for _, f := range []string{"shard-size", "consistency", "nodes", "min-replicas"} {
+				if cmd.Flags().Changed(f) {
+					return fmt.Errorf("--%s is for sharded volumes: give --replicas too", f)
+				}
 			}
 			s, err := store()
 			if err != nil {
@@ -71,6 +97,11 @@ func init() {
 	}
 	create.Flags().StringVar(&size, "size", "", "virtual size: bytes, or with a K, M, G or T suffix (powers of 1024)")
 	create.Flags().StringVar(&format, "format", "qcow2", "image format: raw or qcow2")
+	create.Flags().IntVar(&replicas, "replicas", 0, "make a sharded volume with this many replicas of each shard")
+	create.Flags().StringVar(&shardSize, "shard-size", "64M", "sharded: size of each shard (a multiple of 64K dividing --size)")
+	create.Flags().StringVar(&consistency, "consistency", "strong", "sharded: strong or eventual")
+	create.Flags().IntVar(&minReplicas, "min-replicas", 0, "sharded: fewest healthy replicas a shard needs to accept writes (default: a majority for strong, 1 for eventual)")
+	create.Flags().StringSliceVar(&nodes, "nodes", nil, "sharded: nodes to place replicas on (default: every live node)")
 	create.MarkFlagRequired("size")
 
 	list := &cobra.Command{
@@ -83,6 +114,10 @@ func init() {
 				return err
 			}
 			vs, err := s.List()
+			if err != nil {
+				return err
+			}
+			sharded, err := listSharded(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -99,15 +134,31 @@ func init() {
 				}
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, storage.FormatSize(v.Size), storage.FormatSize(v.Allocated), st, parent)
 			}
+			for _, v := range sharded {
+				fmt.Fprintf(w, "%s\tsharded (%d x %s, R=%d, %s)\t%s\t-\t%s\t-\n", v.Name, v.Volume.Shards(), storage.FormatSize(v.ShardSize),
+					v.Replicas, v.Consistency, storage.FormatSize(v.Size), v.State)
+			}
 			return w.Flush()
 		},
 	}
 
 	inspect := &cobra.Command{
 		Use:   "inspect NAME",
-		Short: "Show a volume as JSON",
+		Short: "Show a volume as JSON (for a sharded volume: its shard map, replica states and rebuild progress)",
 		Args:  args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
+			if shardedOnly(a[0]) {
+				st, err := shardStore(cmd.Context())
+				if err != nil {
+					return err
+				}
+				defer st.Close()
+				v, err := st.Inspect(cmd.Context(), a[0])
+				if err != nil {
+					return err
+				}
+				return printJSON(cmd, v)
+			}
 			s, err := store()
 			if err != nil {
 				return err
@@ -168,6 +219,9 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 		Short:   "Remove a volume (not while attached or while it is a parent)",
 		Args:    args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
+			if shardedOnly(a[0]) {
+				return withStore(cmd, func(st *shards.Store) error { return st.RemoveVolume(cmd.Context(), a[0]) }, "sharded volume %s removed\n", a[0])
+			}
 			s, err := store()
 			if err != nil {
 				return err
@@ -220,6 +274,30 @@ shown on a terminal for large files.`,
 	}
 	imp.Flags().StringVar(&importFormat, "format", "", "format of the new volume: raw or qcow2 (default: the file's)")
 
-	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp)
+	rebuild := &cobra.Command{
+		Use:   "rebuild NAME",
+		Short: "Rebuild a sharded volume's failed replicas whose nodes are live",
+		Long: `Bring every replica of a sharded volume back to health: replicas that failed
+are rebuilt from a healthy one once their node is live, and pending moves of
+a rebalance are completed. If a VM has the volume attached, its rayvmm does
+this by itself while the guest runs and this command waits for it.`,
+		Args: args("NAME"),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			ctx, cancel := signalContext(cmd.Context())
+			defer cancel()
+			st, err := shardStore(ctx)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			if err := repairWithBar(ctx, st, a[0], "rebuilding "+a[0], "rayvmm volume rebuild"); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "sharded volume %s: every replica healthy\n", a[0])
+			return nil
+		},
+	}
+
+	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp, rebuild)
 	rootCmd.AddCommand(volumeCmd)
 }
