@@ -169,3 +169,16 @@ func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 		}
 	}
 }
+
+// waitClosed waits until the process behind the watcher has exited.
+func (w *lineWatcher) waitClosed(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for !w.isClosed() {
+		select {
+		case <-w.cond:
+		case <-deadline:
+			t.Fatalf("the process did not exit within %v; output so far:\n%s", timeout, w.String())
+		}
+	}
+}

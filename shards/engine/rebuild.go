@@ -25,7 +25,11 @@ func (v *Volume) Rebuild(ctx context.Context, shardIdx int, r Replica) error {
 	s := v.shards[shardIdx]
 	c, err := v.dial(ctx, s, r)
 	if err != nil {
-		return fmt.Errorf("rebuild shard %d on %s: %w", shardIdx, r.Node, err)
+		err = fmt.Errorf("rebuild shard %d on %s: %w", shardIdx, r.Node, err)
+		if _, rerr := v.cfg.Reporter.Failed(ctx, shardIdx, r.Node, err.Error()); rerr != nil {
+			v.log.Warn("record a replica that could not be rebuilt as failed", "shard", shardIdx, "node", r.Node, "err", rerr)
+		}
+		return err
 	}
 	nr := v.newReplica(r, Rebuilding)
 	nr.c = c

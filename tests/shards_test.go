@@ -1,0 +1,517 @@
+package tests
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rayvmm/rayvmm/shards/etcdtest"
+)
+
+// The sharded-volume tests run real processes: Debian's etcd as an
+// external cluster, `rayvmm shard serve` storage nodes on 127.0.0.1
+// ports, qemu-nbd for interop, and rayguest under `rayvmm boot`. The test
+// volume is 1 MiB in four 256 KiB shards, three replicas each; blktest
+// with 256 blocks touches all four.
+const (
+	shVolSize   = 1 << 20
+	shShardSize = 256 << 10
+	shBlocks    = 256
+)
+
+type shardEnv struct {
+	t     *testing.T
+	etcd  *etcdtest.Etcd
+	state string
+	nodes map[string]*shardNode
+}
+
+type shardNode struct {
+	dir  string
+	addr string
+	cmd  *exec.Cmd
+	out  *lineWatcher
+}
+
+func newShardEnv(t *testing.T, nodes ...string) *shardEnv {
+	requireKVM(t)
+	requireTool(t, "etcd")
+	requireTool(t, "qemu-img")
+	e := &shardEnv{t: t, etcd: etcdtest.Start(t), state: t.TempDir(), nodes: map[string]*shardNode{}}
+	for _, n := range nodes {
+		e.startNode(n)
+	}
+	return e
+}
+
+func (e *shardEnv) args(a ...string) []string {
+	return append([]string{"--state-dir", e.state, "--etcd-endpoints", e.etcd.Endpoint}, a...)
+}
+
+// rv runs a rayvmm command that must succeed.
+func (e *shardEnv) rv(a ...string) string {
+	e.t.Helper()
+	r := run(e.t, nil, 2*time.Minute, e.args(a...)...)
+	if r.code != 0 {
+		e.t.Fatalf("rayvmm %v: exit %d\n%s%s", a, r.code, r.stdout, r.stderr)
+	}
+	return r.stdout
+}
+
+// startNode starts (or restarts, on a new port, with its old directory)
+// a storage node and waits for its "serving on" line.
+func (e *shardEnv) startNode(name string) {
+	e.t.Helper()
+	n := e.nodes[name]
+	if n == nil {
+		n = &shardNode{dir: e.t.TempDir()}
+		e.nodes[name] = n
+	}
+	n.out = newLineWatcher()
+	n.cmd = exec.Command(rayvmm, e.args("shard", "serve", "--listen", "127.0.0.1:0", "--dir", n.dir, "--node", name)...)
+	n.cmd.Stdout, n.cmd.Stderr = n.out, n.out
+	n.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := n.cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	cmd, out := n.cmd, n.out
+	go func() { cmd.Wait(); out.close() }()
+	e.t.Cleanup(func() { e.stopNode(cmd, out) })
+	n.out.waitFor(e.t, "serving on ", 30*time.Second)
+	m := regexp.MustCompile(`serving on (\S+)`).FindStringSubmatch(n.out.String())
+	n.addr = m[1]
+}
+
+func (e *shardEnv) stopNode(cmd *exec.Cmd, out *lineWatcher) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	out.waitClosed(e.t, 20*time.Second)
+	checkNoPanic(e.t, out.String())
+}
+
+// kill9 kills a node with SIGKILL and waits until it is gone.
+func (e *shardEnv) kill9(name string) {
+	e.t.Helper()
+	n := e.nodes[name]
+	n.cmd.Process.Signal(syscall.SIGKILL)
+	n.out.waitClosed(e.t, 10*time.Second)
+}
+
+// boot starts rayvmm boot on the sharded volume in the background.
+func (e *shardEnv) boot(cmdline string) (*exec.Cmd, *lineWatcher) {
+	e.t.Helper()
+	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--disk", "volume=vol", "--cmdline", cmdline)...)
+	w := newLineWatcher()
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	go func() { cmd.Wait(); w.close() }()
+	e.t.Cleanup(func() { cmd.Process.Kill(); w.waitClosed(e.t, 20*time.Second) })
+	return cmd, w
+}
+
+// bootWait boots and waits for the VM to exit, returning its output.
+func (e *shardEnv) bootWait(cmdline string) (string, int) {
+	e.t.Helper()
+	cmd, w := e.boot(cmdline)
+	w.waitClosed(e.t, 3*time.Minute)
+	return w.String(), cmd.ProcessState.ExitCode()
+}
+
+type shardInspect struct {
+	State    string `json:"state"`
+	Degraded int    `json:"degraded_shards"`
+	Shards   []struct {
+		Gen      uint64 `json:"generation"`
+		Replicas []struct {
+			Node   string `json:"node"`
+			Export string `json:"export"`
+			State  string `json:"state"`
+			Gen    uint64 `json:"generation"`
+		} `json:"replicas"`
+	} `json:"shards"`
+}
+
+func (e *shardEnv) inspect() shardInspect {
+	e.t.Helper()
+	var v shardInspect
+	out := e.rv("volume", "inspect", "vol")
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		e.t.Fatalf("%v\n%s", err, out)
+	}
+	return v
+}
+
+// replica reads one replica through qemu-img convert nbd://node/export.
+func (e *shardEnv) replica(addr, export string) []byte {
+	e.t.Helper()
+	out := filepath.Join(e.t.TempDir(), "r.raw")
+	qemuImg(e.t, "convert", "-f", "raw", "-O", "raw", "nbd://"+addr+"/"+export, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return b
+}
+
+// identical checks every replica of every shard, read over NBD by
+// qemu-img, against want; static nodes are looked up in addrs.
+func (e *shardEnv) identical(want []byte, addrs map[string]string) {
+	e.t.Helper()
+	v := e.inspect()
+	for i, sh := range v.Shards {
+		for _, r := range sh.Replicas {
+			if r.State != "healthy" || r.Gen != sh.Gen {
+				e.t.Errorf("shard %d replica on %s is %s at generation %d (shard at %d)", i, r.Node, r.State, r.Gen, sh.Gen)
+				continue
+			}
+			addr := addrs[r.Node]
+			if n := e.nodes[r.Node]; n != nil {
+				addr = n.addr
+			}
+			if !bytes.Equal(e.replica(addr, r.Export), want[i*shShardSize:(i+1)*shShardSize]) {
+				e.t.Errorf("shard %d replica on %s differs from what the guest wrote", i, r.Node)
+			}
+		}
+	}
+}
+
+func blktest(seed int, extra string) string {
+	return fmt.Sprintf("rayguest.run=blktest rayguest.seed=%d rayguest.blocks=%d %s", seed, shBlocks, extra)
+}
+
+func (e *shardEnv) guestOK(out string, code int, want []byte) {
+	e.t.Helper()
+	if code != 0 {
+		e.t.Fatalf("rayvmm boot exited %d:\n%s", code, out)
+	}
+	if s := blkSums(e.t, out)["vda"]; s != guestSum(want[:shBlocks*4096]) {
+		e.t.Fatalf("guest sum %q, want %s\n%s", s, guestSum(want[:shBlocks*4096]), out)
+	}
+}
+
+// TestShardsBaseline: an R=3 strong volume of 4 shards passes blktest and
+// all three replicas of each shard are byte-identical.
+func TestShardsBaseline(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	if list := e.rv("volume", "list"); !strings.Contains(list, "sharded (4 x 256K, R=3, strong)") {
+		t.Fatalf("volume list:\n%s", list)
+	}
+	out, code := e.bootWait(blktest(7, ""))
+	want := expectImage(shVolSize, 7, shBlocks)
+	e.guestOK(out, code, want)
+	e.identical(want, nil)
+	nodes := e.rv("shard", "nodes")
+	for _, n := range []string{"a", "b", "c"} {
+		if !regexp.MustCompile(`(?m)^` + n + `\s+\S+\s+live\s+4\s+0$`).MatchString(nodes) {
+			t.Errorf("shard nodes does not show %s live with 4 replicas:\n%s", n, nodes)
+		}
+	}
+}
+
+// TestShardsNodeKilled: kill -9 one node in the middle of blktest. The
+// guest finishes with every block correct, the node's replicas are
+// recorded failed, and once it is back a rebuild makes them identical.
+func TestShardsNodeKilled(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	_, w := e.boot(blktest(3, "rayguest.flushevery=16"))
+	w.waitFor(t, "flushed blocks=64\n", 2*time.Minute)
+	e.kill9("b")
+	w.waitClosed(t, 2*time.Minute)
+	want := expectImage(shVolSize, 3, shBlocks)
+	e.guestOK(w.String(), 0, want)
+	v := e.inspect()
+	failed := 0
+	for _, sh := range v.Shards {
+		for _, r := range sh.Replicas {
+			// failed, or rebuilding if the VM's repair loop tried it
+			// before the node's lease ran out: never readable again.
+			if r.Node == "b" && r.State != "healthy" && r.Gen < sh.Gen {
+				failed++
+			}
+		}
+	}
+	if failed == 0 || !strings.Contains(v.State, "degraded") {
+		t.Fatalf("no replica of b recorded failed (state %q):\n%+v", v.State, v)
+	}
+	e.startNode("b")
+	e.rv("volume", "rebuild", "vol")
+	e.identical(want, nil)
+	out, code := e.bootWait("rayguest.run=blksum rayguest.blocks=256")
+	e.guestOK(out, code, want)
+}
+
+// TestShardsTwoNodesDown: with two of three nodes gone, the guest's
+// writes fail with an I/O error (a strong volume needs a majority), not a
+// hang; after the nodes return and are rebuilt every block the guest saw
+// acknowledged is on every replica.
+func TestShardsTwoNodesDown(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	_, w := e.boot(blktest(5, "rayguest.flushevery=16"))
+	w.waitFor(t, "flushed blocks=48\n", 2*time.Minute)
+	e.kill9("a")
+	e.kill9("b")
+	w.waitClosed(t, 2*time.Minute)
+	out := w.String()
+	m := regexp.MustCompile(`blk vda FAIL block (\d+) write status (\d+)`).FindStringSubmatch(out)
+	if m == nil || strings.Contains(out, "timeout") {
+		t.Fatalf("the guest did not see a write I/O error:\n%s", out)
+	}
+	failedAt, _ := strconv.Atoi(m[1])
+	t.Logf("first failed write: block %d (status %s)", failedAt, m[2])
+	e.startNode("a")
+	e.startNode("b")
+	e.rv("volume", "rebuild", "vol")
+	v := e.inspect()
+	for i, sh := range v.Shards {
+		for _, r := range sh.Replicas {
+			got := e.replica(e.nodes[r.Node].addr, r.Export)
+			for b := 0; b < shShardSize/4096; b++ {
+				blk := i*shShardSize/4096 + b
+				if blk >= failedAt {
+					break
+				}
+				if !bytes.Equal(got[b*4096:(b+1)*4096], pattern(5, uint64(blk))) {
+					t.Fatalf("block %d was acknowledged but replica %s of shard %d lacks it", blk, r.Node, i)
+				}
+			}
+		}
+	}
+}
+
+// TestShardsEtcdRestart: the external etcd stops in the middle of a run;
+// guest I/O goes on without it, a node killed meanwhile is recorded
+// failed once etcd is back, and the guest finishes correct.
+func TestShardsEtcdRestart(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	_, w := e.boot(blktest(9, "rayguest.flushevery=16"))
+	w.waitFor(t, "flushed blocks=32\n", 2*time.Minute)
+	e.etcd.Stop()
+	w.waitFor(t, "flushed blocks=96\n", 2*time.Minute) // I/O goes on without etcd
+	e.kill9("c")
+	e.etcd.Restart()
+	w.waitClosed(t, 2*time.Minute)
+	want := expectImage(shVolSize, 9, shBlocks)
+	e.guestOK(w.String(), 0, want)
+	v := e.inspect()
+	for i, sh := range v.Shards {
+		for _, r := range sh.Replicas {
+			if r.Node == "c" && (r.State == "healthy" || r.Gen == sh.Gen) {
+				t.Errorf("shard %d: c is %s after etcd came back", i, r.State)
+			}
+		}
+	}
+	e.startNode("c")
+	e.rv("volume", "rebuild", "vol")
+	e.identical(want, nil)
+}
+
+// TestShardsRebalance: a fourth node joins and shard rebalance moves
+// replicas to it: counts are balanced (3 each) and blksum is unchanged.
+func TestShardsRebalance(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	out, code := e.bootWait(blktest(11, ""))
+	want := expectImage(shVolSize, 11, shBlocks)
+	e.guestOK(out, code, want)
+	e.startNode("d")
+	plan := e.rv("shard", "rebalance", "--dry-run")
+	if strings.Count(plan, " -> d ") != 3 {
+		t.Fatalf("rebalance plan:\n%s", plan)
+	}
+	e.rv("shard", "rebalance")
+	nodes := e.rv("shard", "nodes")
+	for _, n := range []string{"a", "b", "c", "d"} {
+		if !regexp.MustCompile(`(?m)^` + n + `\s+\S+\s+live\s+3\s+0$`).MatchString(nodes) {
+			t.Errorf("after rebalance %s does not hold 3 healthy replicas:\n%s", n, nodes)
+		}
+	}
+	if again := e.rv("shard", "rebalance", "--dry-run"); !strings.Contains(again, "balanced") {
+		t.Errorf("a second rebalance still moves:\n%s", again)
+	}
+	e.identical(want, nil)
+	out, code = e.bootWait("rayguest.run=blksum rayguest.blocks=256")
+	e.guestOK(out, code, want)
+}
+
+// TestShardsQemuNBDNode: qemu-nbd serves one replica as a static node;
+// blktest passes, it is killed mid-run and rebuilt after it returns, and
+// all replicas are identical. qemu-io's writes into rayvmm's export are
+// what the guest reads.
+func TestShardsQemuNBDNode(t *testing.T) {
+	e := newShardEnv(t, "a", "b")
+	requireTool(t, "qemu-nbd")
+	requireTool(t, "qemu-io")
+	qfile := filepath.Join(t.TempDir(), "q.raw")
+	if err := os.WriteFile(qfile, make([]byte, shShardSize), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	port := freeTCPPort(t)
+	qaddr := "127.0.0.1:" + strconv.Itoa(port)
+	qpid := startQemuNBD(t, qfile, "vol/0", port)
+	e.rv("shard", "nodes", "add", "q", "--address", qaddr)
+	e.rv("volume", "create", "vol", "--size", "256K", "--shard-size", "256K", "--replicas", "3", "--nodes", "a,b,q")
+	_, w := e.boot("rayguest.run=blktest rayguest.seed=4 rayguest.blocks=64 rayguest.flushevery=8")
+	w.waitFor(t, "flushed blocks=16\n", 2*time.Minute)
+	syscall.Kill(qpid, syscall.SIGKILL)
+	w.waitClosed(t, 2*time.Minute)
+	want := expectImage(shShardSize, 4, 64)
+	if s := blkSums(t, w.String())["vda"]; s != guestSum(want) {
+		t.Fatalf("guest sum %q, want %s\n%s", s, guestSum(want), w.String())
+	}
+	startQemuNBD(t, qfile, "vol/0", port)
+	e.rv("volume", "rebuild", "vol")
+	e.identical(want, map[string]string{"q": qaddr})
+	if b, _ := os.ReadFile(qfile); !bytes.Equal(b, want) {
+		t.Fatal("qemu-nbd's file does not hold the rebuilt replica")
+	}
+
+	// qemu-io writes into rayvmm's exports (all three replicas, as the
+	// engine would) and the guest reads what it wrote.
+	for _, addr := range []string{e.nodes["a"].addr, e.nodes["b"].addr, qaddr} {
+		out, err := exec.Command("qemu-io", "-f", "raw", "nbd://"+addr+"/vol/0", "-c", "write -P 0x5a 0 64k").CombinedOutput()
+		if err != nil || strings.Contains(string(out), "failed") {
+			t.Fatalf("qemu-io on %s: %v\n%s", addr, err, out)
+		}
+	}
+	copy(want, bytes.Repeat([]byte{0x5a}, 64<<10))
+	out, code := e.bootWait("rayguest.run=blksum rayguest.blocks=64")
+	if code != 0 || blkSums(t, out)["vda"] != guestSum(want) {
+		t.Fatalf("the guest does not read qemu-io's writes (exit %d):\n%s", code, out)
+	}
+}
+
+// TestShardsHostilePeers: a "node" that answers the handshake and then
+// sends garbage fails its replica, and the VM carries on; a client that
+// sends garbage to a node loses its connection while the node keeps
+// serving the guest.
+func TestShardsHostilePeers(t *testing.T) {
+	e := newShardEnv(t, "a", "b")
+	fake := fakeNBDNode(t, shShardSize)
+	e.rv("shard", "nodes", "add", "f", "--address", fake)
+	e.rv("volume", "create", "vol", "--size", "256K", "--shard-size", "256K", "--replicas", "3", "--min-replicas", "2", "--nodes", "a,b,f")
+	_, w := e.boot("rayguest.run=blktest rayguest.seed=6 rayguest.blocks=64 rayguest.flushevery=8")
+	// Garbage to node a while the guest uses it.
+	c, err := net.Dial("tcp", e.nodes["a"].addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write(bytes.Repeat([]byte("garbage!"), 512))
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		t.Fatalf("node a did not close the garbage connection: %v", err)
+	}
+	c.Close()
+	w.waitClosed(t, 2*time.Minute)
+	want := expectImage(shShardSize, 6, 64)
+	if s := blkSums(t, w.String())["vda"]; s != guestSum(want) {
+		t.Fatalf("guest sum %q, want %s\n%s", s, guestSum(want), w.String())
+	}
+	if !strings.Contains(w.String(), "replica failed") || !strings.Contains(w.String(), "node=f") {
+		t.Fatalf("the garbage node's replica was not failed:\n%s", w.String())
+	}
+	v := e.inspect()
+	for _, r := range v.Shards[0].Replicas {
+		if (r.Node == "f") != (r.State != "healthy") {
+			t.Errorf("replica on %s is %s", r.Node, r.State)
+		}
+	}
+}
+
+// fakeNBDNode negotiates like an NBD server (NBD_OPT_GO with a size) and
+// answers every request with garbage.
+func fakeNBDNode(t *testing.T, size int64) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	be := binary.BigEndian
+	reply := func(opt, typ uint32, data []byte) []byte {
+		b := be.AppendUint64(nil, 0x3e889045565a9)
+		b = be.AppendUint32(be.AppendUint32(be.AppendUint32(b, opt), typ), uint32(len(data)))
+		return append(b, data...)
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(time.Minute))
+				c.Write(be.AppendUint16(be.AppendUint64(be.AppendUint64(nil, 0x4e42444d41474943), 0x49484156454F5054), 3))
+				var h [16]byte
+				io.ReadFull(c, h[:4])
+				for {
+					if _, err := io.ReadFull(c, h[:]); err != nil {
+						return
+					}
+					opt := be.Uint32(h[8:])
+					io.CopyN(io.Discard, c, int64(be.Uint32(h[12:])))
+					if opt != 7 { // not NBD_OPT_GO: refuse it
+						c.Write(reply(opt, 1<<31+1, nil))
+						continue
+					}
+					info := be.AppendUint16(be.AppendUint64(be.AppendUint16(nil, 0), uint64(size)), 1|4)
+					c.Write(append(reply(opt, 3, info), reply(opt, 1, nil)...))
+					break
+				}
+				buf := make([]byte, 64<<10)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+					c.Write(bytes.Repeat([]byte{0xee}, 100))
+				}
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+func freeTCPPort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startQemuNBD serves file as export on port with qemu-nbd --fork (its
+// exit is the readiness signal) and returns its pid.
+func startQemuNBD(t *testing.T, file, export string, port int) int {
+	t.Helper()
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	out, err := exec.Command("qemu-nbd", "--fork", "--persistent", "--shared=8", "--pid-file", pidFile, "-f", "raw",
+		"-x", export, "-b", "127.0.0.1", "-p", strconv.Itoa(port), file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-nbd: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	return pid
+}
