@@ -29,7 +29,7 @@ type node struct {
 	done  chan error
 }
 
-func newNode(t *testing.T, name string, shards int, shardSize int64) *node {
+func newNode(t testing.TB, name string, shards int, shardSize int64) *node {
 	t.Helper()
 	n := &node{name: name, dir: t.TempDir(), files: map[string]*raw.File{}}
 	for i := range shards {
@@ -49,7 +49,7 @@ func newNode(t *testing.T, name string, shards int, shardSize int64) *node {
 	return n
 }
 
-func (n *node) start(t *testing.T) {
+func (n *node) start(t testing.TB) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -84,7 +84,7 @@ func (n *node) shardBytes(t *testing.T, i int) []byte {
 // cluster is the nodes plus a Dialer and a Reporter that keep the shard
 // map in memory, as the control plane keeps it in etcd.
 type cluster struct {
-	t     *testing.T
+	t     testing.TB
 	nodes map[string]*node
 
 	mu      sync.Mutex
@@ -94,7 +94,7 @@ type cluster struct {
 	reports int
 }
 
-func newCluster(t *testing.T, names []string, shards int, shardSize int64, cons Consistency, min int) *cluster {
+func newCluster(t testing.TB, names []string, shards int, shardSize int64, cons Consistency, min int) *cluster {
 	c := &cluster{t: t, nodes: map[string]*node{}}
 	c.layout = Layout{Size: int64(shards) * shardSize, ShardSize: shardSize, Consistency: cons, MinReplicas: min}
 	for _, n := range names {
