@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/link"
 	"github.com/rayvmm/rayvmm/shards/nbd"
 	"github.com/rayvmm/rayvmm/storage"
 )
@@ -30,20 +31,42 @@ type AttachOptions struct {
 	OwnerTTL int
 }
 
-// Attachment is a sharded volume opened for I/O by this process: it owns
-// the volume (a lease-bound key no other process can take while it
-// lives), runs the engine, records the engine's replica state changes in
-// etcd, and repairs the volume in the background: replicas that failed
-// are rebuilt as soon as their node is live, and rebalance moves are
-// carried out.
+// DataPath is the engine as the control plane drives it: in this
+// process (*engine.Volume) or in a VM process over a link
+// (*link.Control).
+type DataPath interface {
+	Rebuild(ctx context.Context, shard int, r engine.Replica) error
+	Drop(shard int, node string) error
+	Replicas(shard int) []engine.Replica
+	Fence(err error)
+}
+
+var (
+	_ DataPath = (*engine.Volume)(nil)
+	_ DataPath = (*link.Control)(nil)
+)
+
+// Attachment is a sharded volume opened for I/O: this process owns it (a
+// lease-bound key no other process can take while it lives), records the
+// engine's replica state changes in etcd, and repairs the volume in the
+// background: replicas that failed are rebuilt as soon as their node is
+// live, and rebalance moves are carried out. The engine runs in this
+// process (Attach) or in a VM process at the other end of a link
+// (AttachLink).
 type Attachment struct {
 	Volume *Volume
-	Disk   *engine.Volume
+	Layout engine.Layout
+	// Disk is the engine when it runs in this process (Attach).
+	Disk *engine.Volume
 
+	dp    DataPath
+	ctl   *link.Control
 	st    *Store
 	log   *slog.Logger
 	lease clientv3.LeaseID
+	lost  chan struct{}
 
+	bg     context.Context
 	cancel context.CancelFunc
 	done   sync.WaitGroup
 
@@ -52,59 +75,112 @@ type Attachment struct {
 	kick     chan struct{}
 }
 
-// Attach opens a sharded volume for I/O. This is the one seam between the
-// control plane and the data path: today the engine runs in this process;
-// in the VM-process split the engine runs there and gets the same Dialer
-// and Reporter over the control socket (see README.md).
+// Attach opens a sharded volume for I/O with the engine in this process.
 func Attach(ctx context.Context, st *Store, name string, o AttachOptions) (_ *Attachment, err error) {
+	a, err := prepare(ctx, st, name, o)
+	if err != nil {
+		return nil, err
+	}
+	cfg := o.Engine
+	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log = a.Layout, a, a, a.log
+	if a.Disk, err = engine.Open(ctx, cfg); err != nil {
+		a.release()
+		return nil, err
+	}
+	a.start(a.Disk)
+	return a, nil
+}
+
+// AttachLink opens a sharded volume for an engine in another process (a
+// VM process) at the other end of the link f: the control plane side of
+// the VM-process split. The VM process opens its engine with
+// link.OpenEngine on its end and a.Layout.
+func AttachLink(ctx context.Context, st *Store, name string, o AttachOptions, f *os.File) (_ *Attachment, err error) {
+	a, err := prepare(ctx, st, name, o)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	dial := func(ctx context.Context, shard int, r engine.Replica) (net.Conn, nbd.Info, error) {
+		return DialExport(ctx, st, r)
+	}
+	if a.ctl, err = link.NewControl(f, dial, a, a.guard); err != nil {
+		a.release()
+		return nil, err
+	}
+	a.start(a.ctl)
+	return a, nil
+}
+
+// guard limits what the VM process may ask for to the replicas of this
+// volume's shards.
+func (a *Attachment) guard(shard int, node, export string) error {
+	if shard < 0 || shard >= a.Volume.Shards() {
+		return fmt.Errorf("shard %d is not a shard of %s", shard, a.Volume.Name)
+	}
+	if export != "" && export != a.Volume.Export(shard) {
+		return fmt.Errorf("export %q is not shard %d of %s", export, shard, a.Volume.Name)
+	}
+	ctx, cancel := context.WithTimeout(a.bg, 5*time.Second)
+	defer cancel()
+	r, err := a.st.c.Get(ctx, shardKey(a.Volume.Name, shard))
+	if err != nil {
+		return err
+	}
+	if len(r.Kvs) == 0 {
+		return fmt.Errorf("shard %d of %s: %w", shard, a.Volume.Name, ErrNotFound)
+	}
+	sh, err := decode[engine.Shard](r.Kvs[0].Value, "shard")
+	if err != nil {
+		return err
+	}
+	if sh.Find(node) < 0 {
+		return fmt.Errorf("node %s holds no replica of %s shard %d", node, a.Volume.Name, shard)
+	}
+	return nil
+}
+
+func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *Attachment, err error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if o.OwnerTTL <= 0 {
 		o.OwnerTTL = 10
 	}
-	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, kick: make(chan struct{}, 1)}
+	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, kick: make(chan struct{}, 1), lost: make(chan struct{})}
 	if a.lease, err = st.own(ctx, name, o.Holder, o.OwnerTTL); err != nil {
 		return nil, err
 	}
-	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	a.cancel = cancel
-	defer func() {
-		if err != nil {
-			a.release()
-		}
-	}()
-	lost := make(chan struct{})
+	a.bg, a.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	a.done.Add(1)
 	go func() {
 		defer a.done.Done()
-		a.keepOwner(bg, lost)
+		a.keepOwner(a.bg, a.lost)
 	}()
-	v, layout, err := st.Layout(ctx, name)
-	if err != nil {
+	if a.Volume, a.Layout, err = st.Layout(ctx, name); err != nil {
+		a.release()
 		return nil, err
 	}
-	a.Volume = v
-	cfg := o.Engine
-	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log = layout, a, a, a.log
-	if a.Disk, err = engine.Open(ctx, cfg); err != nil {
-		return nil, err
-	}
+	return a, nil
+}
+
+// start runs the fence watch and the repair loop on the data path.
+func (a *Attachment) start(dp DataPath) {
+	a.dp = dp
 	a.done.Add(2)
 	go func() {
 		defer a.done.Done()
 		select {
-		case <-lost:
+		case <-a.lost:
 			a.log.Error("ownership of the volume lost (lease expired); refusing further I/O")
-			a.Disk.Fence(ErrNotOwner)
-		case <-bg.Done():
+			dp.Fence(ErrNotOwner)
+		case <-a.bg.Done():
 		}
 	}()
 	go func() {
 		defer a.done.Done()
-		a.repairLoop(bg)
+		a.repairLoop(a.bg)
 	}()
-	return a, nil
 }
 
 // own takes the volume's owner key under a new lease.
@@ -160,6 +236,9 @@ func (a *Attachment) release() {
 	}
 	if a.Disk != nil {
 		a.Disk.Close()
+	}
+	if a.ctl != nil {
+		a.ctl.Close()
 	}
 	a.done.Wait()
 	a.flushProgress()
@@ -354,7 +433,7 @@ func (a *Attachment) repair(ctx context.Context) error {
 
 func (a *Attachment) repairShard(ctx context.Context, sh engine.Shard, live map[string]bool) error {
 	inService := map[string]engine.State{}
-	for _, r := range a.Disk.Replicas(sh.Index) {
+	for _, r := range a.dp.Replicas(sh.Index) {
 		inService[r.Node] = r.State
 	}
 	stayHealthy := 0
@@ -375,7 +454,7 @@ func (a *Attachment) repairShard(ctx context.Context, sh engine.Shard, live map[
 				return fmt.Errorf("remove shard %d replica on %s: %w", sh.Index, r.Node, err)
 			}
 			a.log.Info("moved replica away", "shard", sh.Index, "node", r.Node)
-			a.Disk.Drop(sh.Index, r.Node)
+			a.dp.Drop(sh.Index, r.Node)
 		case r.Leaving:
 			// Kept until the shard has its replicas elsewhere.
 		case (r.State == engine.Failed || r.State == engine.Rebuilding) && live[r.Node] && inService[r.Node] == "":
@@ -412,7 +491,7 @@ func (a *Attachment) rebuild(ctx context.Context, shard int, r engine.Replica) e
 			}
 		}
 	}()
-	err := a.Disk.Rebuild(ctx, shard, r)
+	err := a.dp.Rebuild(ctx, shard, r)
 	close(stop)
 	if err == nil {
 		a.log.Info("replica rebuilt", "shard", shard, "node", r.Node)
@@ -442,29 +521,46 @@ var _ storage.Disk = (*engine.Volume)(nil)
 
 // OpenDisk resolves the sharded volume name into an opened disk for a
 // VM: it connects to the cluster metadata, attaches the volume (this
-// process owns it until release) with its replica-state reporter and
-// repair loop, and returns the disk and release, which flushes the disk,
+// process owns it until release) and opens the engine behind a link, as
+// the VM-process split will: the engine gets its replica connections as
+// sockets passed over the link and reports replica state changes through
+// it (see package link). release flushes the disk, closes the engine,
 // gives the volume up and disconnects. It is the one seam rayvmm boot
-// uses; the VM-process split moves the engine behind it into the VM
-// process (README.md, "Where the data path runs").
+// uses; in the split, the part after AttachLink runs in the VM process.
 func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *slog.Logger) (storage.Disk, func() error, error) {
 	st, err := Connect(ctx, o)
 	if err != nil {
 		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
 	}
 	st.log = log
-	a, err := Attach(ctx, st, name, AttachOptions{Holder: holder, Log: log})
+	ctlEnd, vmEnd, err := link.Pair()
 	if err != nil {
 		st.Close()
 		return nil, nil, err
 	}
+	a, err := AttachLink(ctx, st, name, AttachOptions{Holder: holder, Log: log}, ctlEnd)
+	if err != nil {
+		vmEnd.Close()
+		st.Close()
+		return nil, nil, err
+	}
+	// From here on: what the VM process does with its end and the layout.
+	vol, vm, err := link.OpenEngine(ctx, vmEnd, engine.Config{Layout: a.Layout, Log: log})
+	if err != nil {
+		a.Close()
+		st.Close()
+		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
+	}
 	release := func() error {
-		err := a.Close()
+		err := vol.Flush()
+		vol.Close()
+		vm.Close()
+		a.Close()
 		st.Close()
 		if err != nil {
 			return fmt.Errorf("sharded volume %s: %w", name, err)
 		}
 		return nil
 	}
-	return a.Disk, release, nil
+	return vol, release, nil
 }

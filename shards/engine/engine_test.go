@@ -396,10 +396,10 @@ func TestEventualLagAndFlush(t *testing.T) {
 	c.identical(t, w.want)
 }
 
-// TestNoEtcdInDataPath: the engine and the NBD package link neither etcd
+// TestNoEtcdInDataPath: the engine, the link and the NBD package link neither etcd
 // nor gRPC (the VM process links them).
 func TestNoEtcdInDataPath(t *testing.T) {
-	out, err := exec.Command("go", "list", "-deps", "github.com/rayvmm/rayvmm/shards/engine", "github.com/rayvmm/rayvmm/shards/nbd").CombinedOutput()
+	out, err := exec.Command("go", "list", "-deps", "github.com/rayvmm/rayvmm/shards/engine", "github.com/rayvmm/rayvmm/shards/nbd", "github.com/rayvmm/rayvmm/shards/link").CombinedOutput()
 	if err != nil {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}

@@ -1,0 +1,278 @@
+package link
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync/atomic"
+
+	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/nbd"
+)
+
+// message is one packet. Unused fields are left out.
+type message struct {
+	ID      uint64           `json:"id"`
+	Reply   bool             `json:"reply,omitempty"`
+	Op      string           `json:"op,omitempty"`
+	Shard   int              `json:"shard,omitempty"`
+	Replica *engine.Replica  `json:"replica,omitempty"`
+	Node    string           `json:"node,omitempty"`
+	Reason  string           `json:"reason,omitempty"`
+	Copied  int64            `json:"copied,omitempty"`
+	Info    *nbd.Info        `json:"info,omitempty"`
+	State   *engine.Shard    `json:"state,omitempty"`
+	List    []engine.Replica `json:"replicas,omitempty"`
+	Err     string           `json:"err,omitempty"`
+}
+
+func errReply(err error) *message { return &message{Err: err.Error()} }
+
+// VM is the VM process's end of the link. It is the engine's Dialer and
+// Reporter, and carries out the control plane's commands on the engine
+// given to Serve.
+type VM struct {
+	p   *peer
+	vol atomic.Pointer[engine.Volume]
+}
+
+// NewVM starts the VM process's end on f (its half of Pair).
+func NewVM(f *os.File) (*VM, error) {
+	v := &VM{}
+	p, err := newPeer(f, v.handle)
+	if err != nil {
+		return nil, err
+	}
+	v.p = p
+	return v, nil
+}
+
+// Serve makes vol the engine the control plane's commands act on.
+func (v *VM) Serve(vol *engine.Volume) { v.vol.Store(vol) }
+
+// Close ends the link.
+func (v *VM) Close() error { return v.p.Close() }
+
+// Dial implements engine.Dialer: the control plane connects and
+// negotiates, and passes the socket.
+func (v *VM) Dial(ctx context.Context, shard int, r engine.Replica) (*nbd.Client, error) {
+	m, fd, err := v.p.call(ctx, &message{Op: opDial, Shard: shard, Replica: &r})
+	if err != nil {
+		return nil, fmt.Errorf("dial shard %d on %s through the control plane: %w", shard, r.Node, err)
+	}
+	if fd == nil || m.Info == nil {
+		if fd != nil {
+			fd.Close()
+		}
+		return nil, fmt.Errorf("dial shard %d on %s: reply without a socket: %w", shard, r.Node, ErrProtocol)
+	}
+	defer fd.Close()
+	conn, err := net.FileConn(fd)
+	if err != nil {
+		return nil, fmt.Errorf("dial shard %d on %s: %w", shard, r.Node, err)
+	}
+	return nbd.NewClient(conn, *m.Info), nil
+}
+
+// Failed implements engine.Reporter.
+func (v *VM) Failed(ctx context.Context, shard int, node, reason string) (engine.Shard, error) {
+	return v.shardCall(ctx, &message{Op: opFailed, Shard: shard, Node: node, Reason: reason})
+}
+
+// Rebuilt implements engine.Reporter.
+func (v *VM) Rebuilt(ctx context.Context, shard int, node string) (engine.Shard, error) {
+	return v.shardCall(ctx, &message{Op: opRebuilt, Shard: shard, Node: node})
+}
+
+func (v *VM) shardCall(ctx context.Context, m *message) (engine.Shard, error) {
+	r, fd, err := v.p.call(ctx, m)
+	if fd != nil {
+		fd.Close()
+	}
+	if err != nil {
+		return engine.Shard{}, err
+	}
+	if r.State == nil {
+		return engine.Shard{}, fmt.Errorf("%s reply without the shard: %w", m.Op, ErrProtocol)
+	}
+	return *r.State, nil
+}
+
+// Progress implements engine.Reporter.
+func (v *VM) Progress(shard int, node string, copied int64) {
+	v.p.notify(&message{Op: opProgress, Shard: shard, Node: node, Copied: copied})
+}
+
+func (v *VM) handle(ctx context.Context, m *message) (*message, *os.File) {
+	vol := v.vol.Load()
+	if vol == nil {
+		return errReply(errors.New("the engine is not running yet")), nil
+	}
+	switch m.Op {
+	case opRebuild:
+		if m.Replica == nil {
+			return errReply(ErrProtocol), nil
+		}
+		if err := vol.Rebuild(ctx, m.Shard, *m.Replica); err != nil {
+			return errReply(err), nil
+		}
+		return &message{}, nil
+	case opDrop:
+		if err := vol.Drop(m.Shard, m.Node); err != nil {
+			return errReply(err), nil
+		}
+		return &message{}, nil
+	case opReplicas:
+		if m.Shard < 0 || m.Shard >= len(vol.Layout().Shards) {
+			return errReply(engine.ErrLayout), nil
+		}
+		return &message{List: vol.Replicas(m.Shard)}, nil
+	case opFence:
+		vol.Fence(errors.New(m.Reason))
+		return &message{}, nil
+	}
+	return errReply(fmt.Errorf("unknown operation %q: %w", m.Op, ErrProtocol)), nil
+}
+
+// DialFunc connects to a replica and negotiates its export.
+type DialFunc func(ctx context.Context, shard int, r engine.Replica) (net.Conn, nbd.Info, error)
+
+// Guard checks that the VM process may touch replica node of shard (the
+// control plane answers only for the volume the link was made for).
+type Guard func(shard int, node, export string) error
+
+// Control is the control plane's end of the link: it answers the VM
+// process's dials and reports, and sends it commands (it implements the
+// data-path side of shards.Attachment).
+type Control struct {
+	p     *peer
+	dial  DialFunc
+	rep   engine.Reporter
+	guard Guard
+}
+
+// NewControl starts the control plane's end on f.
+func NewControl(f *os.File, dial DialFunc, rep engine.Reporter, guard Guard) (*Control, error) {
+	c := &Control{dial: dial, rep: rep, guard: guard}
+	p, err := newPeer(f, c.handle)
+	if err != nil {
+		return nil, err
+	}
+	c.p = p
+	return c, nil
+}
+
+// Close ends the link.
+func (c *Control) Close() error { return c.p.Close() }
+
+// Done is closed when the link has ended (the VM process exited).
+func (c *Control) Done() <-chan struct{} { return c.p.done }
+
+func (c *Control) handle(ctx context.Context, m *message) (*message, *os.File) {
+	switch m.Op {
+	case opDial:
+		if m.Replica == nil {
+			return errReply(fmt.Errorf("dial without a replica: %w", ErrProtocol)), nil
+		}
+		if err := c.guard(m.Shard, m.Replica.Node, m.Replica.Export); err != nil {
+			return errReply(err), nil
+		}
+		conn, info, err := c.dial(ctx, m.Shard, *m.Replica)
+		if err != nil {
+			return errReply(err), nil
+		}
+		defer conn.Close()
+		fc, ok := conn.(interface{ File() (*os.File, error) })
+		if !ok {
+			return errReply(errors.New("the connection has no file descriptor")), nil
+		}
+		f, err := fc.File()
+		if err != nil {
+			return errReply(err), nil
+		}
+		return &message{Info: &info}, f
+	case opFailed, opRebuilt:
+		if err := c.guard(m.Shard, m.Node, ""); err != nil {
+			return errReply(err), nil
+		}
+		var s engine.Shard
+		var err error
+		if m.Op == opFailed {
+			s, err = c.rep.Failed(ctx, m.Shard, m.Node, truncate(m.Reason, 300))
+		} else {
+			s, err = c.rep.Rebuilt(ctx, m.Shard, m.Node)
+		}
+		if err != nil {
+			return errReply(err), nil
+		}
+		return &message{State: &s}, nil
+	case opProgress:
+		if c.guard(m.Shard, m.Node, "") == nil && m.Copied >= 0 {
+			c.rep.Progress(m.Shard, m.Node, m.Copied)
+		}
+		return nil, nil
+	}
+	return errReply(fmt.Errorf("unknown operation %q: %w", m.Op, ErrProtocol)), nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// Rebuild asks the VM process's engine to rebuild a replica and waits.
+func (c *Control) Rebuild(ctx context.Context, shard int, r engine.Replica) error {
+	_, err := c.command(ctx, &message{Op: opRebuild, Shard: shard, Replica: &r})
+	return err
+}
+
+// Drop asks the engine to stop using a replica.
+func (c *Control) Drop(shard int, node string) error {
+	_, err := c.command(context.Background(), &message{Op: opDrop, Shard: shard, Node: node})
+	return err
+}
+
+// Replicas asks the engine which replicas of shard are in service; nil
+// if it cannot be asked.
+func (c *Control) Replicas(shard int) []engine.Replica {
+	m, err := c.command(context.Background(), &message{Op: opReplicas, Shard: shard})
+	if err != nil {
+		return nil
+	}
+	return m.List
+}
+
+// Fence makes the engine refuse all further I/O.
+func (c *Control) Fence(err error) {
+	c.command(context.Background(), &message{Op: opFence, Reason: err.Error()})
+}
+
+func (c *Control) command(ctx context.Context, m *message) (*message, error) {
+	r, fd, err := c.p.call(ctx, m)
+	if fd != nil {
+		fd.Close() // the VM process never sends sockets
+	}
+	return r, err
+}
+
+// OpenEngine is the VM process's side of a sharded disk: it starts its
+// end of the link on f and opens the engine on layout (cfg.Layout) with
+// the link as Dialer and Reporter.
+func OpenEngine(ctx context.Context, f *os.File, cfg engine.Config) (*engine.Volume, *VM, error) {
+	vm, err := NewVM(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg.Dialer, cfg.Reporter = vm, vm
+	vol, err := engine.Open(ctx, cfg)
+	if err != nil {
+		vm.Close()
+		return nil, nil, err
+	}
+	vm.Serve(vol)
+	return vol, vm, nil
+}
