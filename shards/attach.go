@@ -9,9 +9,11 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/shards/engine"
 	"github.com/rayvmm/rayvmm/shards/link"
@@ -39,6 +41,7 @@ type DataPath interface {
 	Drop(shard int, node string) error
 	Replicas(shard int) []engine.Replica
 	Fence(err error)
+	Resync(ctx context.Context, shard int) error
 }
 
 var (
@@ -73,6 +76,12 @@ type Attachment struct {
 	pmu      sync.Mutex
 	progress map[string]int64 // "shard/node" -> copied, not yet written
 	kick     chan struct{}
+
+	// Dirty: the last attachment did not end with a clean detach, so
+	// the engine reads each shard from one replica until it is resynced.
+	Dirty    bool
+	resynced []bool       // by shard, touched by the repair loop only
+	unsynced atomic.Int32 // shards not resynced yet
 }
 
 // Attach opens a sharded volume for I/O with the engine in this process.
@@ -82,7 +91,7 @@ func Attach(ctx context.Context, st *Store, name string, o AttachOptions) (_ *At
 		return nil, err
 	}
 	cfg := o.Engine
-	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log = a.Layout, a, a, a.log
+	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log, cfg.Resync = a.Layout, a, a, a.log, a.Dirty
 	if a.Disk, err = engine.Open(ctx, cfg); err != nil {
 		a.release()
 		return nil, err
@@ -161,6 +170,24 @@ func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *A
 		a.release()
 		return nil, err
 	}
+	// Mark the volume in use until a clean detach; finding the mark
+	// means the last user did not detach cleanly.
+	o2 := Owner{Holder: o.Holder, PID: os.Getpid(), Host: hostname(), Since: time.Now().UTC()}
+	r, err := st.c.Txn(ctx).If(clientv3.Compare(clientv3.LeaseValue(ownerKey(name)), "=", a.lease)).
+		Then(clientv3.OpGet(dirtyKey(name)), clientv3.OpPut(dirtyKey(name), encode(o2))).Commit()
+	if err == nil && !r.Succeeded {
+		err = ErrNotOwner
+	}
+	if err != nil {
+		a.release()
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	a.Dirty = len(r.Responses[0].GetResponseRange().Kvs) > 0
+	a.resynced = make([]bool, len(a.Layout.Shards))
+	if a.Dirty {
+		a.unsynced.Store(int32(len(a.Layout.Shards)))
+		a.log.Warn("the volume was not detached cleanly; resyncing its replicas")
+	}
 	return a, nil
 }
 
@@ -193,8 +220,14 @@ func (s *Store) own(ctx context.Context, name, holder string, ttl int) (clientv3
 		return 0, fmt.Errorf("attach %s: grant lease: %w", name, err)
 	}
 	o := Owner{Holder: holder, PID: os.Getpid(), Host: hostname(), Since: time.Now().UTC()}
-	r, err := s.c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ownerKey(name)), "=", 0)).
-		Then(clientv3.OpPut(ownerKey(name), encode(o), clientv3.WithLease(l.ID))).Commit()
+	var r *clientv3.TxnResponse
+	for attempt := 0; ; attempt++ {
+		r, err = s.c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ownerKey(name)), "=", 0)).
+			Then(clientv3.OpPut(ownerKey(name), encode(o), clientv3.WithLease(l.ID))).Commit()
+		if err != nil || r.Succeeded || attempt > 0 || !s.reapDeadOwner(ctx, name) {
+			break
+		}
+	}
 	if err == nil && !r.Succeeded {
 		err = fmt.Errorf("%w (%s)", ErrOwned, s.ownerString(ctx, name))
 	}
@@ -203,6 +236,27 @@ func (s *Store) own(ctx context.Context, name, holder string, ttl int) (clientv3
 		return 0, fmt.Errorf("attach %s: %w", name, err)
 	}
 	return l.ID, nil
+}
+
+// reapDeadOwner revokes the lease of an owner that was a process on this
+// host that no longer exists (killed with SIGKILL: its lease would only
+// expire after its TTL), so the volume can be attached at once, as a
+// local volume's lock dies with its process. It reports whether it did.
+func (s *Store) reapDeadOwner(ctx context.Context, name string) bool {
+	r, err := s.c.Get(ctx, ownerKey(name))
+	if err != nil || len(r.Kvs) == 0 {
+		return false
+	}
+	o, err := decode[Owner](r.Kvs[0].Value, "owner")
+	if err != nil || o.Host != hostname() || o.PID <= 0 || o.PID == os.Getpid() {
+		return false
+	}
+	if err := unix.Kill(o.PID, 0); !errors.Is(err, unix.ESRCH) {
+		return false // alive (or not ours to ask): wait for its lease
+	}
+	s.log.Warn("the volume's owner process is gone; taking over", "volume", name, "pid", o.PID, "holder", o.Holder)
+	_, err = s.c.Revoke(ctx, clientv3.LeaseID(r.Kvs[0].Lease))
+	return err == nil
 }
 
 // keepOwner keeps the ownership lease alive; lost is closed if it expires.
@@ -219,28 +273,41 @@ func (a *Attachment) keepOwner(ctx context.Context, lost chan struct{}) {
 	}
 }
 
-// Close stops the repair loop, flushes and closes the engine and gives
-// up ownership.
+// Close stops the repair loop, flushes and closes the engine (when it
+// runs here) and gives up ownership; if the flush worked (and for a
+// linked engine, always: its owner calls Abort when its flush failed)
+// the detach is clean and the next attachment needs no resync.
 func (a *Attachment) Close() error {
 	var err error
 	if a.Disk != nil {
 		err = a.Disk.Flush()
 	}
 	a.release()
+	if err == nil && a.unsynced.Load() == 0 { // else the next attachment resyncs what is left
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, derr := a.st.c.Delete(ctx, dirtyKey(a.Volume.Name)); derr != nil {
+			a.log.Warn("could not record the clean detach; the next attach resyncs", "err", derr)
+		}
+	}
 	return err
 }
 
+// Abort gives up ownership without a clean detach: the next attachment
+// resyncs the replicas.
+func (a *Attachment) Abort() { a.release() }
+
 func (a *Attachment) release() {
 	if a.cancel != nil {
-		a.cancel()
+		a.cancel() // the repair loop stops, its rebuild is cancelled
 	}
+	a.done.Wait()
 	if a.Disk != nil {
 		a.Disk.Close()
 	}
 	if a.ctl != nil {
 		a.ctl.Close()
 	}
-	a.done.Wait()
 	a.flushProgress()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -424,6 +491,16 @@ func (a *Attachment) repair(ctx context.Context) error {
 		return err
 	}
 	for _, sh := range shards {
+		if a.Dirty && sh.Index < len(a.resynced) && !a.resynced[sh.Index] {
+			if err := a.dp.Resync(ctx, sh.Index); err != nil {
+				a.log.Warn("resync", "shard", sh.Index, "err", err)
+			} else {
+				a.resynced[sh.Index] = true
+				if a.unsynced.Add(-1) == 0 {
+					a.log.Info("replicas resynced")
+				}
+			}
+		}
 		if err := a.repairShard(ctx, sh, live); err != nil {
 			return err
 		}
@@ -545,9 +622,9 @@ func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *s
 		return nil, nil, err
 	}
 	// From here on: what the VM process does with its end and the layout.
-	vol, vm, err := link.OpenEngine(ctx, vmEnd, engine.Config{Layout: a.Layout, Log: log})
+	vol, vm, err := link.OpenEngine(ctx, vmEnd, engine.Config{Layout: a.Layout, Log: log, Resync: a.Dirty})
 	if err != nil {
-		a.Close()
+		a.Abort()
 		st.Close()
 		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
 	}
@@ -555,7 +632,11 @@ func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *s
 		err := vol.Flush()
 		vol.Close()
 		vm.Close()
-		a.Close()
+		if err != nil {
+			a.Abort()
+		} else {
+			a.Close()
+		}
 		st.Close()
 		if err != nil {
 			return fmt.Errorf("sharded volume %s: %w", name, err)

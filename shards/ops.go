@@ -30,9 +30,12 @@ type ShardStatus struct {
 // VolumeStatus is `volume inspect` of a sharded volume.
 type VolumeStatus struct {
 	Volume
-	Kind     string        `json:"kind"` // "sharded"
-	State    string        `json:"state"`
-	Owner    *Owner        `json:"owner,omitempty"`
+	Kind  string `json:"kind"` // "sharded"
+	State string `json:"state"`
+	Owner *Owner `json:"owner,omitempty"`
+	// Dirty: attached now, or the last attachment ended without a clean
+	// detach (the next one resyncs the replicas).
+	Dirty    bool          `json:"dirty"`
 	Degraded int           `json:"degraded_shards"`
 	Shards   []ShardStatus `json:"shards"`
 }
@@ -61,6 +64,9 @@ func (s *Store) Inspect(ctx context.Context, name string) (*VolumeStatus, error)
 		if st.Owner, err = decode[Owner](r.Kvs[0].Value, "owner"); err == nil {
 			st.State = "attached"
 		}
+	}
+	if r, err := s.c.Get(ctx, dirtyKey(name)); err == nil {
+		st.Dirty = len(r.Kvs) > 0
 	}
 	for _, sh := range shards {
 		ss := ShardStatus{Index: sh.Index, Offset: int64(sh.Index) * v.ShardSize, Gen: sh.Gen, Healthy: sh.Healthy()}
@@ -222,6 +228,9 @@ func (s *Store) Repair(ctx context.Context, name, holder string, progress func(p
 		n, err := s.Pending(ctx, name)
 		if err != nil {
 			return err
+		}
+		if a != nil {
+			n += int(a.unsynced.Load()) // shards still to resync count as pending too
 		}
 		if progress != nil {
 			progress(n)

@@ -25,6 +25,8 @@ import (
 //	shards/NAME/NNNNNN   engine.Shard: the shard's generation and replicas
 //	owners/NAME          Owner, bound to the owner's lease: who runs the volume's data path
 //	progress/NAME/NNNNNN/NODE   bytes copied by a running rebuild
+//	dirty/NAME           Owner: set while the volume is attached, removed
+//	                     by a clean detach; found at attach, the replicas are resynced
 const Prefix = "/rayvmm/shards/"
 
 func nodeKey(n string) string         { return Prefix + "nodes/" + n }
@@ -34,6 +36,7 @@ func shardPrefix(v string) string     { return Prefix + "shards/" + v + "/" }
 func shardKey(v string, i int) string { return fmt.Sprintf("%s%06d", shardPrefix(v), i) }
 func ownerKey(v string) string        { return Prefix + "owners/" + v }
 func progressPrefix(v string) string  { return Prefix + "progress/" + v + "/" }
+func dirtyKey(v string) string        { return Prefix + "dirty/" + v }
 func progressKey(v string, i int, n string) string {
 	return fmt.Sprintf("%s%06d/%s", progressPrefix(v), i, n)
 }

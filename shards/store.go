@@ -330,7 +330,7 @@ func (s *Store) RemoveVolume(ctx context.Context, name string) error {
 	r, err := s.c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ownerKey(name)), "=", 0),
 		clientv3.Compare(clientv3.CreateRevision(volumeKey(name)), ">", 0)).
 		Then(clientv3.OpDelete(volumeKey(name)), clientv3.OpDelete(shardPrefix(name), clientv3.WithPrefix()),
-			clientv3.OpDelete(progressPrefix(name), clientv3.WithPrefix())).Commit()
+			clientv3.OpDelete(progressPrefix(name), clientv3.WithPrefix()), clientv3.OpDelete(dirtyKey(name))).Commit()
 	if err != nil {
 		return fmt.Errorf("remove sharded volume %s: %w", name, err)
 	}

@@ -47,7 +47,10 @@ type Config struct {
 	MaxLag int
 	// ChunkSize is the rebuild copy unit (default 1 MiB).
 	ChunkSize int64
-	Log       *slog.Logger
+	// Resync says the volume was not closed cleanly: every shard reads
+	// from one replica until Resync has made the others equal to it.
+	Resync bool
+	Log    *slog.Logger
 }
 
 // ErrIO is wrapped by every error a guest request gets.
@@ -62,13 +65,14 @@ type Volume struct {
 	shards []*shard
 	closed atomic.Bool
 	fenced atomic.Pointer[error]
-	bg     sync.WaitGroup // reports and lagging writes
+	bg     background // reports, lagging writes, rebuilds, resyncs
 	stop   chan struct{}
 
 	guestOps atomic.Uint64 // guest requests seen, for rebuild throttling
 	// Counters.
 	ReplicaFailures atomic.Int64
 	ReadFailovers   atomic.Int64
+	Resynced        atomic.Int64 // chunks a resync rewrote
 }
 
 type shard struct {
@@ -79,9 +83,11 @@ type shard struct {
 	mu      sync.Mutex
 	gen     uint64
 	reps    []*replica // healthy and rebuilding
+	opening []*replica // Open: being dialled, in layout order
 	pending []*report  // failure reports not yet recorded
 	rr      atomic.Uint32
-	layout  Shard // last recorded state
+	resync  atomic.Bool // reads use the primary only (see Resync)
+	layout  Shard       // last recorded state
 }
 
 type replica struct {
@@ -143,12 +149,14 @@ func Open(ctx context.Context, cfg Config) (*Volume, error) {
 	for i, ls := range l.Shards {
 		s := &shard{idx: i, length: l.ShardLen(i), gen: ls.Gen, layout: ls}
 		s.chunks = make([]sync.RWMutex, (s.length+cfg.ChunkSize-1)/cfg.ChunkSize)
+		s.resync.Store(cfg.Resync)
 		v.shards = append(v.shards, s)
 		for _, lr := range ls.Replicas {
 			if !ls.Readable(lr) {
 				continue
 			}
 			r := v.newReplica(lr, Healthy)
+			s.opening = append(s.opening, r)
 			n++
 			go func() {
 				dctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
@@ -160,13 +168,24 @@ func Open(ctx context.Context, cfg Config) (*Volume, error) {
 		}
 	}
 	var failed []dialed
+	ok := map[*replica]bool{}
 	for range n {
 		d := <-results
 		if d.err != nil {
 			failed = append(failed, d)
 			continue
 		}
-		d.s.reps = append(d.s.reps, d.r)
+		ok[d.r] = true
+	}
+	// In service in the layout's order: the first is the primary a
+	// resync reads from, the same in every process that opens it.
+	for _, s := range v.shards {
+		for _, r := range s.opening {
+			if ok[r] {
+				s.reps = append(s.reps, r)
+			}
+		}
+		s.opening = nil
 	}
 	for _, d := range failed {
 		v.log.Warn("replica unreachable at open", "shard", d.s.idx, "node", d.r.Node, "err", d.err)
@@ -299,6 +318,9 @@ func (v *Volume) readPiece(pc piece) error {
 			return fmt.Errorf("read shard %d: every healthy replica failed, last: %w (%w)", s.idx, lastErr, ErrIO)
 		}
 		r := cands[int(s.rr.Add(1))%len(cands)]
+		if s.resync.Load() {
+			r = cands[0] // the primary, or the next one after it failed
+		}
 		tried[r] = true
 		err := v.replicaOp(r, pc.off, pc.n, false, func(ctx context.Context) error {
 			return r.c.ReadAt(ctx, pc.p, pc.off)
@@ -387,9 +409,7 @@ func (v *Volume) fail(s *shard, r *replica, cause error) *report {
 	if r.c != nil {
 		go r.c.Close() // Close waits for the reader; in-flight requests on it fail
 	}
-	v.bg.Add(1)
-	go func() {
-		defer v.bg.Done()
+	report := func() {
 		rep.err = v.retry(fmt.Sprintf("record shard %d replica on %s as failed", s.idx, r.Node), func(ctx context.Context) error {
 			ls, err := v.cfg.Reporter.Failed(ctx, s.idx, r.Node, cause.Error())
 			if err == nil {
@@ -408,7 +428,11 @@ func (v *Volume) fail(s *shard, r *replica, cause error) *report {
 		}
 		s.mu.Unlock()
 		close(rep.done)
-	}()
+	}
+	if !v.bg.start(report) {
+		rep.err = fmt.Errorf("record shard %d replica on %s as failed: volume closed", s.idx, r.Node)
+		close(rep.done)
+	}
 	return rep
 }
 
@@ -571,14 +595,15 @@ func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica)
 		}
 		// The others follow; the chunk locks are held until they land
 		// so that a rebuild copy cannot slip between them.
-		v.bg.Add(1)
-		go func() {
-			defer v.bg.Done()
+		rest := func() {
 			for pendingN > 0 {
 				wait()
 			}
 			unlock()
-		}()
+		}
+		if !v.bg.start(rest) {
+			rest() // closing: no goroutine may start, so wait here
+		}
 	} else {
 		for pendingN > 0 {
 			if res := wait(); res.err == nil && res.r.st() == Healthy {
@@ -674,16 +699,81 @@ func (v *Volume) Close() error {
 	if v.closed.Swap(true) {
 		return nil
 	}
-	done := make(chan struct{})
-	go func() { v.bg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(v.cfg.Timeout + v.cfg.ReportTimeout):
-	}
-	close(v.stop)
-	v.bg.Wait()
+	v.bg.wait(v.cfg.Timeout + v.cfg.ReportTimeout) // lagging writes land, reports are made
+	v.bg.close()
+	close(v.stop) // retries, rebuilds and resyncs give up
+	v.bg.wait(-1)
 	v.closeConns()
 	return nil
+}
+
+// background counts the volume's goroutines; once closed it starts no
+// more, so Close can wait for all of them.
+type background struct {
+	mu     sync.Mutex
+	n      int
+	closed bool
+	idle   chan struct{} // closed when n drops to 0
+}
+
+// start runs f on a goroutine, or reports false once closed.
+func (b *background) start(f func()) bool {
+	if !b.enter() {
+		return false
+	}
+	go func() {
+		defer b.leave()
+		f()
+	}()
+	return true
+}
+
+func (b *background) enter() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	if b.n == 0 {
+		b.idle = make(chan struct{})
+	}
+	b.n++
+	return true
+}
+
+func (b *background) leave() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.n--; b.n == 0 {
+		close(b.idle)
+	}
+}
+
+func (b *background) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+}
+
+// wait waits until nothing runs, at most d (d < 0: for ever).
+func (b *background) wait(d time.Duration) {
+	b.mu.Lock()
+	if b.n == 0 {
+		b.mu.Unlock()
+		return
+	}
+	idle := b.idle
+	b.mu.Unlock()
+	if d < 0 {
+		<-idle
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-idle:
+	case <-t.C:
+	}
 }
 
 func (v *Volume) closeConns() {

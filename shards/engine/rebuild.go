@@ -23,6 +23,12 @@ func (v *Volume) Rebuild(ctx context.Context, shardIdx int, r Replica) error {
 		return fmt.Errorf("rebuild: shard %d: %w", shardIdx, ErrLayout)
 	}
 	s := v.shards[shardIdx]
+	if !v.bg.enter() {
+		return fmt.Errorf("rebuild shard %d on %s: volume closed", shardIdx, r.Node)
+	}
+	defer v.bg.leave()
+	ctx, cancel := v.stoppable(ctx)
+	defer cancel()
 	c, err := v.dial(ctx, s, r)
 	if err != nil {
 		err = fmt.Errorf("rebuild shard %d on %s: %w", shardIdx, r.Node, err)
@@ -52,36 +58,13 @@ func (v *Volume) Rebuild(ctx context.Context, shardIdx int, r Replica) error {
 }
 
 func (v *Volume) rebuild(ctx context.Context, s *shard, nr *replica) error {
-	cs := v.cfg.ChunkSize
-	src, dst := make([]byte, cs), make([]byte, cs)
-	lastOps := v.guestOps.Load()
 	pass := func(name string, f func(k int, off int64, b, b2 []byte) error) error {
-		for k := range s.chunks {
+		return v.chunkPass(ctx, s, name, func() error {
 			if nr.st() == Failed {
 				return fmt.Errorf("%s: the replica failed under guest I/O", name)
 			}
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			off := int64(k) * cs
-			n := min(cs, s.length-off)
-			start := time.Now()
-			s.chunks[k].Lock()
-			err := f(k, off, src[:n], dst[:n])
-			s.chunks[k].Unlock()
-			if err != nil {
-				return fmt.Errorf("%s at %d: %w", name, off, err)
-			}
-			// Guest I/O since the last chunk: give it as long as this
-			// chunk took.
-			if ops := v.guestOps.Load(); ops != lastOps {
-				lastOps = ops
-				if err := v.sleep(ctx, time.Since(start)); err != nil {
-					return err
-				}
-			}
-		}
-		return nil
+			return nil
+		}, f)
 	}
 	var copied int64
 	err := pass("copy", func(k int, off int64, b, _ []byte) error {
@@ -139,6 +122,54 @@ func (v *Volume) rebuild(ctx context.Context, s *shard, nr *replica) error {
 	nr.state.Store(Healthy)
 	s.gen, s.layout = ls.Gen, ls
 	return nil
+}
+
+// chunkPass runs f on every chunk of s in order, each under the chunk's
+// exclusive lock (guest writes to that chunk wait), with two chunk-sized
+// buffers. Whenever the guest did I/O since the previous chunk it sleeps
+// as long as the chunk took: a pass uses at most half the time while the
+// guest is busy. check runs before each chunk.
+func (v *Volume) chunkPass(ctx context.Context, s *shard, name string, check func() error, f func(k int, off int64, b, b2 []byte) error) error {
+	cs := v.cfg.ChunkSize
+	src, dst := make([]byte, cs), make([]byte, cs)
+	lastOps := v.guestOps.Load()
+	for k := range s.chunks {
+		if err := check(); err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		off := int64(k) * cs
+		n := min(cs, s.length-off)
+		start := time.Now()
+		s.chunks[k].Lock()
+		err := f(k, off, src[:n], dst[:n])
+		s.chunks[k].Unlock()
+		if err != nil {
+			return fmt.Errorf("%s at %d: %w", name, off, err)
+		}
+		if ops := v.guestOps.Load(); ops != lastOps {
+			lastOps = ops
+			if err := v.sleep(ctx, time.Since(start)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// stoppable is ctx, also cancelled when the volume closes.
+func (v *Volume) stoppable(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-v.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
 }
 
 func (v *Volume) sleep(ctx context.Context, d time.Duration) error {

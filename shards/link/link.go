@@ -47,6 +47,7 @@ const (
 	opDrop     = "drop"     // control -> VM: stop using a replica
 	opReplicas = "replicas" // control -> VM: the replicas in service for a shard
 	opFence    = "fence"    // control -> VM: refuse all further I/O
+	opResync   = "resync"   // control -> VM: resync a shard after an unclean shutdown
 )
 
 // ErrProtocol is wrapped by errors about malformed messages.

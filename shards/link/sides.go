@@ -132,6 +132,11 @@ func (v *VM) handle(ctx context.Context, m *message) (*message, *os.File) {
 	case opFence:
 		vol.Fence(errors.New(m.Reason))
 		return &message{}, nil
+	case opResync:
+		if err := vol.Resync(ctx, m.Shard); err != nil {
+			return errReply(err), nil
+		}
+		return &message{}, nil
 	}
 	return errReply(fmt.Errorf("unknown operation %q: %w", m.Op, ErrProtocol)), nil
 }
@@ -244,6 +249,12 @@ func (c *Control) Replicas(shard int) []engine.Replica {
 		return nil
 	}
 	return m.List
+}
+
+// Resync asks the engine to resync a shard and waits.
+func (c *Control) Resync(ctx context.Context, shard int) error {
+	_, err := c.command(ctx, &message{Op: opResync, Shard: shard})
+	return err
 }
 
 // Fence makes the engine refuse all further I/O.
