@@ -216,3 +216,99 @@ func TestAttachFailRebuild(t *testing.T) {
 		}
 	}
 }
+
+// TestRebalanceWhileAttached: a fourth node joins while the volume is
+// attached and written; the rebalance is recorded and carried out by the
+// attachment's repair loop under the writes; counts end balanced and
+// every replica holds the data.
+func TestRebalanceWhileAttached(t *testing.T) {
+	c := newTestCluster(t)
+	for _, n := range []string{"a", "b", "c"} {
+		c.startNode(n)
+	}
+	ctx := context.Background()
+	v, err := c.st.CreateVolume(ctx, "vol", CreateOptions{Size: 1 << 20, ShardSize: 256 << 10, Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := Attach(ctx, c.st, "vol", AttachOptions{Holder: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	want := make([]byte, 1<<20)
+	stop := make(chan struct{})
+	wrote := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				wrote <- nil
+				return
+			default:
+			}
+			off := (i * 4096 * 7) % (1 << 20)
+			p := bytes.Repeat([]byte{byte(i)}, 4096)
+			if _, err := a.Disk.WriteAt(p, int64(off)); err != nil {
+				wrote <- err
+				return
+			}
+			copy(want[off:], p)
+		}
+	}()
+	c.startNode("d")
+	moves, err := c.st.Plan(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(moves) != 3 {
+		t.Fatalf("moves %+v", moves)
+	}
+	if err := c.st.Apply(ctx, moves); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.st.Repair(ctx, "vol", "test rebalance", nil); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Disk.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := c.st.NodeStatuses(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range ns {
+		if n.Replicas != 3 || n.Failed != 0 {
+			t.Errorf("node %s: %d replicas, %d not healthy", n.Name, n.Replicas, n.Failed)
+		}
+	}
+	shards, _, err := c.st.Shards(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sh := range shards {
+		for _, r := range sh.Replicas {
+			if !bytes.Equal(c.replicaBytes(v, r.Node, sh.Index), want[sh.Index*256<<10:(sh.Index+1)*256<<10]) {
+				t.Errorf("shard %d on %s differs", sh.Index, r.Node)
+			}
+		}
+	}
+	// The nodes the replicas left delete their files (they watch the map).
+	for _, m := range moves {
+		p := filepath.Join(c.nodes[m.From].dir, v.ID, fmt.Sprintf("%d.raw", m.Shard))
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if _, err := os.Stat(p); os.IsNotExist(err) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still holds the replica of shard %d it gave up", m.From, m.Shard)
+			}
+			time.Sleep(50 * time.Millisecond) // polling the node's reaction to the watch
+		}
+	}
+}
