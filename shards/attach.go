@@ -74,7 +74,8 @@ type Attachment struct {
 	done   sync.WaitGroup
 
 	pmu      sync.Mutex
-	progress map[string]int64 // "shard/node" -> copied, not yet written
+	progress map[string]int64  // "shard/node" -> copied, not yet written
+	ids      map[string]string // "shard/node" -> replica ID its node reported
 	kick     chan struct{}
 
 	// Dirty: the last attachment did not end with a clean detach, so
@@ -110,10 +111,7 @@ func AttachLink(ctx context.Context, st *Store, name string, o AttachOptions, f 
 		f.Close()
 		return nil, err
 	}
-	dial := func(ctx context.Context, shard int, r engine.Replica) (net.Conn, nbd.Info, error) {
-		return DialExport(ctx, st, r)
-	}
-	if a.ctl, err = link.NewControl(f, dial, a, a.guard); err != nil {
+	if a.ctl, err = link.NewControl(f, a.dialExport, a, a.guard); err != nil {
 		a.release()
 		return nil, err
 	}
@@ -156,7 +154,8 @@ func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *A
 	if o.OwnerTTL <= 0 {
 		o.OwnerTTL = 10
 	}
-	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, kick: make(chan struct{}, 1), lost: make(chan struct{})}
+	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, ids: map[string]string{},
+		kick: make(chan struct{}, 1), lost: make(chan struct{})}
 	if a.lease, err = st.own(ctx, name, o.Holder, o.OwnerTTL); err != nil {
 		return nil, err
 	}
@@ -317,12 +316,23 @@ func (a *Attachment) release() {
 // Dial implements engine.Dialer: it looks the node's address up and
 // negotiates the replica's export with structured replies.
 func (a *Attachment) Dial(ctx context.Context, shard int, r engine.Replica) (*nbd.Client, error) {
-	return DialReplica(ctx, a.st, r)
+	conn, info, err := a.dialExport(ctx, shard, r)
+	if err != nil {
+		return nil, err
+	}
+	return nbd.NewClient(conn, info), nil
+}
+
+func (a *Attachment) dialExport(ctx context.Context, shard int, r engine.Replica) (net.Conn, nbd.Info, error) {
+	conn, info, err := DialExport(ctx, a.st, r)
+	if err == nil {
+		a.dialed(shard, r, info)
+	}
+	return conn, info, err
 }
 
 // DialReplica connects to a replica's export on its node, wherever the
-// node is now registered. The control plane runs this for the VM process
-// too and passes it the connected socket.
+// node is now registered.
 func DialReplica(ctx context.Context, st *Store, r engine.Replica) (*nbd.Client, error) {
 	conn, info, err := DialExport(ctx, st, r)
 	if err != nil {
@@ -331,7 +341,27 @@ func DialReplica(ctx context.Context, st *Store, r engine.Replica) (*nbd.Client,
 	return nbd.NewClient(conn, info), nil
 }
 
-// DialExport is DialReplica up to the end of the handshake.
+// replicaIDTag precedes the replica ID in a rayvmm node's export
+// description.
+const replicaIDTag = "replica id "
+
+// ReplicaID is the replica ID a rayvmm node puts in an export's
+// description, or "" (another NBD server).
+func ReplicaID(info nbd.Info) string {
+	_, id, ok := strings.Cut(info.Description, replicaIDTag)
+	if !ok {
+		return ""
+	}
+	return strings.TrimRight(id, ")")
+}
+
+// ErrReplaced is returned when a node reports another replica ID than
+// the shard map records: its data is not the replica's.
+var ErrReplaced = errors.New("the node's replica is not the one in the shard map (its file was made anew)")
+
+// DialExport connects to a replica's export and negotiates it. A replica
+// that is to be read or written as healthy must report the ID the shard
+// map records (when one is recorded); one being rebuilt may be new.
 func DialExport(ctx context.Context, st *Store, r engine.Replica) (net.Conn, nbd.Info, error) {
 	n, err := st.Node(ctx, r.Node)
 	if err != nil {
@@ -347,7 +377,37 @@ func DialExport(ctx context.Context, st *Store, r engine.Replica) (net.Conn, nbd
 		conn.Close()
 		return nil, nbd.Info{}, fmt.Errorf("node %s: %w", r.Node, err)
 	}
+	if id := ReplicaID(info); r.State != engine.Rebuilding && r.ID != "" && id != r.ID {
+		conn.Close()
+		return nil, nbd.Info{}, fmt.Errorf("node %s export %s reports replica id %q, the shard map has %q: %w", r.Node, r.Export, id, r.ID, ErrReplaced)
+	}
 	return conn, info, nil
+}
+
+// dialed records the replica ID a node reported: kept until a rebuild
+// of that replica is recorded, or recorded now for a replica whose ID
+// was not known.
+func (a *Attachment) dialed(shard int, r engine.Replica, info nbd.Info) {
+	id := ReplicaID(info)
+	if id == "" || id == r.ID {
+		return
+	}
+	a.pmu.Lock()
+	a.ids[fmt.Sprintf("%d/%s", shard, r.Node)] = id
+	a.pmu.Unlock()
+	if r.State != engine.Healthy || r.ID != "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(a.bg, 5*time.Second)
+	defer cancel()
+	if _, err := a.st.updateShard(ctx, a.Volume.Name, shard, a.lease, func(sh *engine.Shard) error {
+		if i := sh.Find(r.Node); i >= 0 && sh.Replicas[i].ID == "" {
+			sh.Replicas[i].ID = id
+		}
+		return nil
+	}); err != nil {
+		a.log.Warn("record a replica's id", "shard", shard, "node", r.Node, "err", err)
+	}
 }
 
 // Failed implements engine.Reporter.
@@ -370,6 +430,11 @@ func (a *Attachment) Rebuilt(ctx context.Context, shard int, node string) (engin
 			return fmt.Errorf("shard %d replica on %s is no longer being rebuilt", shard, node)
 		}
 		sh.Replicas[i].State, sh.Replicas[i].Gen, sh.Replicas[i].Error = engine.Healthy, sh.Gen, ""
+		a.pmu.Lock()
+		if id, ok := a.ids[fmt.Sprintf("%d/%s", shard, node)]; ok {
+			sh.Replicas[i].ID = id // the rebuilt data's identity
+		}
+		a.pmu.Unlock()
 		return nil
 	})
 	if err == nil {
@@ -554,6 +619,7 @@ func (a *Attachment) rebuild(ctx context.Context, shard int, r engine.Replica) e
 			return err
 		}
 	}
+	r.State = engine.Rebuilding // as recorded: its data is to be replaced, whatever its ID
 	a.log.Info("rebuilding replica", "shard", shard, "node", r.Node)
 	stop := make(chan struct{})
 	go func() {

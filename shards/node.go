@@ -262,11 +262,12 @@ func (n *node) reconcile(ctx context.Context) error {
 			}
 			size := min(v.ShardSize, v.Size-int64(sh.Index)*v.ShardSize)
 			p := filepath.Join(n.cfg.Dir, v.ID, fmt.Sprintf("%d.raw", sh.Index))
-			if err := ensureFile(p, size); err != nil {
+			id, err := ensureFile(p, size)
+			if err != nil {
 				return err
 			}
 			want[v.Export(sh.Index)] = &nodeExport{path: p, size: size,
-				desc: fmt.Sprintf("rayvmm replica of %s shard %d (volume id %s)", v.Name, sh.Index, v.ID)}
+				desc: fmt.Sprintf("rayvmm replica of %s shard %d (volume id %s, %s%s)", v.Name, sh.Index, v.ID, replicaIDTag, id)}
 		}
 	}
 	n.mu.Lock()
@@ -288,6 +289,7 @@ func (n *node) reconcile(ctx context.Context) error {
 		for _, f := range files {
 			if !wanted[f] {
 				n.log.Info("removing replica no longer placed here", "file", f)
+				os.Remove(strings.TrimSuffix(f, ".raw") + ".id")
 				os.Remove(f)
 			}
 		}
@@ -295,21 +297,39 @@ func (n *node) reconcile(ctx context.Context) error {
 	return nil
 }
 
-func ensureFile(p string, size int64) error {
+// ensureFile makes a replica file of size bytes (sparse) if there is
+// none, with a new random replica ID beside it (SHARD.id), and returns
+// the ID. The ID is the replica's identity: a file made anew (the node's
+// directory was wiped or replaced) has a new one, so it is not taken for
+// the replica the shard map knows.
+func ensureFile(p string, size int64) (string, error) {
+	idPath := strings.TrimSuffix(p, ".raw") + ".id"
 	if st, err := os.Stat(p); err == nil {
 		if st.Size() != size {
-			return fmt.Errorf("replica file %s is %d bytes, want %d", p, st.Size(), size)
+			return "", fmt.Errorf("replica file %s is %d bytes, want %d", p, st.Size(), size)
 		}
-		return nil
+		if b, err := os.ReadFile(idPath); err == nil && len(b) > 0 && len(b) <= 64 {
+			return strings.TrimSpace(string(b)), nil
+		}
+		// No ID (or a broken one): this data's identity is unknown.
+	} else {
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			return "", err
+		}
+		f, err := raw.Create(p, size)
+		if err != nil {
+			return "", err
+		}
+		if err := f.Close(); err != nil {
+			return "", err
+		}
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return err
+	id := randomID()
+	tmp := idPath + ".tmp"
+	if err := os.WriteFile(tmp, []byte(id+"\n"), 0o600); err != nil {
+		return "", err
 	}
-	f, err := raw.Create(p, size)
-	if err != nil {
-		return err
-	}
-	return f.Close()
+	return id, os.Rename(tmp, idPath)
 }
 
 // Open implements nbd.Exports: replicas share one open file per export.

@@ -224,6 +224,7 @@ func (s *Store) Repair(ctx context.Context, name, holder string, progress func(p
 	}()
 	stuck := 0
 	last := -1
+	changed := time.Now()
 	for {
 		n, err := s.Pending(ctx, name)
 		if err != nil {
@@ -241,7 +242,10 @@ func (s *Store) Repair(ctx context.Context, name, holder string, progress func(p
 		if n == last {
 			stuck++
 		} else {
-			stuck, last = 0, n
+			stuck, last, changed = 0, n, time.Now()
+		}
+		if time.Since(changed) > 2*time.Minute {
+			return fmt.Errorf("%s: %d replicas still need repair and nothing changed for 2 minutes (the owner's log says why): %w", name, n, ErrRepairIncomplete)
 		}
 		// Repairable work needs live nodes: if every pending replica's
 		// node is down, stop after a while rather than wait for ever.

@@ -312,3 +312,61 @@ func TestRebalanceWhileAttached(t *testing.T) {
 		}
 	}
 }
+
+// TestWipedReplicaIsNotRead: a node whose replica files were lost while
+// no VM had the volume comes back with empty files; their new replica IDs
+// differ from the shard map's, so they are failed at attach and rebuilt,
+// never read as if they held the data.
+func TestWipedReplicaIsNotRead(t *testing.T) {
+	c := newTestCluster(t)
+	for _, n := range []string{"a", "b"} {
+		c.startNode(n)
+	}
+	ctx := context.Background()
+	v, err := c.st.CreateVolume(ctx, "vol", CreateOptions{Size: 512 << 10, ShardSize: 256 << 10, Replicas: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Repeat([]byte("wiped?"), (512<<10)/6+1)[:512<<10]
+	a, err := Attach(ctx, c.st, "vol", AttachOptions{Holder: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Disk.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	shards, _, _ := c.st.Shards(ctx, "vol")
+	if shards[0].Replicas[0].ID == "" {
+		t.Fatal("the replica IDs were not recorded at first attach")
+	}
+	c.stopNode("b")
+	if err := os.RemoveAll(filepath.Join(c.nodes["b"].dir, v.ID)); err != nil {
+		t.Fatal(err)
+	}
+	c.startNode("b")
+	a, err = Attach(ctx, c.st, "vol", AttachOptions{Holder: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	for range 4 { // round-robin would reach b's empty replicas
+		got := make([]byte, 512<<10)
+		if _, err := a.Disk.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatal("read the wiped replica's zeroes")
+		}
+	}
+	if err := c.st.Repair(ctx, "vol", "test", nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if !bytes.Equal(c.replicaBytes(v, "b", i), want[i*256<<10:(i+1)*256<<10]) {
+			t.Errorf("shard %d on b was not rebuilt", i)
+		}
+	}
+}

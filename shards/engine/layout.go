@@ -61,6 +61,12 @@ type Replica struct {
 	Leaving bool `json:"leaving,omitempty"`
 	// Error is why the replica failed, for the operator.
 	Error string `json:"error,omitempty"`
+	// ID is the identity of the replica's data as its node reports it
+	// (a node makes a new one with every new replica file); a replica
+	// whose node reports another ID is not this replica and is failed.
+	// Empty: not known yet (recorded at first connect), or a node that
+	// reports none (qemu-nbd).
+	ID string `json:"id,omitempty"`
 }
 
 // Shard is one ShardSize slice of the volume and its replicas.
