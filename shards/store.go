@@ -212,10 +212,10 @@ type CreateOptions struct {
 	Nodes           []string // nil: every live node
 }
 
-// CreateVolume records a new volume and places its replicas on distinct
-// live nodes with balanced counts; the nodes make the replica files when
-// they see the shard map.
-func (s *Store) CreateVolume(ctx context.Context, name string, o CreateOptions) (*Volume, error) {
+// Volume checks the options and returns the record of a new volume
+// called name, with the defaults filled in; it touches no etcd, so bad
+// flags are refused before anything is started or written.
+func (o CreateOptions) Volume(name string) (*Volume, error) {
 	if err := CheckName("volume", name); err != nil {
 		return nil, err
 	}
@@ -244,6 +244,18 @@ func (s *Store) CreateVolume(ctx context.Context, name string, o CreateOptions) 
 	case v.Shards() > 1<<20:
 		return nil, fmt.Errorf("create %s: %d shards: at most %d", name, v.Shards(), 1<<20)
 	}
+	return v, nil
+}
+
+// CreateVolume records a new volume and places its replicas on distinct
+// live nodes with balanced counts; the nodes make the replica files when
+// they see the shard map.
+func (s *Store) CreateVolume(ctx context.Context, name string, o CreateOptions) (*Volume, error) {
+	v, err := o.Volume(name)
+	if err != nil {
+		return nil, err
+	}
+	o.MinReplicas, o.Consistency = v.MinReplicas, v.Consistency
 	nodes, live, err := s.Nodes(ctx)
 	if err != nil {
 		return nil, err

@@ -327,13 +327,17 @@ func shardedCreate(cmd *cobra.Command, name string, size int64, shardSize, consi
 			return fmt.Errorf("create %s: a local volume of that name exists", name)
 		}
 	}
+	opts := shards.CreateOptions{Size: size, ShardSize: ss, Replicas: replicas,
+		MinReplicas: minReplicas, Consistency: engine.Consistency(consistency), Nodes: nodes}
+	if _, err := opts.Volume(name); err != nil {
+		return err // bad flags: refused before etcd is started or written
+	}
 	st, err := shardStore(cmd.Context())
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	v, err := st.CreateVolume(cmd.Context(), name, shards.CreateOptions{Size: size, ShardSize: ss, Replicas: replicas,
-		MinReplicas: minReplicas, Consistency: engine.Consistency(consistency), Nodes: nodes})
+	v, err := st.CreateVolume(cmd.Context(), name, opts)
 	if err != nil {
 		return err
 	}

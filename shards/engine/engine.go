@@ -183,6 +183,7 @@ func Open(ctx context.Context, cfg Config) (*Volume, error) {
 		for _, r := range s.opening {
 			if ok[r] {
 				s.reps = append(s.reps, r)
+				v.watchConn(s, r)
 			}
 		}
 		s.opening = nil
@@ -196,6 +197,23 @@ func Open(ctx context.Context, cfg Config) (*Volume, error) {
 		v.ReplicaFailures.Add(1)
 	}
 	return v, nil
+}
+
+// watchConn fails r as soon as its connection breaks (its node died or
+// closed it), not only at its next request: an idle volume notices a dead
+// node too, and the repair loop can start rebuilding it.
+func (v *Volume) watchConn(s *shard, r *replica) {
+	go func() {
+		select {
+		case <-r.c.Done():
+		case <-v.stop:
+			return
+		}
+		if v.closed.Load() || r.st() == Failed {
+			return
+		}
+		v.fail(s, r, fmt.Errorf("connection lost: %w", r.c.Err()))
+	}()
 }
 
 func (v *Volume) newReplica(r Replica, st State) *replica {

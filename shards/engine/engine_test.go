@@ -449,3 +449,27 @@ func TestResyncAfterUncleanShutdown(t *testing.T) {
 	}
 	c.identical(t, make([]byte, 2*shardSize))
 }
+
+// TestIdleNodeLossNoticed: a node that goes away while the volume is idle
+// is failed and reported without any guest I/O.
+func TestIdleNodeLossNoticed(t *testing.T) {
+	c := newCluster(t, []string{"a", "b"}, 1, shardSize, Strong, 1)
+	v := c.open(t)
+	c.nodes["b"].stop()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c.mu.Lock()
+		n := len(c.failed)
+		c.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the idle volume did not notice its replica's node went away")
+		}
+		time.Sleep(10 * time.Millisecond) // polling the reporter the engine calls
+	}
+	if got := v.Replicas(0); len(got) != 1 || got[0].Node != "a" {
+		t.Fatalf("in service: %+v", got)
+	}
+}

@@ -49,6 +49,7 @@ func (v *Volume) Rebuild(ctx context.Context, shardIdx int, r Replica) error {
 	}
 	s.reps = append(s.reps, nr)
 	s.mu.Unlock()
+	v.watchConn(s, nr)
 	if err := v.rebuild(ctx, s, nr); err != nil {
 		err = fmt.Errorf("rebuild shard %d on %s: %w", shardIdx, r.Node, err)
 		<-v.fail(s, nr, err).done
