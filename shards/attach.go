@@ -83,6 +83,10 @@ type Attachment struct {
 	Dirty    bool
 	resynced []bool       // by shard, touched by the repair loop only
 	unsynced atomic.Int32 // shards not resynced yet
+	// backoff delays the next rebuild of a replica whose rebuild failed
+	// ("shard/node"; repair loop only).
+	backoff  map[string]retryAt
+	returned map[string]bool // nodes that registered since the last pass (pmu)
 }
 
 // Attach opens a sharded volume for I/O with the engine in this process.
@@ -154,7 +158,7 @@ func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *A
 	if o.OwnerTTL <= 0 {
 		o.OwnerTTL = 10
 	}
-	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, ids: map[string]string{},
+	a := &Attachment{st: st, log: o.Log.With("volume", name), progress: map[string]int64{}, ids: map[string]string{}, backoff: map[string]retryAt{}, returned: map[string]bool{},
 		kick: make(chan struct{}, 1), lost: make(chan struct{})}
 	if a.lease, err = st.own(ctx, name, o.Holder, o.OwnerTTL); err != nil {
 		return nil, err
@@ -492,10 +496,19 @@ func (a *Attachment) repairLoop(ctx context.Context) {
 					if !ok {
 						break loop
 					}
-				case _, ok := <-w2:
+				case wr, ok := <-w2:
 					if !ok {
 						break loop
 					}
+					// A node that registered anew gets its rebuilds
+					// tried at once, whatever their backoff.
+					a.pmu.Lock()
+					for _, ev := range wr.Events {
+						if ev.Type == clientv3.EventTypePut {
+							a.returned[strings.TrimPrefix(string(ev.Kv.Key), Prefix+"live/")] = true
+						}
+					}
+					a.pmu.Unlock()
 				}
 				a.Kick()
 			}
@@ -517,6 +530,13 @@ func (a *Attachment) repairLoop(ctx context.Context) {
 		case <-tick.C:
 		}
 	}
+}
+
+// retryAt is when a failed rebuild may be tried again, and the delay
+// that led there (doubling up to a minute).
+type retryAt struct {
+	at    time.Time
+	delay time.Duration
 }
 
 // Kick asks the repair loop for a pass now.
@@ -547,6 +567,16 @@ var ErrRepairIncomplete = errors.New("volume still needs repair")
 // replicas that failed or are being rebuilt, on live nodes, are rebuilt
 // one at a time.
 func (a *Attachment) repair(ctx context.Context) error {
+	a.pmu.Lock()
+	for n := range a.returned {
+		for k := range a.backoff {
+			if strings.HasSuffix(k, "/"+n) {
+				delete(a.backoff, k)
+			}
+		}
+	}
+	clear(a.returned)
+	a.pmu.Unlock()
 	shards, _, err := a.st.Shards(ctx, a.Volume.Name)
 	if err != nil {
 		return err
@@ -600,8 +630,17 @@ func (a *Attachment) repairShard(ctx context.Context, sh engine.Shard, live map[
 		case r.Leaving:
 			// Kept until the shard has its replicas elsewhere.
 		case (r.State == engine.Failed || r.State == engine.Rebuilding) && live[r.Node] && inService[r.Node] == "":
+			k := fmt.Sprintf("%d/%s", sh.Index, r.Node)
+			b := a.backoff[k]
+			if time.Now().Before(b.at) {
+				continue // its last rebuild failed: not again yet
+			}
 			if err := a.rebuild(ctx, sh.Index, r); err != nil {
-				a.log.Warn("rebuild", "shard", sh.Index, "node", r.Node, "err", err)
+				b.delay = min(max(2*b.delay, time.Second), time.Minute)
+				a.backoff[k] = retryAt{time.Now().Add(b.delay), b.delay}
+				a.log.Warn("rebuild", "shard", sh.Index, "node", r.Node, "err", err, "retry_in", b.delay)
+			} else {
+				delete(a.backoff, k)
 			}
 		}
 	}

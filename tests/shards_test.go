@@ -36,6 +36,7 @@ type shardEnv struct {
 	etcd  *etcdtest.Etcd
 	state string
 	nodes map[string]*shardNode
+	logs  *lineWatcher // the last boot's stderr
 }
 
 type shardNode struct {
@@ -108,12 +109,15 @@ func (e *shardEnv) kill9(name string) {
 	n.out.waitClosed(e.t, 10*time.Second)
 }
 
-// boot starts rayvmm boot on the sharded volume in the background.
+// boot starts rayvmm boot on the sharded volume in the background; the
+// watcher gets the guest's console (stdout), e.logs rayvmm's log
+// (stderr), kept apart so that log lines cannot split a guest line.
 func (e *shardEnv) boot(cmdline string) (*exec.Cmd, *lineWatcher) {
 	e.t.Helper()
 	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--disk", "volume=vol", "--cmdline", cmdline)...)
 	w := newLineWatcher()
-	cmd.Stdout, cmd.Stderr = w, w
+	e.logs = newLineWatcher()
+	cmd.Stdout, cmd.Stderr = w, e.logs
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -195,8 +199,9 @@ func blktest(seed int, extra string) string {
 
 func (e *shardEnv) guestOK(out string, code int, want []byte) {
 	e.t.Helper()
+	checkNoPanic(e.t, e.logs.String())
 	if code != 0 {
-		e.t.Fatalf("rayvmm boot exited %d:\n%s", code, out)
+		e.t.Fatalf("rayvmm boot exited %d:\n%s\nlog:\n%s", code, out, e.logs.String())
 	}
 	if s := blkSums(e.t, out)["vda"]; s != guestSum(want[:shBlocks*4096]) {
 		e.t.Fatalf("guest sum %q, want %s\n%s", s, guestSum(want[:shBlocks*4096]), out)
@@ -424,8 +429,8 @@ func TestShardsHostilePeers(t *testing.T) {
 	if s := blkSums(t, w.String())["vda"]; s != guestSum(want) {
 		t.Fatalf("guest sum %q, want %s\n%s", s, guestSum(want), w.String())
 	}
-	if !strings.Contains(w.String(), "replica failed") || !strings.Contains(w.String(), "node=f") {
-		t.Fatalf("the garbage node's replica was not failed:\n%s", w.String())
+	if logs := e.logs.String(); !strings.Contains(logs, "replica failed") || !strings.Contains(logs, "node=f") {
+		t.Fatalf("the garbage node's replica was not failed:\n%s", logs)
 	}
 	v := e.inspect()
 	for _, r := range v.Shards[0].Replicas {
