@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,5 +33,45 @@ func TestShardedCreateBadInput(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(c.state, "shards")); !os.IsNotExist(err) {
 		t.Errorf("bad input left %s behind (an etcd was started?)", filepath.Join(c.state, "shards"))
+	}
+}
+
+// TestEmbeddedEtcdShared: with no --etcd-endpoints, commands share one
+// embedded etcd that the first of them starts in the background; several
+// starting at once agree on one; it keeps the metadata across commands,
+// is reachable only through its 0600 socket, and `shard etcd stop` ends it.
+func TestEmbeddedEtcdShared(t *testing.T) {
+	c := cli{t: t, bin: buildRayvmm(t), state: t.TempDir()}
+	t.Cleanup(func() { c.run("shard", "etcd", "stop") })
+	errs := make(chan string, 3)
+	for i := range 3 {
+		go func() {
+			_, stderr, ok := c.run("shard", "nodes", "add", fmt.Sprintf("q%d", i), "--address", "127.0.0.1:1")
+			if !ok {
+				errs <- stderr
+				return
+			}
+			errs <- ""
+		}()
+	}
+	for range 3 {
+		if e := <-errs; e != "" {
+			t.Fatalf("a command racing to start the embedded etcd failed: %s", e)
+		}
+	}
+	out, stderr, ok := c.run("shard", "nodes")
+	if !ok || strings.Count(out, "static") != 3 {
+		t.Fatalf("shard nodes after the adds: %v %s%s", ok, out, stderr)
+	}
+	st, err := os.Stat(filepath.Join(c.state, "shards", "etcd.sock"))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("the embedded etcd's socket: %v %v", st.Mode(), err)
+	}
+	out, _, ok = c.run("shard", "etcd", "stop")
+	if !ok || !strings.Contains(out, "embedded etcd stopped") {
+		t.Fatalf("shard etcd stop: %s", out)
+	}
+	if out, _, _ := c.run("shard", "etcd", "stop"); !strings.Contains(out, "not running") {
+		t.Fatalf("a second stop: %s", out)
 	}
 }
