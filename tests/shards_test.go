@@ -567,3 +567,66 @@ func TestShardsVMKilled(t *testing.T) {
 		}
 	}
 }
+
+// TestShardsRebuildWhileAttached: a VM has the volume attached (idle, in
+// rayguest's echo job); a node is killed and its replicas are recorded
+// failed without any guest I/O; when it restarts, the VM's rayvmm
+// rebuilds them by itself, and the replicas are identical again.
+func TestShardsRebuildWhileAttached(t *testing.T) {
+	e := newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	out, code := e.bootWait(blktest(21, ""))
+	want := expectImage(shVolSize, 21, shBlocks)
+	e.guestOK(out, code, want)
+
+	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--disk", "volume=vol", "--cmdline", "rayguest.run=echo")...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, logs := newLineWatcher(), newLineWatcher()
+	cmd.Stdout, cmd.Stderr = w, logs
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); w.close() }()
+	t.Cleanup(func() { cmd.Process.Kill(); w.waitClosed(t, 20*time.Second) })
+	w.waitFor(t, "rayguest: ready", time.Minute)
+
+	e.kill9("b")
+	e.waitReplicas(t, "b", func(state string) bool { return state != "healthy" }, "recorded failed", logs)
+	e.startNode("b")
+	e.waitReplicas(t, "b", func(state string) bool { return state == "healthy" }, "rebuilt by the VM's rayvmm", logs)
+	if !strings.Contains(logs.String(), "replica rebuilt") {
+		t.Fatalf("the VM's rayvmm did not log the rebuilds:\n%s", logs.String())
+	}
+	io.WriteString(stdin, "quit\n")
+	w.waitFor(t, "rayguest: bye", time.Minute)
+	w.waitClosed(t, time.Minute)
+	e.identical(want, nil)
+}
+
+// waitReplicas polls volume inspect until every replica on node is in a
+// state ok accepts.
+func (e *shardEnv) waitReplicas(t *testing.T, node string, ok func(string) bool, what string, logs *lineWatcher) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		all := true
+		for _, sh := range e.inspect().Shards {
+			for _, r := range sh.Replicas {
+				if r.Node == node && !ok(r.State) {
+					all = false
+				}
+			}
+		}
+		if all {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s's replicas not %s within 90 s:\n%+v\nlog:\n%s", node, what, e.inspect(), logs.String())
+		}
+		time.Sleep(200 * time.Millisecond) // polling etcd through volume inspect
+	}
+}
