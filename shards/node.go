@@ -42,6 +42,9 @@ type node struct {
 	mu    sync.Mutex
 	exps  map[string]*nodeExport // by export name
 	files map[string]*openFile   // by path
+	rmu   sync.Mutex             // one reconcile at a time (the watch, and Open)
+	// orphans are directories of unknown volumes already reported.
+	orphans map[string]bool
 }
 
 type nodeExport struct {
@@ -92,7 +95,7 @@ func ServeNode(ctx context.Context, cfg NodeConfig) error {
 	if cfg.Advertise == "" {
 		cfg.Advertise = l.Addr().String()
 	}
-	n := &node{cfg: cfg, log: cfg.Log.With("node", cfg.Name), exps: map[string]*nodeExport{}, files: map[string]*openFile{}}
+	n := &node{cfg: cfg, log: cfg.Log.With("node", cfg.Name), exps: map[string]*nodeExport{}, files: map[string]*openFile{}, orphans: map[string]bool{}}
 	n.srv = &nbd.Server{Exports: n, Log: n.log}
 	if err := n.reconcile(ctx); err != nil {
 		l.Close()
@@ -243,6 +246,8 @@ func (n *node) watch(ctx context.Context) {
 // every replica placed here (created sparse when missing), and the files
 // of replicas no longer placed here removed.
 func (n *node) reconcile(ctx context.Context) error {
+	n.rmu.Lock()
+	defer n.rmu.Unlock()
 	st := n.cfg.Store
 	vols, err := st.Volumes(ctx)
 	if err != nil {
@@ -282,6 +287,13 @@ func (n *node) reconcile(ctx context.Context) error {
 	}
 	dirs, _ := os.ReadDir(n.cfg.Dir)
 	for _, d := range dirs {
+		if d.IsDir() && !ids[d.Name()] && !n.orphans[d.Name()] {
+			// A volume removed while this node was away, or another
+			// cluster's: kept, and said once.
+			n.orphans[d.Name()] = true
+			n.log.Warn("replica files of a volume this cluster does not know; remove the directory if it is not needed",
+				"dir", filepath.Join(n.cfg.Dir, d.Name()))
+		}
 		if !d.IsDir() || !ids[d.Name()] {
 			continue
 		}
