@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -368,5 +369,36 @@ func TestWipedReplicaIsNotRead(t *testing.T) {
 		if !bytes.Equal(c.replicaBytes(v, "b", i), want[i*256<<10:(i+1)*256<<10]) {
 			t.Errorf("shard %d on b was not rebuilt", i)
 		}
+	}
+}
+
+// TestInspectShowsRebuildProgress: a replica being rebuilt shows its
+// copied bytes (written by the owner as it goes) and the shard's size.
+func TestInspectShowsRebuildProgress(t *testing.T) {
+	c := newTestCluster(t)
+	for _, n := range []string{"a", "b"} {
+		c.startNode(n)
+	}
+	ctx := context.Background()
+	if _, err := c.st.CreateVolume(ctx, "vol", CreateOptions{Size: 512 << 10, ShardSize: 256 << 10, Replicas: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.st.updateShard(ctx, "vol", 1, 0, func(sh *engine.Shard) error {
+		sh.MarkFailed("b")
+		sh.Replicas[sh.Find("b")].State = engine.Rebuilding
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.st.c.Put(ctx, progressKey("vol", 1, "b"), "65536"); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.st.Inspect(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := st.Shards[1].Replicas[1]
+	if r.Node != "b" || r.State != engine.Rebuilding || r.Copied != 65536 || r.Of != 256<<10 || st.Degraded != 1 || !strings.Contains(st.State, "degraded") {
+		t.Fatalf("inspect: %+v, shard 1 replica b %+v", st, r)
 	}
 }

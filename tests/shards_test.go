@@ -630,3 +630,14 @@ func (e *shardEnv) waitReplicas(t *testing.T, node string, ok func(string) bool,
 		time.Sleep(200 * time.Millisecond) // polling etcd through volume inspect
 	}
 }
+
+// TestShardsEventual: an eventual volume (R=2) passes blktest, and once
+// the VM has flushed and detached both replicas hold every block.
+func TestShardsEventual(t *testing.T) {
+	e := newShardEnv(t, "a", "b")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "2", "--consistency", "eventual")
+	out, code := e.bootWait(blktest(17, ""))
+	want := expectImage(shVolSize, 17, shBlocks)
+	e.guestOK(out, code, want)
+	e.identical(want, nil)
+}
