@@ -4,27 +4,41 @@ export CGO_ENABLED = 0
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: all rayvmm guestkernel test unit integration bench vet fmt clean
+.PHONY: all rayvmm rayvmm-vm guestkernel test test-repeat unit integration bench vet fmt clean
 
-all: rayvmm
+all: rayvmm rayvmm-vm
 
+# rayvmm is the CLI and control plane; rayvmm-vm the VM process it starts
+# for each guest (found next to rayvmm).
 rayvmm:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm ./cmd/rayvmm
 
+rayvmm-vm:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm-vm ./cmd/rayvmm-vm
+
+# make guestkernel: rebuild rayguest from scratch, rewriting
+# guestkernel/rayguest.elf and guestkernel/toolchain.txt (commit both).
 guestkernel:
-	$(MAKE) -C guestkernel
+	$(MAKE) -C guestkernel clean all
 
 vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 # make test: every test (unit, fuzz seed corpora, integration on /dev/kvm).
-test: rayvmm vet
+test: rayvmm rayvmm-vm vet
 	$(GO) test -count=1 -timeout 30m ./...
+
+# make test-repeat [N=5]: the whole suite N times over (each a separate
+# go test -json run), then each test's failure count; fails if any test
+# failed even once. For hunting flaky tests; CI does not run it.
+N ?= 5
+test-repeat:
+	$(GO) run ./internal/testrepeat -n $(N) -- -timeout 30m ./...
 
 # make bench: side-by-side benchmarks (tests/bench); writes
 # tests/bench/results and the README's Performance section. Needs root.
-bench: rayvmm
+bench: rayvmm rayvmm-vm
 	$(GO) run ./tests/bench $(BENCHFLAGS)
 
 clean:

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 // toolchain returns the first lines of "gcc --version" and "ld --version",
@@ -32,25 +34,30 @@ func toolchain() (string, error) {
 	return b.String(), nil
 }
 
+// refresh says how to bring the committed rayguest.elf and toolchain.txt
+// up to date.
+const refresh = "run `make guestkernel` (a clean rebuild that rewrites guestkernel/rayguest.elf and guestkernel/toolchain.txt) " +
+	"with CI's toolchain, Debian 12's gcc and binutils, and commit both files"
+
 // TestReproducible rebuilds rayguest from source into a temporary directory
 // and requires the result to be byte-identical to the committed rayguest.elf
-// (the file go:embed puts into rayvmm).
+// (the file go:embed puts into rayvmm). With a different gcc or ld than
+// toolchain.txt records the bytes may differ, so it cannot run; under
+// RAYVMM_REQUIRE_KVM=1 (CI) that fails rather than skips, so CI never loses
+// the check quietly.
 func TestReproducible(t *testing.T) {
-	for _, tool := range []string{"gcc", "ld", "strip", "make"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed, cannot rebuild rayguest: %v", tool, err)
-		}
-	}
+	testenv.RequireTool(t, "gcc", "ld", "strip", "make")
 	have, err := toolchain()
 	if err != nil {
-		t.Skipf("cannot identify the toolchain: %v", err)
+		testenv.Need(t, fmt.Sprintf("cannot identify the toolchain: %v", err))
 	}
 	want, err := os.ReadFile("toolchain.txt")
 	if err != nil {
 		t.Fatalf("read toolchain.txt: %v", err)
 	}
 	if have != string(want) {
-		t.Skipf("toolchain differs from the one that built rayguest.elf, so bytes may differ:\nhave %swant %s", have, want)
+		testenv.Need(t, fmt.Sprintf("needs the toolchain that built rayguest.elf (toolchain.txt), or the bytes may differ:\nhave %swant %sto refresh the committed build, %s",
+			have, want, refresh))
 	}
 	out := t.TempDir()
 	cmd := exec.Command("make", "-s", "OUT="+out)
@@ -66,8 +73,8 @@ func TestReproducible(t *testing.T) {
 		for off < len(built) && off < len(ELF) && built[off] == ELF[off] {
 			off++
 		}
-		t.Fatalf("fresh build (%d bytes) differs from committed rayguest.elf (%d bytes) from offset %#x; run make -C guestkernel and commit rayguest.elf",
-			len(built), len(ELF), off)
+		t.Fatalf("fresh build (%d bytes) differs from committed rayguest.elf (%d bytes) from offset %#x: %s",
+			len(built), len(ELF), off, refresh)
 	}
 }
 
@@ -204,10 +211,8 @@ func qemuArgs(t *testing.T, g guest) []string {
 // network namespace netns when it is not "". The test's cleanup kills it.
 func startQEMU(t *testing.T, g guest, netns string) *vm {
 	t.Helper()
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skipf("qemu-system-x86_64 not installed: %v", err)
-	}
+	testenv.RequireTool(t, "qemu-system-x86_64")
+	qemu, _ := exec.LookPath("qemu-system-x86_64")
 	name, args := qemu, qemuArgs(t, g)
 	if netns != "" {
 		name, args = "ip", append([]string{"netns", "exec", netns, qemu}, args...)

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 // Network tests run in network namespaces they create, with addresses from
@@ -43,12 +45,8 @@ func run(t *testing.T, args ...string) string {
 // newNetns creates a network namespace with lo up, removed at cleanup.
 func newNetns(t *testing.T) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("network tests need root (network namespaces, TAP devices)")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skipf("ip (iproute2) not installed: %v", err)
-	}
+	testenv.RequireRoot(t) // network namespaces, TAP devices
+	testenv.RequireTool(t, "ip")
 	name := fmt.Sprintf("rayguest-test-%d-%d", os.Getpid(), nsCount.Add(1))
 	run(t, "ip", "netns", "add", name)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
@@ -101,9 +99,7 @@ func TestNetServeTAP(t *testing.T) {
 	v.waitLine(t, `rayguest: serving 192\.0\.2\.2/24`)
 
 	t.Run("ping from the host", func(t *testing.T) {
-		if _, err := exec.LookPath("ping"); err != nil {
-			t.Skipf("ping (iputils-ping) not installed: %v", err)
-		}
+		testenv.RequireTool(t, "ping")
 		out := run(t, "ip", "netns", "exec", ns, "ping", "-c", "3", "-i", "0.2", "-W", "10", "192.0.2.2")
 		if !strings.Contains(out, " 3 received") {
 			t.Fatalf("want 3 replies:\n%s", out)

@@ -12,40 +12,87 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/rayvmm/rayvmm/ratelimit"
+	"github.com/rayvmm/rayvmm/network/port"
+	"github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/state"
 )
 
-// NIC is a guest NIC's host side, made by Attach.
+// NIC is a guest NIC's host side, made by Attach: one TAP, or one TAP per
+// VLAN of a trunk, created in the control plane and handed (as
+// descriptors) to the VM process, or used in this process through Port.
 type NIC struct {
-	// Port moves the guest's frames; hand it to the virtio-net device.
-	Port Port
-	// MAC is the guest's address (from mac= or generated).
+	// MAC is the guest's address (from the spec or generated).
 	MAC net.HardwareAddr
 	// MTU is the guest's MTU: the network's, or the TAP's for tap=.
 	MTU int
-	// TAPs names the host interfaces, one per VLAN for a trunk.
-	TAPs []string
-	// Trunk is set for a trunk port (for its drop counters).
-	Trunk *Trunk
-	// RX and TX are the NIC's rate limiters from the spec (nil when
-	// unlimited): RX for frames toward the guest, TX for frames from it.
-	RX, TX *ratelimit.Limiter
+	// TAPs are the host interfaces: one, or one per VLAN of a trunk.
+	TAPs []*TAP
+	// VLANs is set for a trunk: VLANs[i] is the VLAN of TAPs[i], and the
+	// guest sees 802.1Q-tagged frames.
+	VLANs []uint16
 
-	attachLock *os.File
+	attachLock *state.Lock
+	portOnce   sync.Once
+	port       port.Port
 	once       sync.Once
 	closeErr   error
 }
 
-// Close closes the NIC's TAPs, which removes the ones Attach created, and
-// lets go of the network. It is safe to call more than once.
+// TAPNames names the host interfaces, in the order of TAPs.
+func (n *NIC) TAPNames() []string {
+	names := make([]string, len(n.TAPs))
+	for i, t := range n.TAPs {
+		names[i] = t.Name()
+	}
+	return names
+}
+
+// Port is the NIC's data path in this process: its TAP, or for a trunk a
+// multiplexer (port.Trunk) over its TAPs, made on first use. A NIC handed
+// to a VM process is not used through Port here.
+func (n *NIC) Port() port.Port {
+	n.portOnce.Do(func() {
+		if n.VLANs == nil {
+			n.port = n.TAPs[0]
+			return
+		}
+		taps := map[uint16]*port.TAP{}
+		for i, t := range n.TAPs {
+			taps[n.VLANs[i]] = t.TAP
+		}
+		n.port = port.NewTrunk(taps)
+	})
+	return n.port
+}
+
+// CloseTAPs closes this process's descriptors of the NIC's TAPs but keeps
+// the hold on the network: for a NIC whose TAPs were handed to a VM
+// process, which now keeps them (and so the TAPs themselves) alive. Close
+// lets go of the network later.
+func (n *NIC) CloseTAPs() error {
+	var errs []error
+	for _, t := range n.TAPs {
+		errs = append(errs, t.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Close closes this process's descriptors of the NIC's TAPs (a TAP Attach
+// created disappears once no process holds it) and lets go of the network.
+// It is safe to call more than once.
 func (n *NIC) Close() error {
 	n.once.Do(func() {
-		if n.Port != nil {
-			n.closeErr = n.Port.Close()
+		var errs []error
+		n.portOnce.Do(func() {}) // no trunk may start after this
+		if tr, ok := n.port.(*port.Trunk); ok {
+			errs = append(errs, tr.Close())
+		} else {
+			for _, t := range n.TAPs {
+				errs = append(errs, t.Close())
+			}
 		}
-		if n.attachLock != nil {
-			n.attachLock.Close()
-		}
+		errs = append(errs, n.attachLock.Release())
+		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
 }
@@ -59,44 +106,31 @@ func nextTAPName() string {
 	return tapPrefix + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(int(tapSeq.Add(1)-1))
 }
 
-// Attach makes the host side of one NIC of VM vmName in the calling
-// thread's network namespace. For network=NAME it makes sure the
-// network's bridge exists (recreating it after a reboot), creates one
-// non-persistent TAP (one per VLAN for a trunk), puts it on the network's
-// bridge (or the access VLAN's bridge, created on first use) and holds
-// the network so "net rm" refuses to remove it. For tap=IFNAME it opens
-// that TAP and attaches it to nothing. Everything is checked before
-// anything is made; on error nothing is left behind.
-func Attach(ctx context.Context, stateDir, vmName string, spec NICSpec) (*NIC, error) {
+// Attach makes the host side of NIC index of VM vmName in the calling
+// thread's network namespace. For network=NAME it makes sure the network's
+// bridge exists (recreating it after a reboot), creates one non-persistent
+// TAP (one per VLAN for a trunk), puts it on the network's bridge (or the
+// access VLAN's bridge, created on first use) and holds the network so
+// "net rm" refuses to remove it. For tap=IFNAME it opens that TAP and
+// attaches it to nothing. An empty MAC is generated from vmName and index.
+// The entry is validated before anything is made; on error nothing is
+// left behind. Rate limits are the VM process's business, not Attach's.
+func Attach(ctx context.Context, stateDir, vmName string, index int, nic spec.NIC) (*NIC, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := spec.validate(); err != nil {
-		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
+	if err := nic.Validate(fmt.Sprintf("nets[%d]", index)); err != nil {
+		return nil, fmt.Errorf("attach NIC %d: %w", index, err)
 	}
-	mac := spec.MAC
-	if mac == nil {
-		mac = GenerateMAC(vmName, spec.Index)
+	mac := GenerateMAC(vmName, index)
+	if nic.MAC != "" {
+		var err error
+		if mac, err = spec.ParseMAC(nic.MAC); err != nil {
+			return nil, fmt.Errorf("attach NIC %d: %w", index, err)
+		}
 	}
-	rx, err := spec.RX.Limiter()
-	if err != nil {
-		return nil, fmt.Errorf("attach NIC %d: rx: %w", spec.Index, err)
-	}
-	tx, err := spec.TX.Limiter()
-	if err != nil {
-		return nil, fmt.Errorf("attach NIC %d: tx: %w", spec.Index, err)
-	}
-	nic, err := attach(ctx, stateDir, vmName, spec, mac)
-	if err != nil {
-		return nil, err
-	}
-	nic.RX, nic.TX = rx, tx
-	return nic, nil
-}
-
-func attach(ctx context.Context, stateDir, vmName string, spec NICSpec, mac net.HardwareAddr) (*NIC, error) {
-	if spec.Tap != "" {
-		return attachTap(vmName, spec, mac)
+	if nic.Tap != "" {
+		return attachTap(vmName, index, nic, mac)
 	}
 	// Exclusively: Attach may (re)create the network's bridges, address
 	// and NAT rule, and undoes what it made if a later step fails. Two
@@ -107,71 +141,62 @@ func attach(ctx context.Context, stateDir, vmName string, spec NICSpec, mac net.
 		return nil, err
 	}
 	defer s.close()
-	nw, err := s.load(spec.Network)
+	nw, err := s.load(nic.Network)
 	if err != nil {
-		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
+		return nil, fmt.Errorf("attach NIC %d: %w", index, err)
 	}
-	vlans := spec.Trunk
-	if spec.VLAN != 0 {
-		vlans = []uint16{spec.VLAN}
+	var vlans []uint16
+	for _, v := range nic.Trunk {
+		vlans = append(vlans, uint16(v))
+	}
+	if nic.VLAN != 0 {
+		vlans = []uint16{uint16(nic.VLAN)}
 	}
 	for _, v := range vlans {
 		if nw.Overlay != nil {
-			return nil, fmt.Errorf("attach NIC %d: network %q has an overlay, which carries only its untagged segment; VLAN ports are not supported on it", spec.Index, nw.Name)
+			return nil, fmt.Errorf("attach NIC %d: network %q has an overlay, which carries only its untagged segment; VLAN ports are not supported on it", index, nw.Name)
 		}
 		if err := checkIfName(VLANBridgeName(nw.Name, v), fmt.Sprintf("network %s VLAN %d: bridge", nw.Name, v)); err != nil {
-			return nil, fmt.Errorf("attach NIC %d: %w; use a shorter network name", spec.Index, err)
+			return nil, fmt.Errorf("attach NIC %d: %w; use a shorter network name", index, err)
 		}
 	}
 	lock, err := s.holdAttach(nw.Name)
 	if err != nil {
 		return nil, err
 	}
-	nic := &NIC{MAC: mac, MTU: nw.MTU, attachLock: lock}
+	n := &NIC{MAC: mac, MTU: nw.MTU, attachLock: lock}
 	var undo undoList
 	fail := func(err error) (*NIC, error) {
-		nic.Close()
+		n.Close()
 		undo.run()
-		return nil, fmt.Errorf("attach NIC %d to network %q: %w", spec.Index, nw.Name, err)
+		return nil, fmt.Errorf("attach NIC %d to network %q: %w", index, nw.Name, err)
 	}
 	if err := ensureNetwork(ctx, nw, &undo); err != nil {
 		return fail(err)
 	}
-	alias := fmt.Sprintf("rayvmm vm=%s nic=%d network=%s", vmName, spec.Index, nw.Name)
+	alias := fmt.Sprintf("rayvmm vm=%s nic=%d network=%s", vmName, index, nw.Name)
 	if len(vlans) == 0 {
 		tap, err := plugTAP(nextTAPName(), nw.Bridge, nw.MTU, alias)
 		if err != nil {
 			return fail(err)
 		}
-		nic.Port, nic.TAPs = tap, []string{tap.Name()}
-		return nic, nil
-	}
-	taps := map[uint16]*TAP{}
-	closeTaps := func() {
-		for _, t := range taps {
-			t.Close()
-		}
+		n.TAPs = []*TAP{tap}
+		return n, nil
 	}
 	for _, v := range vlans {
 		if _, err := ensureBridge(VLANBridgeName(nw.Name, v), nw.MTU, &undo); err != nil {
-			closeTaps()
 			return fail(err)
 		}
 		tap, err := plugTAP(nextTAPName(), VLANBridgeName(nw.Name, v), nw.MTU, fmt.Sprintf("%s vlan=%d", alias, v))
 		if err != nil {
-			closeTaps()
 			return fail(err)
 		}
-		taps[v] = tap
-		nic.TAPs = append(nic.TAPs, tap.Name())
+		n.TAPs = append(n.TAPs, tap)
 	}
-	if spec.VLAN != 0 {
-		nic.Port = taps[spec.VLAN]
-	} else {
-		nic.Trunk = NewTrunk(taps)
-		nic.Port = nic.Trunk
+	if len(nic.Trunk) > 0 {
+		n.VLANs = vlans
 	}
-	return nic, nil
+	return n, nil
 }
 
 // plugTAP creates TAP name and puts it, up, on bridge.
@@ -231,41 +256,39 @@ func setupTAP(name string, mtu int, alias string, master netlink.Link) error {
 }
 
 // attachTap opens a named TAP for tap=IFNAME.
-func attachTap(vmName string, spec NICSpec, mac net.HardwareAddr) (*NIC, error) {
-	tap, err := OpenTAP(spec.Tap)
+func attachTap(vmName string, index int, nic spec.NIC, mac net.HardwareAddr) (*NIC, error) {
+	tap, err := OpenTAP(nic.Tap)
 	if err != nil {
-		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
+		return nil, fmt.Errorf("attach NIC %d: %w", index, err)
 	}
 	l, err := netlink.LinkByName(tap.Name())
 	if err == nil {
 		alias := "" // leave a TAP someone else made as it was, but up
 		if tap.created {
-			alias = fmt.Sprintf("rayvmm vm=%s nic=%d", vmName, spec.Index)
+			alias = fmt.Sprintf("rayvmm vm=%s nic=%d", vmName, index)
 		}
 		err = setupTAP(tap.Name(), 0, alias, nil)
 	}
 	if err != nil {
 		tap.Close()
-		return nil, fmt.Errorf("attach NIC %d: %w", spec.Index, err)
+		return nil, fmt.Errorf("attach NIC %d: %w", index, err)
 	}
-	return &NIC{Port: tap, MAC: mac, MTU: l.Attrs().MTU, TAPs: []string{tap.Name()}}, nil
+	return &NIC{MAC: mac, MTU: l.Attrs().MTU, TAPs: []*TAP{tap}}, nil
 }
 
-// AttachAll attaches a VM's NICs in order, setting each spec's Index to its
-// position. If one fails, the NICs already made are closed again, so a bad
-// --net leaves nothing behind.
-func AttachAll(ctx context.Context, stateDir, vmName string, specs []NICSpec) ([]*NIC, error) {
-	var nics []*NIC
-	for i, spec := range specs {
-		spec.Index = i
-		nic, err := Attach(ctx, stateDir, vmName, spec)
+// AttachAll attaches a VM's NICs in order. If one fails, the NICs already
+// made are closed again, so a bad entry leaves nothing behind.
+func AttachAll(ctx context.Context, stateDir, vmName string, nics []spec.NIC) ([]*NIC, error) {
+	var out []*NIC
+	for i, nic := range nics {
+		n, err := Attach(ctx, stateDir, vmName, i, nic)
 		if err != nil {
-			CloseAll(nics)
+			CloseAll(out)
 			return nil, err
 		}
-		nics = append(nics, nic)
+		out = append(out, n)
 	}
-	return nics, nil
+	return out, nil
 }
 
 // CloseAll closes every NIC and returns the errors joined.

@@ -10,12 +10,18 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"github.com/rayvmm/rayvmm/network/nettest"
+	"github.com/rayvmm/rayvmm/network/port"
+	vmspec "github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/state"
 )
 
 // These tests make real bridges, TAPs, VXLAN devices and nftables rules,
@@ -50,10 +56,46 @@ func links(t *testing.T, ns *nettest.NS) []string {
 	return names
 }
 
-func records(t *testing.T, stateDir string) []string {
+// recorded lists the names of the networks in the state store.
+func recorded(t *testing.T, stateDir string) []string {
 	t.Helper()
-	m, _ := filepath.Glob(filepath.Join(stateDir, "networks", "*.json"))
-	return m
+	nets, err := List(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, n := range nets {
+		names = append(names, n.Name)
+	}
+	return names
+}
+
+// editRecord changes network name's record in the state store behind
+// rayvmm's back, as a damaged or hand-edited record would: straight in
+// the bbolt file, past the checks rayvmm makes when it writes.
+func editRecord(t *testing.T, stateDir, name string, edit func(*Network)) {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(stateDir, state.DBName), 0o600, &bolt.Options{Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("networks"))
+		var n Network
+		if err := json.Unmarshal(b.Get([]byte(name)), &n); err != nil {
+			return err
+		}
+		edit(&n)
+		raw, err := json.Marshal(&n)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte(name), raw)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestCreateInspectRemove(t *testing.T) {
@@ -115,7 +157,7 @@ func TestCreateInspectRemove(t *testing.T) {
 			if out, _ := ns.Run("nft", "list", "ruleset"); strings.Contains(out, "rayvmm") {
 				t.Fatalf("ruleset after rm still has rayvmm: %q", out)
 			}
-			if r := records(t, dir); len(r) != 0 {
+			if r := recorded(t, dir); len(r) != 0 {
 				t.Fatalf("records after rm: %v", r)
 			}
 		})
@@ -142,7 +184,7 @@ func TestCreateRefused(t *testing.T) {
 		{name: "overlaps network", opts: CreateOptions{Name: "lan2", Subnet: "192.0.2.128/25"}, wantErr: ErrOverlap, msg: `192.0.2.0/24 of network "lan"`},
 		{name: "overlaps route", opts: CreateOptions{Name: "wan", Subnet: "198.51.100.0/24"}, wantErr: ErrOverlap, msg: "host route 198.51.100.0/24 on dum0"},
 		{name: "bridge name taken", opts: CreateOptions{Name: "taken", Subnet: "203.0.113.0/24"}, wantErr: ErrExists, msg: "rv-taken already exists"},
-		{name: "name too long", opts: CreateOptions{Name: "abcdefghijklm", Subnet: "203.0.113.0/24"}, wantErr: ErrInvalidName, msg: "longer than Linux's limit of 15"},
+		{name: "name too long", opts: CreateOptions{Name: "abcdefghijklm", Subnet: "203.0.113.0/24"}, wantErr: ErrInvalidName, msg: "at most 12 characters"},
 		{name: "VXLAN device name taken", opts: CreateOptions{Name: "vxtaken", Subnet: "203.0.113.0/24", Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"}, wantErr: ErrExists, msg: "rvx-vxtaken already exists"},
 		{name: "VNI in use (fails after the bridge is made)", opts: CreateOptions{Name: "vni", Subnet: "203.0.113.0/24", Overlay: "vxlan:77,remote=203.0.113.2,local=203.0.113.1"}, wantErr: os.ErrExist, msg: "create VXLAN device rvx-vni"},
 		{name: "bad overlay", opts: CreateOptions{Name: "ov", Subnet: "203.0.113.0/24", Overlay: "vxlan:1"}, wantErr: ErrInvalid, msg: "required"},
@@ -162,8 +204,11 @@ func TestCreateRefused(t *testing.T) {
 			for _, e := range ents {
 				files = append(files, e.Name())
 			}
-			if want := []string{lockName, "lan.attach", "lan.json"}; !slices.Equal(files, want) {
+			if want := []string{lockName}; !slices.Equal(files, want) {
 				t.Fatalf("state files = %v, want %v", files, want)
+			}
+			if r := recorded(t, dir); !slices.Equal(r, []string{"lan"}) {
+				t.Fatalf("networks recorded = %v, want [lan]", r)
 			}
 		})
 	}
@@ -180,7 +225,7 @@ func TestCreateRefused(t *testing.T) {
 
 // readUntil reads frames from p until match accepts one, or fails after
 // a generous deadline (a lost frame, not a slow one).
-func readUntil(t *testing.T, p Port, match func([]byte) bool) []byte {
+func readUntil(t *testing.T, p port.Port, match func([]byte) bool) []byte {
 	t.Helper()
 	type res struct {
 		f   []byte
@@ -224,18 +269,17 @@ func TestAttachTAP(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-	spec, err := ParseNICSpec("network=lan")
+	spec, err := vmspec.ParseNIC("network=lan")
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.Index = 1
 	var nic *NIC
-	do(t, ns, func() (err error) { nic, err = Attach(ctx, dir, "vm1", spec); return err })
+	do(t, ns, func() (err error) { nic, err = Attach(ctx, dir, "vm1", 1, spec); return err })
 	defer nic.Close()
 	if !bytes.Equal(nic.MAC, GenerateMAC("vm1", 1)) || nic.MTU != 1500 || len(nic.TAPs) != 1 {
 		t.Fatalf("NIC = %+v", nic)
 	}
-	tap := nic.TAPs[0]
+	tap := nic.TAPs[0].Name()
 	info := ns.MustRun(t, "ip", "-o", "link", "show", tap)
 	for _, w := range []string{"master rv-lan", ",UP,", "mtu 1500", "alias rayvmm vm=vm1 nic=1 network=lan"} {
 		if !strings.Contains(info, w) {
@@ -243,10 +287,10 @@ func TestAttachTAP(t *testing.T) {
 		}
 	}
 	// The host answers an ARP request sent through the TAP.
-	if _, err := nic.Port.Write(nettest.ARPRequest(nic.MAC, net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nic.Port().Write(nettest.ARPRequest(nic.MAC, net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
-	reply := readUntil(t, nic.Port, isARPReplyTo(nic.MAC))
+	reply := readUntil(t, nic.Port(), isARPReplyTo(nic.MAC))
 	if !bytes.Equal(reply[28:32], net.ParseIP("192.0.2.1").To4()) {
 		t.Fatalf("ARP reply %x is not from 192.0.2.1", reply)
 	}
@@ -279,9 +323,9 @@ func TestAttachRecreatesOverlay(t *testing.T) {
 	dir := t.TempDir()
 	createNet(t, ns, dir, CreateOptions{Name: "ov", Subnet: "192.0.2.0/24", Isolated: true, Overlay: "vxlan:42,remote=203.0.113.2,local=203.0.113.1"})
 	ns.MustRun(t, "ip", "link", "del", "rv-ov")
-	spec, _ := ParseNICSpec("network=ov")
+	spec, _ := vmspec.ParseNIC("network=ov")
 	var nic *NIC
-	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", spec); return err })
+	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", 0, spec); return err })
 	defer nic.Close()
 	if vx := ns.MustRun(t, "ip", "-o", "link", "show", "rvx-ov"); !strings.Contains(vx, "master rv-ov") || !strings.Contains(vx, ",UP") {
 		t.Fatalf("VXLAN device after attach: %q, want up on rv-ov", vx)
@@ -315,29 +359,15 @@ func TestDamagedRecord(t *testing.T) {
 			}()
 			ns.MustRun(t, "ip", "link", "add", "br-foreign", "type", "bridge")
 			ns.MustRun(t, "ip", "link", "add", "vx-foreign", "type", "vxlan", "id", "7", "dstport", "4789")
-			path := filepath.Join(dir, "networks", "ov.json")
-			b, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
+			editRecord(t, dir, "ov", tt.edit)
+			path := filepath.Join(dir, state.DBName)
+			err := ns.Do(func() error { return Remove(ctx, dir, "ov") })
+			if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), `networks record "ov"`) {
+				t.Fatalf("Remove with a damaged record = %v, want an error naming %s and the record", err, path)
 			}
-			var n Network
-			if err := json.Unmarshal(b, &n); err != nil {
-				t.Fatal(err)
-			}
-			tt.edit(&n)
-			if b, err = json.Marshal(&n); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(path, b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			err = ns.Do(func() error { return Remove(ctx, dir, "ov") })
-			if err == nil || !strings.Contains(err.Error(), path) {
-				t.Fatalf("Remove with a damaged record = %v, want an error naming %s", err, path)
-			}
-			spec, _ := ParseNICSpec("network=ov")
+			spec, _ := vmspec.ParseNIC("network=ov")
 			var nic *NIC
-			if err := ns.Do(func() (err error) { nic, err = Attach(ctx, dir, "vm", spec); return err }); err == nil {
+			if err := ns.Do(func() (err error) { nic, err = Attach(ctx, dir, "vm", 0, spec); return err }); err == nil {
 				nic.Close()
 				t.Fatal("Attach with a damaged record succeeded")
 			}
@@ -372,7 +402,7 @@ func TestCloseUnblocksRead(t *testing.T) {
 		_, err := tap.Read(make([]byte, 2048))
 		errc <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let Read block; the test passes either way
+	waitBlocked(t, "(*TAP).Read")
 	tap.Close()
 	select {
 	case err := <-errc:
@@ -422,12 +452,12 @@ func TestAttachTapSpec(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			spec, err := ParseNICSpec(tt.spec)
+			spec, err := vmspec.ParseNIC(tt.spec)
 			if err != nil {
 				t.Fatal(err)
 			}
 			var nic *NIC
-			err = ns.Do(func() (err error) { nic, err = Attach(context.Background(), t.TempDir(), "vm", spec); return err })
+			err = ns.Do(func() (err error) { nic, err = Attach(context.Background(), t.TempDir(), "vm", 0, spec); return err })
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("Attach = %v, want %q", err, tt.wantErr)
@@ -446,5 +476,25 @@ func TestAttachTapSpec(t *testing.T) {
 				t.Fatalf("after Close %s exists = %v, want %v", spec.Tap, got, tt.remains)
 			}
 		})
+	}
+}
+
+// waitBlocked waits until a goroutine is blocked in a read (parked on the
+// poller, "IO wait", or in a system call) inside fn, as runtime.Stack shows.
+func waitBlocked(t *testing.T, fn string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	buf := make([]byte, 1<<20)
+	for {
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		for _, g := range strings.Split(stacks, "\n\n") {
+			if (strings.Contains(g, "[IO wait") || strings.Contains(g, "[syscall")) && strings.Contains(g, fn) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no goroutine blocked in %s within a minute:\n%s", fn, stacks)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

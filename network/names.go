@@ -3,16 +3,14 @@ package network
 import (
 	"errors"
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/rayvmm/rayvmm/spec"
 )
 
 // ErrInvalidName is the category of bad network and interface names.
 var ErrInvalidName = errors.New("invalid name")
-
-// ifNameMax is the longest interface name Linux accepts (IFNAMSIZ - 1).
-const ifNameMax = 15
 
 // Interface names rayvmm makes. Network NAME gets the bridge "rv-NAME"; its
 // access VLAN N the bridge "rv-NAME.N"; its overlay the VXLAN device
@@ -23,29 +21,20 @@ const (
 	tapPrefix    = "rvt"
 )
 
-var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
-
-// ValidateName checks a network name: lower-case letters, digits, '-' and
-// '_', and short enough that its bridge name fits in 15 bytes.
+// ValidateName checks a network name (spec.CheckNetworkName: lower-case
+// letters, digits, '-' and '_', short enough that its bridge name fits in
+// 15 bytes).
 func ValidateName(name string) error {
-	if !nameRE.MatchString(name) {
-		return fmt.Errorf("%w: network name %q: use lower-case letters, digits, '-' and '_', starting with a letter or digit", ErrInvalidName, name)
-	}
-	if err := checkIfName(BridgeName(name), "network "+name+": bridge"); err != nil {
-		return fmt.Errorf("%w (network names have at most %d characters)", err, ifNameMax-len(bridgePrefix))
+	if err := spec.CheckNetworkName(name); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidName, err)
 	}
 	return nil
 }
 
 // checkIfName checks that name is a usable Linux interface name.
 func checkIfName(name, what string) error {
-	switch {
-	case name == "":
-		return fmt.Errorf("%w: %s name is empty", ErrInvalidName, what)
-	case len(name) > ifNameMax:
-		return fmt.Errorf("%w: %s name %q is %d bytes, longer than Linux's limit of %d", ErrInvalidName, what, name, len(name), ifNameMax)
-	case name == "." || name == ".." || strings.ContainsAny(name, "/: \t\n") || strings.ContainsRune(name, 0):
-		return fmt.Errorf("%w: %s name %q contains a character Linux refuses", ErrInvalidName, what, name)
+	if err := spec.CheckIfName(name, what); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidName, err)
 	}
 	return nil
 }
@@ -68,9 +57,9 @@ func vlanOfBridge(network, ifname string) (uint16, bool) {
 	if !ok {
 		return 0, false
 	}
-	v, err := parseVLAN(rest)
-	if err != nil || strconv.Itoa(int(v)) != rest {
+	v, err := strconv.ParseUint(rest, 10, 16)
+	if err != nil || v < 1 || v > 4094 || strconv.Itoa(int(v)) != rest {
 		return 0, false
 	}
-	return v, true
+	return uint16(v), true
 }

@@ -17,10 +17,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rayvmm/rayvmm/state"
 )
 
 // Error categories; every error from this package wraps one of these or
@@ -41,7 +42,7 @@ const (
 	vxlanPort     = 4789
 )
 
-// Network is the record of one network in the state directory.
+// Network is the record of one network in the state store.
 type Network struct {
 	Name   string       `json:"name"`
 	Subnet netip.Prefix `json:"subnet"`
@@ -220,13 +221,6 @@ func Create(ctx context.Context, stateDir string, o CreateOptions) (*Network, er
 		s.remove(n.Name)
 		return nil, fmt.Errorf("create network %q: %w", n.Name, err)
 	}
-	// The attach lock file lives as long as the network, so attaching
-	// leaves no file behind.
-	f, err := os.OpenFile(s.attachPath(n.Name), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return fail(fmt.Errorf("attach lock: %w", err))
-	}
-	f.Close()
 	if err := ensureNetwork(ctx, n, &undo); err != nil {
 		return fail(err)
 	}
@@ -249,11 +243,13 @@ func Remove(ctx context.Context, stateDir, name string) error {
 	if err != nil {
 		return fmt.Errorf("remove network: %w", err)
 	}
-	if busy, err := s.attached(name); err != nil {
+	// Held to the end: no VM can attach while the network goes, and the
+	// release removes the lock file with the network.
+	claim, err := s.claim(name)
+	if err != nil {
 		return err
-	} else if busy {
-		return fmt.Errorf("remove network %q: %w: a running VM is attached", name, ErrInUse)
 	}
+	defer claim.Release()
 	h, err := inspectHost(n)
 	if err != nil {
 		return fmt.Errorf("remove network %q: %w", name, err)
@@ -269,12 +265,12 @@ func Remove(ctx context.Context, stateDir, name string) error {
 
 // List returns every recorded network, sorted by name.
 func List(stateDir string) ([]*Network, error) {
-	s, err := openStore(stateDir, false, false)
+	st, err := state.Open(stateDir)
 	if err != nil {
 		return nil, err
 	}
-	defer s.close()
-	return s.all()
+	// One read of the store: no network lock is needed.
+	return (&store{st: st}).all()
 }
 
 // Status is a network's record beside what the host really has.
@@ -311,10 +307,9 @@ func Inspect(stateDir, name string) (*Status, error) {
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
-	// Exclusively: the attach test takes the attach lock exclusively for a
-	// moment, so two inspections under a shared lock would each see the
-	// other's test as a running VM.
-	s, err := openStore(stateDir, true, false)
+	// Shared: the attach test takes nothing, so inspections run together,
+	// but not while a create, remove or attach changes the host.
+	s, err := openStore(stateDir, false, false)
 	if err != nil {
 		return nil, err
 	}
@@ -327,9 +322,7 @@ func Inspect(stateDir, name string) (*Status, error) {
 	if VLANFilteringSupported() {
 		st.VLANMode = "bridge per VLAN (kernel has bridge VLAN filtering; not used)"
 	}
-	if st.Attached, err = s.attached(name); err != nil {
-		return nil, err
-	}
+	st.Attached = s.attached(name)
 	h, err := inspectHost(n)
 	if err != nil {
 		return nil, fmt.Errorf("inspect network %q: %w", name, err)

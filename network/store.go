@@ -1,109 +1,165 @@
 package network
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
-	"strings"
 
-	"golang.org/x/sys/unix"
+	"github.com/rayvmm/rayvmm/state"
 )
 
-// The state of networks lives in <state-dir>/networks: one JSON file per
-// network (NAME.json), written atomically (temp file, fsync, rename, fsync
-// of the directory). Every command takes a flock on networks/.lock: shared
-// to list, exclusive to create, remove, attach (which may recreate the
-// network's pieces) or inspect (whose attach tests would otherwise see each
-// other as VMs), so concurrent rayvmm processes never see or write half a
-// record. A VM attached to network NAME holds a shared flock on
-// networks/NAME.attach for as long as it runs; the kernel drops it when the
-// process dies, also on SIGKILL, so "attached" is derived from live
-// processes, never from a record a crashed VMM left.
+// Networks are recorded in the state store's "networks" bucket (package
+// state), one JSON record per network, checked on every read. Commands
+// that change a network or the host for it (create, remove, attach, which
+// may recreate the network's pieces) hold a flock on
+// <state-dir>/networks/.lock exclusively, inspect holds it shared, so
+// concurrent rayvmm processes cannot both create overlapping networks or
+// recreate one bridge twice; list reads the store alone.
+//
+// A VM attached to network NAME holds a shared lock on
+// <state-dir>/networks/NAME.lock (state.TryLock) for as long as it runs;
+// the kernel drops it when the process dies, also on SIGKILL, so
+// "attached" is derived from live processes, never from a record a
+// crashed VMM left. Remove takes it exclusively, so it is refused while a
+// VM holds it; inspect tests it without taking it.
 
 const (
-	storeDirName = "networks"
-	lockName     = ".lock"
+	kind     = "networks"
+	lockName = ".lock"
 )
 
-// store is the networks directory with its directory lock held.
-type store struct {
-	dir  string
-	lock *os.File
+// records is the state store's bucket of network records.
+var records = state.NewBucket(kind, checkRecord)
+
+// checkRecord refuses a record that Create could not have written (see
+// Network.check), or that is stored under another network's name.
+func checkRecord(name string, n *Network) error {
+	if n.Name != name {
+		return fmt.Errorf("%w: record names network %q", ErrInvalid, n.Name)
+	}
+	return n.check()
 }
 
-// openStore locks <stateDir>/networks, exclusively when write is set. With
-// create unset, a missing directory is not created and yields a store with
-// no networks (and no lock: there is nothing to protect).
+// store is the networks of a state directory, with the network lock held
+// (unless none was asked for).
+type store struct {
+	st   *state.Store
+	dir  string // <state-dir>/networks: the lock files
+	lock *state.Serial
+}
+
+// openStore takes the network lock, exclusively when write is set. With
+// create unset, a missing networks directory is not created and nothing
+// is locked: there is no network to protect.
 func openStore(stateDir string, write, create bool) (*store, error) {
-	dir := filepath.Join(stateDir, storeDirName)
+	st, err := state.Open(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	s := &store{st: st, dir: st.KindDir(kind)}
 	if create {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+		if err := os.MkdirAll(s.dir, 0o700); err != nil {
 			return nil, fmt.Errorf("create network state directory: %w", err)
 		}
-	} else if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
-		return &store{dir: dir}, nil
+	} else if _, err := os.Stat(s.dir); errors.Is(err, os.ErrNotExist) {
+		return s, nil
 	}
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open network state lock: %w", err)
-	}
-	how := unix.LOCK_SH
-	if write {
-		how = unix.LOCK_EX
-	}
-	if err := flock(f, how); err != nil {
-		f.Close()
+	if s.lock, err = state.Serialize(filepath.Join(s.dir, lockName), write, st.Timeout); err != nil {
 		return nil, fmt.Errorf("lock network state: %w", err)
 	}
-	return &store{dir: dir, lock: f}, nil
+	return s, nil
 }
 
-func flock(f *os.File, how int) error {
-	for {
-		err := unix.Flock(int(f.Fd()), how)
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
-
-// close releases the directory lock.
-func (s *store) close() {
-	if s.lock != nil {
-		s.lock.Close()
-	}
-}
-
-func (s *store) path(name string) string { return filepath.Join(s.dir, name+".json") }
+// close releases the network lock.
+func (s *store) close() { s.lock.Unlock() }
 
 // load reads one record; a missing one is ErrNotFound.
 func (s *store) load(name string) (*Network, error) {
-	b, err := os.ReadFile(s.path(name))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("network %q: %w", name, ErrNotFound)
-	}
+	var n *Network
+	var ok bool
+	err := s.st.View(func(tx *state.Tx) (err error) {
+		n, ok, err = records.Get(tx, name)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("read network %q: %w", name, err)
 	}
-	var n Network
-	if err := json.Unmarshal(b, &n); err != nil {
-		return nil, fmt.Errorf("read network %q: %s: %w", name, s.path(name), err)
+	if !ok {
+		return nil, fmt.Errorf("network %q: %w", name, ErrNotFound)
 	}
-	if n.Name != name {
-		return nil, fmt.Errorf("read network %q: %s names network %q", name, s.path(name), n.Name)
-	}
-	if err := n.check(); err != nil {
-		return nil, fmt.Errorf("read network %q: %s: %w", name, s.path(name), err)
-	}
-	return &n, nil
+	return n, nil
 }
 
-// check reports whether a record read from disk is one Create could have
-// written: the network is rebuilt from its options and the names,
+// all reads every record, sorted by name.
+func (s *store) all() ([]*Network, error) {
+	var out []*Network
+	err := s.st.View(func(tx *state.Tx) (err error) {
+		out, err = records.All(tx)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list networks: %w", err)
+	}
+	return out, nil
+}
+
+// save writes a record. The lock must be held exclusively.
+func (s *store) save(n *Network) error {
+	if err := s.st.Update(func(tx *state.Tx) error { return records.Put(tx, n.Name, n) }); err != nil {
+		return fmt.Errorf("save network %q: %w", n.Name, err)
+	}
+	return nil
+}
+
+// remove deletes a record. The lock must be held exclusively.
+func (s *store) remove(name string) error {
+	if err := s.st.Update(func(tx *state.Tx) error { return records.Delete(tx, name) }); err != nil {
+		return fmt.Errorf("remove network %q record: %w", name, err)
+	}
+	return nil
+}
+
+func (s *store) attachPath(name string) string { return s.st.LockPath(kind, name) }
+
+// holdAttach takes the shared attach lock of network name, held until it
+// is released (or the process dies).
+func (s *store) holdAttach(name string) (*state.Lock, error) {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("network %q: attach lock: %w", name, err)
+	}
+	l, err := state.TryLock(s.attachPath(name), false)
+	if err != nil {
+		return nil, fmt.Errorf("network %q: take attach lock: %w", name, err)
+	}
+	return l, nil
+}
+
+// attached reports whether any live process holds network name's attach
+// lock. It takes nothing, so it never disturbs another test or an attach.
+func (s *store) attached(name string) bool {
+	held, _ := state.Holder(s.attachPath(name))
+	return held
+}
+
+// claim takes network name's attach lock exclusively for a removal: it
+// fails with ErrInUse while a VM holds it.
+func (s *store) claim(name string) (*state.Lock, error) {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("network %q: attach lock: %w", name, err)
+	}
+	l, err := state.TryLock(s.attachPath(name), true)
+	if errors.Is(err, state.ErrLocked) {
+		return nil, fmt.Errorf("remove network %q: %w: a running VM is attached", name, ErrInUse)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("network %q: attach lock: %w", name, err)
+	}
+	return l, nil
+}
+
+// check reports whether a record read from the store is one Create could
+// have written: the network is rebuilt from its options and the names,
 // addresses and MTU derived from them must match. A damaged or edited
 // record could otherwise name someone else's bridge or VXLAN device for
 // "net rm" to delete and "boot" to put TAPs on.
@@ -125,129 +181,4 @@ func (n *Network) check() error {
 		return fmt.Errorf("%w: VXLAN device %q, want %q", ErrInvalid, n.Overlay.Device, want.Overlay.Device)
 	}
 	return nil
-}
-
-// all reads every record, sorted by name.
-func (s *store) all() ([]*Network, error) {
-	ents, err := os.ReadDir(s.dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("list networks: %w", err)
-	}
-	var out []*Network
-	for _, e := range ents {
-		name, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok || e.IsDir() || strings.HasPrefix(name, ".") {
-			continue
-		}
-		n, err := s.load(name)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, n)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out, nil
-}
-
-// tempPattern matches the temporary files save writes for network name.
-func (s *store) tempPattern(name string) string { return "." + name + ".json.*" }
-
-// removeTemps deletes the temporary files of network name that a process
-// killed inside save left. Only with the lock held exclusively: then no
-// save is running.
-func (s *store) removeTemps(name string) {
-	m, _ := filepath.Glob(filepath.Join(s.dir, s.tempPattern(name)))
-	for _, p := range m {
-		os.Remove(p)
-	}
-}
-
-// save writes a record atomically. The lock must be held exclusively.
-func (s *store) save(n *Network) error {
-	b, err := json.MarshalIndent(n, "", "  ")
-	if err != nil {
-		return fmt.Errorf("save network %q: %w", n.Name, err)
-	}
-	s.removeTemps(n.Name)
-	tmp, err := os.CreateTemp(s.dir, s.tempPattern(n.Name))
-	if err != nil {
-		return fmt.Errorf("save network %q: %w", n.Name, err)
-	}
-	defer os.Remove(tmp.Name()) // after the rename this is a no-op
-	_, err = tmp.Write(append(b, '\n'))
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), s.path(n.Name))
-	}
-	if err == nil {
-		err = syncDir(s.dir)
-	}
-	if err != nil {
-		return fmt.Errorf("save network %q: %w", n.Name, err)
-	}
-	return nil
-}
-
-// remove deletes a record, its attach lock file and any temporary file a
-// killed save left. The lock must be held exclusively.
-func (s *store) remove(name string) error {
-	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove network %q record: %w", name, err)
-	}
-	os.Remove(s.attachPath(name))
-	s.removeTemps(name)
-	return syncDir(s.dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-func (s *store) attachPath(name string) string { return filepath.Join(s.dir, name+".attach") }
-
-// holdAttach takes the shared attach lock of network name, held until the
-// returned file is closed (or the process dies).
-func (s *store) holdAttach(name string) (*os.File, error) {
-	f, err := os.OpenFile(s.attachPath(name), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("network %q: open attach lock: %w", name, err)
-	}
-	if err := flock(f, unix.LOCK_SH); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("network %q: take attach lock: %w", name, err)
-	}
-	return f, nil
-}
-
-// attached reports whether any live process holds network name's attach
-// lock.
-func (s *store) attached(name string) (bool, error) {
-	f, err := os.OpenFile(s.attachPath(name), os.O_RDWR, 0)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("network %q: open attach lock: %w", name, err)
-	}
-	defer f.Close()
-	switch err := flock(f, unix.LOCK_EX|unix.LOCK_NB); {
-	case err == unix.EWOULDBLOCK:
-		return true, nil
-	case err != nil:
-		return false, fmt.Errorf("network %q: test attach lock: %w", name, err)
-	}
-	return false, nil
 }

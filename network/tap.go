@@ -1,7 +1,6 @@
 package network
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"syscall"
@@ -9,33 +8,23 @@ import (
 	"github.com/songgao/water"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/network/port"
 )
 
-// Port is the host end of a guest NIC: Read returns one whole Ethernet
-// frame (blocking until one arrives), Write sends one. Close makes a
-// blocked Read return an error for which errors.Is(err, os.ErrClosed)
-// holds. Read and Write may be called from different goroutines.
-type Port interface {
-	Read(frame []byte) (int, error)
-	Write(frame []byte) (int, error)
-	Close() error
-}
-
-// TAP is a Linux TAP interface opened through songgao/water. Its file
-// descriptor is non-blocking and registered with Go's poller, so Close
-// interrupts a blocked Read.
+// TAP is a TAP interface OpenTAP opened: the data path (port.TAP) and
+// whether OpenTAP created it.
 type TAP struct {
-	ifc     *water.Interface
-	raw     syscall.RawConn // the same descriptor, for TryRead
-	name    string
+	*port.TAP
 	created bool // by OpenTAP, so it goes away on Close
 }
 
 // OpenTAP opens the TAP interface name in the calling thread's network
 // namespace, creating it when it does not exist. A TAP it creates is not
-// persistent: the kernel deletes it when the descriptor closes, also when
-// the process is killed. An existing TAP (made persistent by someone else,
-// e.g. "ip tuntap add") stays persistent and survives Close.
+// persistent: the kernel deletes it when the last descriptor closes, also
+// when the process holding it is killed. An existing TAP (made persistent
+// by someone else, e.g. "ip tuntap add") stays persistent and survives
+// Close.
 func OpenTAP(name string) (*TAP, error) {
 	if err := checkIfName(name, "tap"); err != nil {
 		return nil, err
@@ -49,11 +38,15 @@ func OpenTAP(name string) (*TAP, error) {
 	// water always issues TUNSETPERSIST with this flag: keep a TAP that was
 	// already there (and so persistent) persistent.
 	cfg.Persist = existing
-	ifc, raw, err := openCloexec(cfg)
+	f, ifname, err := openCloexec(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open TAP %s: %w", name, err)
 	}
-	return &TAP{ifc: ifc, raw: raw, name: ifc.Name(), created: !existing}, nil
+	t, err := port.NewTAP(f, ifname)
+	if err != nil {
+		return nil, fmt.Errorf("open TAP %s: %w", name, err)
+	}
+	return &TAP{TAP: t, created: !existing}, nil
 }
 
 // openCloexec is water.New with the descriptor made close-on-exec. water
@@ -62,68 +55,29 @@ func OpenTAP(name string) (*TAP, error) {
 // after rayvmm exits. Holding syscall.ForkLock for reading until the flag
 // is set keeps os/exec from forking in between, as the standard library
 // does for descriptors it cannot open close-on-exec atomically.
-func openCloexec(cfg water.Config) (*water.Interface, syscall.RawConn, error) {
+func openCloexec(cfg water.Config) (*os.File, string, error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
 	ifc, err := water.New(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, "", err
 	}
 	f, ok := ifc.ReadWriteCloser.(*os.File)
 	if !ok {
 		ifc.Close()
-		return nil, nil, fmt.Errorf("water returned a %T, not a file", ifc.ReadWriteCloser)
+		return nil, "", fmt.Errorf("water returned a %T, not a file", ifc.ReadWriteCloser)
 	}
-	// Not f.Fd(): it would put the descriptor in blocking mode, and Close
-	// could no longer interrupt a Read.
+	// Not f.Fd(): it would put the descriptor in blocking mode.
 	raw, err := f.SyscallConn()
 	if err == nil {
 		err = raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
 	}
 	if err != nil {
 		ifc.Close()
-		return nil, nil, err
+		return nil, "", err
 	}
-	return ifc, raw, nil
+	return f, ifc.Name(), nil
 }
-
-// Name is the interface name.
-func (t *TAP) Name() string { return t.name }
-
-// Read reads one frame.
-func (t *TAP) Read(p []byte) (int, error) { return t.ifc.Read(p) }
-
-// TryRead reads one frame if one is waiting; ok is false at once if none
-// is (the descriptor is non-blocking).
-func (t *TAP) TryRead(p []byte) (n int, ok bool, err error) {
-	var rerr error
-	if err := t.raw.Read(func(fd uintptr) bool {
-		n, rerr = unix.Read(int(fd), p)
-		return true // one attempt: never wait
-	}); err != nil {
-		return 0, false, err
-	}
-	switch {
-	case rerr == unix.EAGAIN:
-		return 0, false, nil
-	case rerr != nil:
-		return 0, false, fmt.Errorf("read TAP %s: %w", t.name, rerr)
-	}
-	return n, true, nil
-}
-
-// Write writes one frame.
-func (t *TAP) Write(p []byte) (int, error) { return t.ifc.Write(p) }
-
-// Close closes the descriptor; a TAP that OpenTAP created disappears.
-func (t *TAP) Close() error {
-	if err := t.ifc.Close(); err != nil && !isClosed(err) {
-		return fmt.Errorf("close TAP %s: %w", t.name, err)
-	}
-	return nil
-}
-
-func isClosed(err error) bool { return errors.Is(err, os.ErrClosed) }
 
 // tapExists reports whether a TAP called name exists; another kind of
 // interface with that name is an error.

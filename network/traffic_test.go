@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rayvmm/rayvmm/network/nettest"
+	vmspec "github.com/rayvmm/rayvmm/spec"
 )
 
 // TestNATMasquerades sends a UDP datagram from a NIC on a --nat network to
@@ -23,17 +24,17 @@ func TestNATMasquerades(t *testing.T) {
 	var conn net.PacketConn
 	do(t, far, func() (err error) { conn, err = net.ListenPacket("udp4", "198.51.100.2:9999"); return err })
 	defer conn.Close()
-	spec, _ := ParseNICSpec("network=nat")
+	spec, _ := vmspec.ParseNIC("network=nat")
 	var nic *NIC
-	do(t, host, func() (err error) { nic, err = Attach(ctx, dir, "natvm", spec); return err })
+	do(t, host, func() (err error) { nic, err = Attach(ctx, dir, "natvm", 0, spec); return err })
 	defer nic.Close()
 	guestIP := net.ParseIP("192.0.2.10")
-	if _, err := nic.Port.Write(nettest.ARPRequest(nic.MAC, guestIP, net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nic.Port().Write(nettest.ARPRequest(nic.MAC, guestIP, net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
-	gwMAC := net.HardwareAddr(readUntil(t, nic.Port, isARPReplyTo(nic.MAC))[22:28])
+	gwMAC := net.HardwareAddr(readUntil(t, nic.Port(), isARPReplyTo(nic.MAC))[22:28])
 	payload := []byte("through the NAT")
-	if _, err := nic.Port.Write(nettest.UDP(gwMAC, nic.MAC, guestIP, net.ParseIP("198.51.100.2"), 5000, 9999, payload)); err != nil {
+	if _, err := nic.Port().Write(nettest.UDP(gwMAC, nic.MAC, guestIP, net.ParseIP("198.51.100.2"), 5000, 9999, payload)); err != nil {
 		t.Fatal(err)
 	}
 	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
@@ -69,9 +70,9 @@ func TestAttachRestoresForwarding(t *testing.T) {
 		t.Fatalf("ip_forward after create = %s, want 1", v)
 	}
 	do(t, ns, func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0\n"), 0) })
-	spec, _ := ParseNICSpec("network=nat")
+	spec, _ := vmspec.ParseNIC("network=nat")
 	var nic *NIC
-	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", spec); return err })
+	do(t, ns, func() (err error) { nic, err = Attach(context.Background(), dir, "vm", 0, spec); return err })
 	defer nic.Close()
 	if v := forwarding(); v != "1" {
 		t.Fatalf("ip_forward after attach = %s, want 1", v)
@@ -91,13 +92,12 @@ func TestOverlay(t *testing.T) {
 		if i == 1 {
 			overlay = "vxlan:42,remote=203.0.113.1,local=203.0.113.2"
 		}
-		spec, _ := ParseNICSpec("network=ov")
-		spec.Index = i
+		spec, _ := vmspec.ParseNIC("network=ov")
 		do(t, h, func() (err error) {
 			if _, err := Create(ctx, dir, CreateOptions{Name: "ov", Subnet: "192.0.2.0/24", Isolated: true, Overlay: overlay}); err != nil {
 				return err
 			}
-			nics[i], err = Attach(ctx, dir, "ovvm", spec)
+			nics[i], err = Attach(ctx, dir, "ovvm", i, spec)
 			return err
 		})
 		defer nics[i].Close()
@@ -105,16 +105,16 @@ func TestOverlay(t *testing.T) {
 			t.Fatalf("overlay NIC MTU %d, want 1450", nics[i].MTU)
 		}
 	}
-	s1 := newSink(nics[1].Port)
-	if _, err := nics[0].Port.Write(broadcast(nics[0].MAC)); err != nil {
+	s1 := newSink(nics[1].Port())
+	if _, err := nics[0].Port().Write(broadcast(nics[0].MAC)); err != nil {
 		t.Fatal(err)
 	}
 	s1.wait(t, "host 1 -> host 2 over VXLAN", untagged(nics[0].MAC))
 	// Unicast back, to the MAC host 2's bridge learned through the tunnel.
-	s0 := newSink(nics[0].Port)
+	s0 := newSink(nics[0].Port())
 	f := broadcast(nics[1].MAC)
 	copy(f, nics[0].MAC)
-	if _, err := nics[1].Port.Write(f); err != nil {
+	if _, err := nics[1].Port().Write(f); err != nil {
 		t.Fatal(err)
 	}
 	s0.wait(t, "host 2 -> host 1 unicast", untagged(nics[1].MAC))

@@ -1,7 +1,6 @@
 package network
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -9,27 +8,28 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rayvmm/rayvmm/internal/testenv"
 	"github.com/rayvmm/rayvmm/network/nettest"
+	"github.com/rayvmm/rayvmm/network/port"
+	vmspec "github.com/rayvmm/rayvmm/spec"
 )
 
 // sink collects the frames arriving at a port.
 type sink struct {
-	p   Port
+	p   port.Port
 	c   chan []byte
 	got [][]byte
 }
 
-func newSink(p Port) *sink {
+func newSink(p port.Port) *sink {
 	s := &sink{p: p, c: make(chan []byte, 256)}
 	go func() {
 		defer close(s.c)
@@ -77,14 +77,14 @@ func fromMAC(mac net.HardwareAddr) func([]byte) bool {
 // tagged returns a match for frames from mac tagged with vlan.
 func tagged(mac net.HardwareAddr, vlan uint16) func([]byte) bool {
 	return func(f []byte) bool {
-		v, err := VLANOf(f)
+		v, err := port.VLANOf(f)
 		return err == nil && v == vlan && fromMAC(mac)(f)
 	}
 }
 
 func untagged(mac net.HardwareAddr) func([]byte) bool {
 	return func(f []byte) bool {
-		return fromMAC(mac)(f) && binary.BigEndian.Uint16(f[12:]) != tpid8021Q
+		return fromMAC(mac)(f) && binary.BigEndian.Uint16(f[12:]) != 0x8100 // 802.1Q TPID
 	}
 }
 
@@ -100,8 +100,8 @@ func broadcast(mac net.HardwareAddr) []byte {
 
 func tag(t *testing.T, f []byte, vlan uint16) []byte {
 	t.Helper()
-	out := make([]byte, len(f)+vlanTagLen)
-	n, err := Tag(out, f, vlan)
+	out := make([]byte, len(f)+4) // room for the 802.1Q tag
+	n, err := port.Tag(out, f, vlan)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,34 +121,33 @@ func TestVLANSegments(t *testing.T) {
 		{"trunk", "network=lan,trunk=10:20"},
 		{"plain", "network=lan"},
 	} {
-		spec, err := ParseNICSpec(s.spec)
+		spec, err := vmspec.ParseNIC(s.spec)
 		if err != nil {
 			t.Fatal(err)
 		}
-		spec.Index = i
-		do(t, ns, func() (err error) { nics[s.name], err = Attach(ctx, dir, "vlantest", spec); return err })
+		do(t, ns, func() (err error) { nics[s.name], err = Attach(ctx, dir, "vlantest", i, spec); return err })
 		defer nics[s.name].Close()
 	}
 	sinks := map[string]*sink{}
 	for name, n := range nics {
-		sinks[name] = newSink(n.Port)
+		sinks[name] = newSink(n.Port())
 	}
 	mac := func(name string) net.HardwareAddr { return nics[name].MAC }
 
 	// VLAN 10: a10 reaches b10 (untagged) and the trunk (tagged 10).
-	if _, err := nics["a10"].Port.Write(broadcast(mac("a10"))); err != nil {
+	if _, err := nics["a10"].Port().Write(broadcast(mac("a10"))); err != nil {
 		t.Fatal(err)
 	}
 	sinks["b10"].wait(t, "a10 -> b10", untagged(mac("a10")))
 	sinks["trunk"].wait(t, "a10 -> trunk", tagged(mac("a10"), 10))
 	// The trunk's frame tagged 20 reaches c20, untagged, and not b10.
-	if _, err := nics["trunk"].Port.Write(tag(t, broadcast(mac("trunk")), 20)); err != nil {
+	if _, err := nics["trunk"].Port().Write(tag(t, broadcast(mac("trunk")), 20)); err != nil {
 		t.Fatal(err)
 	}
 	sinks["c20"].wait(t, "trunk -> c20", untagged(mac("trunk")))
 	// Its frame tagged 10 reaches b10: a marker after which b10 must not
 	// have seen the VLAN 20 frame.
-	if _, err := nics["trunk"].Port.Write(tag(t, broadcast(mac("trunk")), 10)); err != nil {
+	if _, err := nics["trunk"].Port().Write(tag(t, broadcast(mac("trunk")), 10)); err != nil {
 		t.Fatal(err)
 	}
 	sinks["b10"].wait(t, "trunk -> b10", untagged(mac("trunk")))
@@ -156,7 +155,7 @@ func TestVLANSegments(t *testing.T) {
 		t.Fatal("b10 on VLAN 10 received the trunk's VLAN 20 frame")
 	}
 	// c20 sends to the trunk (tagged 20); by then it must not have seen a10.
-	if _, err := nics["c20"].Port.Write(broadcast(mac("c20"))); err != nil {
+	if _, err := nics["c20"].Port().Write(broadcast(mac("c20"))); err != nil {
 		t.Fatal(err)
 	}
 	sinks["trunk"].wait(t, "c20 -> trunk", tagged(mac("c20"), 20))
@@ -165,7 +164,7 @@ func TestVLANSegments(t *testing.T) {
 	}
 	// The untagged port is on none of the VLANs: the host answers its ARP,
 	// and it saw no VLAN frame before that.
-	if _, err := nics["plain"].Port.Write(nettest.ARPRequest(mac("plain"), net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
+	if _, err := nics["plain"].Port().Write(nettest.ARPRequest(mac("plain"), net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1"))); err != nil {
 		t.Fatal(err)
 	}
 	sinks["plain"].wait(t, "host ARP reply -> plain", isARPReplyTo(mac("plain")))
@@ -175,15 +174,15 @@ func TestVLANSegments(t *testing.T) {
 		}
 	}
 	// The trunk drops and counts what it cannot deliver.
-	tr := nics["trunk"].Trunk
-	if _, err := tr.Write(broadcast(mac("trunk"))); !errors.Is(err, ErrUntagged) {
-		t.Fatalf("trunk write of untagged frame = %v, want ErrUntagged", err)
+	tr := nics["trunk"].Port().(*port.Trunk)
+	if _, err := tr.Write(broadcast(mac("trunk"))); !errors.Is(err, port.ErrUntagged) {
+		t.Fatalf("trunk write of untagged frame = %v, want port.ErrUntagged", err)
 	}
-	if _, err := tr.Write(tag(t, broadcast(mac("trunk")), 30)); !errors.Is(err, ErrUnknownVLAN) {
-		t.Fatalf("trunk write for VLAN 30 = %v, want ErrUnknownVLAN", err)
+	if _, err := tr.Write(tag(t, broadcast(mac("trunk")), 30)); !errors.Is(err, port.ErrUnknownVLAN) {
+		t.Fatalf("trunk write for VLAN 30 = %v, want port.ErrUnknownVLAN", err)
 	}
-	if _, err := tr.Write([]byte{1, 2, 3}); !errors.Is(err, ErrShortFrame) {
-		t.Fatalf("trunk write of 3 bytes = %v, want ErrShortFrame", err)
+	if _, err := tr.Write([]byte{1, 2, 3}); !errors.Is(err, port.ErrShortFrame) {
+		t.Fatalf("trunk write of 3 bytes = %v, want port.ErrShortFrame", err)
 	}
 	if s := tr.Stats().Snapshot(); s.Untagged != 2 || s.UnknownVLAN != 1 {
 		t.Fatalf("trunk drops %+v; want 2 untagged, 1 unknown VLAN", s)
@@ -233,11 +232,11 @@ func TestAttachRefused(t *testing.T) {
 	before := links(t, ns)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			spec, err := ParseNICSpec(tt.spec)
+			spec, err := vmspec.ParseNIC(tt.spec)
 			if err != nil {
 				t.Fatal(err)
 			}
-			err = ns.Do(func() error { _, err := Attach(ctx, dir, "vm", spec); return err })
+			err = ns.Do(func() error { _, err := Attach(ctx, dir, "vm", 0, spec); return err })
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("Attach = %v, want %q", err, tt.wantErr)
 			}
@@ -259,8 +258,8 @@ func TestAttachFailsHalfway(t *testing.T) {
 	before := links(t, ns)
 	next := tapPrefix + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(int(tapSeq.Load()+1))
 	ns.MustRun(t, "ip", "link", "add", next, "type", "veth", "peer", "name", "squat1")
-	spec, _ := ParseNICSpec("network=lan,trunk=10:20")
-	err := ns.Do(func() error { _, err := Attach(ctx, dir, "vm", spec); return err })
+	spec, _ := vmspec.ParseNIC("network=lan,trunk=10:20")
+	err := ns.Do(func() error { _, err := Attach(ctx, dir, "vm", 0, spec); return err })
 	if err == nil || !strings.Contains(err.Error(), "is a veth, not a TAP") {
 		t.Fatalf("Attach = %v, want the taken name refused", err)
 	}
@@ -271,8 +270,8 @@ func TestAttachFailsHalfway(t *testing.T) {
 	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 }
 
-// TestAttachRefusesInvalidSpec: a NICSpec built in code rather than by
-// ParseNICSpec gets the same checks, before anything is made. (A VLAN
+// TestAttachRefusesInvalidSpec: a spec.NIC built in code rather than by
+// spec.ParseNIC gets the same checks, before anything is made. (A VLAN
 // bridge "rv-lan.5000" would be one "net rm" does not know to delete.)
 func TestAttachRefusesInvalidSpec(t *testing.T) {
 	ns := nettest.New(t)
@@ -280,29 +279,29 @@ func TestAttachRefusesInvalidSpec(t *testing.T) {
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	tests := []struct {
 		name    string
-		spec    NICSpec
+		spec    vmspec.NIC
 		wantErr string
 	}{
-		{name: "vlan 5000", spec: NICSpec{Network: "lan", VLAN: 5000}, wantErr: "out of range 1..4094"},
-		{name: "trunk vlan 0", spec: NICSpec{Network: "lan", Trunk: []uint16{0, 10}}, wantErr: "out of range 1..4094"},
-		{name: "trunk vlan twice", spec: NICSpec{Network: "lan", Trunk: []uint16{10, 10}}, wantErr: "listed twice"},
-		{name: "vlan and trunk", spec: NICSpec{Network: "lan", VLAN: 10, Trunk: []uint16{20}}, wantErr: "exclusive"},
-		{name: "neither", spec: NICSpec{}, wantErr: "need network=NAME or tap=IFNAME"},
-		{name: "both", spec: NICSpec{Network: "lan", Tap: "tap0"}, wantErr: "exclusive"},
-		{name: "bad network name", spec: NICSpec{Network: "../lan"}, wantErr: "network name"},
-		{name: "vlan on tap", spec: NICSpec{Tap: "tap0", VLAN: 10}, wantErr: "need network="},
-		{name: "multicast mac", spec: NICSpec{Network: "lan", MAC: net.HardwareAddr{1, 0, 0, 0, 0, 1}}, wantErr: "multicast"},
+		{name: "vlan 5000", spec: vmspec.NIC{Network: "lan", VLAN: 5000}, wantErr: "out of range 1..4094"},
+		{name: "trunk vlan 0", spec: vmspec.NIC{Network: "lan", Trunk: []int{0, 10}}, wantErr: "out of range 1..4094"},
+		{name: "trunk vlan twice", spec: vmspec.NIC{Network: "lan", Trunk: []int{10, 10}}, wantErr: "listed twice"},
+		{name: "vlan and trunk", spec: vmspec.NIC{Network: "lan", VLAN: 10, Trunk: []int{20}}, wantErr: "exclusive"},
+		{name: "neither", spec: vmspec.NIC{}, wantErr: "needs network or tap"},
+		{name: "both", spec: vmspec.NIC{Network: "lan", Tap: "tap0"}, wantErr: "not both"},
+		{name: "bad network name", spec: vmspec.NIC{Network: "../lan"}, wantErr: "network name"},
+		{name: "vlan on tap", spec: vmspec.NIC{Tap: "tap0", VLAN: 10}, wantErr: "need network"},
+		{name: "multicast mac", spec: vmspec.NIC{Network: "lan", MAC: "01:00:00:00:00:01"}, wantErr: "multicast"},
 	}
 	before := links(t, ns)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var nic *NIC
-			err := ns.Do(func() (err error) { nic, err = Attach(context.Background(), dir, "vm", tt.spec); return err })
+			err := ns.Do(func() (err error) { nic, err = Attach(context.Background(), dir, "vm", 0, tt.spec); return err })
 			if err == nil {
 				nic.Close()
 			}
-			if !errors.Is(err, ErrInvalidSpec) || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Fatalf("Attach(%+v) = %v, want ErrInvalidSpec containing %q", tt.spec, err, tt.wantErr)
+			if !errors.Is(err, vmspec.ErrInvalid) || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Attach(%+v) = %v, want spec.ErrInvalid containing %q", tt.spec, err, tt.wantErr)
 			}
 			if after := links(t, ns); !slices.Equal(after, before) {
 				t.Fatalf("links changed: %v -> %v", before, after)
@@ -318,75 +317,67 @@ func TestKillReleases(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
-	cmd, out := startHelper(t, ns, "RAYVMM_NETWORK_HELPER="+dir)
-	defer cmd.Process.Kill()
-	line, err := out.ReadString('\n')
-	if err != nil {
-		t.Fatalf("helper: %v", err)
+	h := startHelper(t, ns, "attach", dir)
+	line := h.Line(t, `the "attached TAP" line`, helperWait)
+	tap, ok := strings.CutPrefix(line, "attached ")
+	if !ok {
+		t.Fatalf("helper: %q, want \"attached TAP\"", line)
 	}
-	tap := strings.TrimSpace(strings.TrimPrefix(line, "attached "))
 	if !slices.Contains(links(t, ns), tap) {
 		t.Fatalf("helper's TAP %q not in %v", tap, links(t, ns))
 	}
 	if err := ns.Do(func() error { return Remove(ctx, dir, "lan") }); !errors.Is(err, ErrInUse) {
 		t.Fatalf("Remove while the helper runs = %v, want ErrInUse", err)
 	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	h.Kill(t, helperWait)
 	if l := links(t, ns); slices.Contains(l, tap) {
 		t.Fatalf("TAP %s survived SIGKILL: %v", tap, l)
 	}
 	do(t, ns, func() error { return Remove(ctx, dir, "lan") })
 }
 
-// startHelper starts this test binary inside ns as a helper process
-// chosen by env (see TestMain) and returns it with its standard output.
-func startHelper(t *testing.T, ns *nettest.NS, env string) (*exec.Cmd, *bufio.Reader) {
+// helperWait bounds each wait for a helper process: it turns a hang into
+// a failure that names what was awaited; it measures nothing.
+const helperWait = time.Minute
+
+// startHelper starts this test binary inside ns as the helper name (see
+// TestMain), working on the state directory dir.
+func startHelper(t *testing.T, ns *nettest.NS, name, dir string) *testenv.HelperProc {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), env)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	return cmd, bufio.NewReader(out)
+	return testenv.StartHelper(t, name, testenv.HelperOptions{
+		Env:    []string{"RAYVMM_NETWORK_HELPER_DIR=" + dir},
+		Prefix: []string{"ip", "netns", "exec", ns.Name},
+	})
 }
 
-// helperAttach is the process TestKillReleases kills.
-func helperAttach(dir string) {
-	spec, _ := ParseNICSpec("network=lan")
-	nic, err := Attach(context.Background(), dir, "killme", spec)
+// helperAttach is the process TestKillReleases kills: it attaches a NIC,
+// says so, and holds it.
+func helperAttach() int {
+	spec, _ := vmspec.ParseNIC("network=lan")
+	nic, err := Attach(context.Background(), os.Getenv("RAYVMM_NETWORK_HELPER_DIR"), "killme", 0, spec)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
-		os.Exit(1)
+		return 1
 	}
-	fmt.Println("attached", nic.TAPs[0])
-	select {}
+	fmt.Println("attached", nic.TAPs[0].Name())
+	testenv.Hold()
+	return 0
 }
 
 // helperCreate is the process TestKilledCreate kills while it creates a
 // network.
-func helperCreate(dir string) {
+func helperCreate() int {
 	fmt.Println("ready")
-	if _, err := Create(context.Background(), dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true}); err != nil {
+	if _, err := Create(context.Background(), os.Getenv("RAYVMM_NETWORK_HELPER_DIR"), CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true}); err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
-		os.Exit(1)
+		return 1
 	}
 	fmt.Println("created")
-	os.Exit(0)
+	return 0
 }
 
 func TestMain(m *testing.M) {
-	if dir := os.Getenv("RAYVMM_NETWORK_HELPER"); dir != "" {
-		helperAttach(dir)
-	}
-	if dir := os.Getenv("RAYVMM_NETWORK_CREATE_HELPER"); dir != "" {
-		helperCreate(dir)
-	}
+	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "create": helperCreate})
 	os.Exit(m.Run())
 }
 
@@ -401,18 +392,14 @@ func TestKilledCreate(t *testing.T) {
 	var created, partial int
 	for i := range 40 {
 		dir := t.TempDir()
-		cmd, r := startHelper(t, ns, "RAYVMM_NETWORK_CREATE_HELPER="+dir)
-		if line, err := r.ReadString('\n'); err != nil || line != "ready\n" {
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatalf("helper: %q, %v", line, err)
+		h := startHelper(t, ns, "create", dir)
+		if line := h.Line(t, `the "ready" line`, helperWait); line != "ready" {
+			t.Fatalf("helper: %q, want \"ready\"", line)
 		}
+		// Not a wait for anything: where the kill lands is what varies.
 		time.Sleep(time.Duration(i) * 150 * time.Microsecond)
-		cmd.Process.Signal(syscall.SIGKILL)
-		rest, _ := r.ReadString('\n')
-		cmd.Wait()
-		_, recErr := os.Stat(filepath.Join(dir, "networks", "lan.json"))
-		record := recErr == nil
+		rest, _ := h.Kill(t, helperWait)
+		record := slices.Contains(recorded(t, dir), "lan")
 		bridge := slices.Contains(links(t, ns), "rv-lan")
 		_, tableErr := ns.Run("nft", "list", "table", "ip", "rayvmm-lan")
 		table := tableErr == nil
@@ -422,7 +409,7 @@ func TestKilledCreate(t *testing.T) {
 		switch {
 		case !record: // the user runs the command again
 			createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true})
-		case rest == "created\n":
+		case slices.Equal(rest, []string{"created"}):
 			created++
 		default:
 			partial++
@@ -538,7 +525,7 @@ func TestConcurrentAttachRecreates(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24", NAT: true})
-	spec, _ := ParseNICSpec("network=lan")
+	spec, _ := vmspec.ParseNIC("network=lan")
 	for round := range 5 {
 		ns.MustRun(t, "ip", "link", "del", "rv-lan")
 		ns.MustRun(t, "nft", "delete", "table", "ip", "rayvmm-lan")
@@ -550,7 +537,7 @@ func TestConcurrentAttachRecreates(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs[i] = ns.Do(func() (err error) { nics[i], err = Attach(ctx, dir, fmt.Sprintf("vm%d", i), spec); return err })
+				errs[i] = ns.Do(func() (err error) { nics[i], err = Attach(ctx, dir, fmt.Sprintf("vm%d", i), 0, spec); return err })
 			}()
 		}
 		wg.Wait()
@@ -582,7 +569,7 @@ func TestAttachAllUndoes(t *testing.T) {
 	ctx := context.Background()
 	createNet(t, ns, dir, CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"})
 	before := links(t, ns)
-	specs := []NICSpec{{Network: "lan"}, {Network: "nosuch"}}
+	specs := []vmspec.NIC{{Network: "lan"}, {Network: "nosuch"}}
 	err := ns.Do(func() error { _, err := AttachAll(ctx, dir, "vm", specs); return err })
 	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "attach NIC 1") {
 		t.Fatalf("AttachAll = %v, want NIC 1 not found", err)

@@ -14,6 +14,11 @@
 // which over-admits by up to one bucket per oversized request; a debt
 // keeps the long-run rate exact.)
 //
+// A Limiter's buckets can be replaced while requests go through it
+// (Update, for the VM API's live rate-limit changes): the new buckets start
+// full, as Firecracker's PATCH makes them, and a request waiting under the
+// old limits is woken to try again under the new ones.
+//
 // Why not golang.org/x/time/rate: its Limiter has one burst that is both
 // the starting budget and the refill cap, so a one-time burst on top of a
 // smaller refilling bucket cannot be expressed; and WaitN/ReserveN refuse
@@ -29,6 +34,7 @@ import (
 	"math"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -180,38 +186,73 @@ type Config struct {
 }
 
 // Limiter throttles requests by bytes and by count. A nil *Limiter
-// admits everything. It is safe for concurrent use.
+// admits everything. It is safe for concurrent use, and Update changes its
+// buckets while requests go through it.
 type Limiter struct {
-	mu    sync.Mutex
-	clk   Clock
-	bytes *Bucket
-	ops   *Bucket
+	mu      sync.Mutex
+	clk     Clock
+	bytes   *Bucket
+	ops     *Bucket
+	changed chan struct{} // closed and replaced by Update, to wake Wait
+	// active is false while both buckets are disabled, so that an
+	// unlimited Limiter (one kept for a later Update) costs no lock.
+	active atomic.Bool
 }
 
 // New returns a Limiter on the real clock, or nil if cfg limits nothing.
-func New(cfg Config) (*Limiter, error) { return NewWithClock(cfg, realClock{}) }
+func New(cfg Config) (*Limiter, error) {
+	l, err := NewWithClock(cfg, realClock{})
+	if err != nil || !l.active.Load() {
+		return nil, err
+	}
+	return l, nil
+}
 
-// NewWithClock is New with a given clock.
+// NewUpdatable returns a Limiter on the real clock even when cfg limits
+// nothing, so that Update can add limits later (a live API change).
+func NewUpdatable(cfg Config) (*Limiter, error) { return NewWithClock(cfg, realClock{}) }
+
+// NewWithClock is NewUpdatable with a given clock.
 func NewWithClock(cfg Config, clk Clock) (*Limiter, error) {
+	l := &Limiter{clk: clk, changed: make(chan struct{})}
+	if err := l.Update(cfg); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// Update replaces the buckets with new ones built from cfg, full, as
+// Firecracker's PATCH does; a request waiting in Wait retries at once
+// under the new limits. An invalid cfg changes nothing.
+func (l *Limiter) Update(cfg Config) error {
 	if err := cfg.Bandwidth.Validate(); err != nil {
-		return nil, fmt.Errorf("bandwidth: %w", err)
+		return fmt.Errorf("bandwidth: %w", err)
 	}
 	if err := cfg.Ops.Validate(); err != nil {
-		return nil, fmt.Errorf("ops: %w", err)
+		return fmt.Errorf("ops: %w", err)
 	}
-	if !cfg.Bandwidth.Enabled() && !cfg.Ops.Enabled() {
-		return nil, nil
-	}
-	now := clk.Now()
-	return &Limiter{clk: clk, bytes: newBucket(cfg.Bandwidth, now), ops: newBucket(cfg.Ops, now)}, nil
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.clk.Now()
+	l.bytes, l.ops = newBucket(cfg.Bandwidth, now), newBucket(cfg.Ops, now)
+	l.active.Store(l.bytes != nil || l.ops != nil)
+	close(l.changed)
+	l.changed = make(chan struct{})
+	return nil
 }
 
 // Allow admits one request of n bytes if both buckets can pay for it now,
 // taking the tokens; otherwise it takes nothing and reports how long to
 // wait before trying again.
 func (l *Limiter) Allow(n uint64) (ok bool, retryAfter time.Duration) {
-	if l == nil {
-		return true, 0
+	ok, retryAfter, _ = l.allow(n)
+	return ok, retryAfter
+}
+
+// allow is Allow, also returning the channel an Update closes.
+func (l *Limiter) allow(n uint64) (bool, time.Duration, <-chan struct{}) {
+	if l == nil || !l.active.Load() {
+		return true, 0, nil
 	}
 	bytesN := int64(min(n, math.MaxInt64))
 	l.mu.Lock()
@@ -220,28 +261,29 @@ func (l *Limiter) Allow(n uint64) (ok bool, retryAfter time.Duration) {
 	okB, waitB := l.bytes.check(bytesN, now)
 	okO, waitO := l.ops.check(1, now)
 	if !okB || !okO {
-		return false, max(waitB, waitO)
+		return false, max(waitB, waitO), l.changed
 	}
 	l.bytes.take(bytesN)
 	l.ops.take(1)
-	return true, 0
+	return true, 0, nil
 }
 
 // Wait blocks until a request of n bytes is admitted, or ctx ends. It
 // returns how long it was throttled (for the throttled-time metric).
 func (l *Limiter) Wait(ctx context.Context, n uint64) (time.Duration, error) {
-	if l == nil {
+	if l == nil || !l.active.Load() {
 		return 0, nil
 	}
 	start := l.clk.Now()
 	for {
-		ok, d := l.Allow(n)
+		ok, d, changed := l.allow(n)
 		if ok {
 			return l.clk.Now().Sub(start), nil
 		}
 		select {
 		case <-ctx.Done():
 			return l.clk.Now().Sub(start), fmt.Errorf("rate limit wait: %w", ctx.Err())
+		case <-changed:
 		case <-l.clk.After(d):
 		}
 	}

@@ -214,3 +214,92 @@ func TestRealClockWaits(t *testing.T) {
 		t.Fatalf("Wait on an empty bucket = %v, %v; want a positive wait", w, err)
 	}
 }
+
+// waitingClock never fires; it reports each After call, which is a Wait
+// going to sleep.
+type waitingClock struct {
+	*fakeClock
+	sleeping chan time.Duration
+}
+
+func (c waitingClock) After(d time.Duration) <-chan time.Time {
+	c.sleeping <- d
+	return nil
+}
+
+// TestUpdate: a live change takes effect at once, wakes a request waiting
+// under the old limits, and an invalid change leaves the old limits.
+func TestUpdate(t *testing.T) {
+	clk := waitingClock{newFake(), make(chan time.Duration, 1)}
+	l, err := NewWithClock(Config{}, clk)
+	if err != nil || l == nil {
+		t.Fatalf("NewWithClock(unlimited) = %v, %v; want a limiter", l, err)
+	}
+	if ok, _ := l.Allow(1 << 40); !ok {
+		t.Fatal("unlimited limiter refused a request")
+	}
+	// One byte per hour: the second request would wait an hour.
+	if err := l.Update(Config{Bandwidth: BucketConfig{Size: 1, RefillTimeMs: 3600_000}}); err != nil {
+		t.Fatal(err)
+	}
+	l.Allow(1)
+	if ok, wait := l.Allow(1); ok || wait < time.Minute {
+		t.Fatalf("after the update: ok %v, wait %v; want a wait of about an hour", ok, wait)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := l.Wait(context.Background(), 1); done <- err }()
+	if d := <-clk.sleeping; d < time.Minute {
+		t.Fatalf("Wait sleeps %v, want about an hour", d)
+	}
+	// The waiter sleeps on a timer that never fires: only Update can
+	// wake it.
+	if err := l.Update(Config{Bandwidth: BucketConfig{Size: 1 << 30, RefillTimeMs: 1000}}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case d := <-clk.sleeping:
+		t.Fatalf("after the update the waiter went back to sleep for %v", d)
+	case <-time.After(time.Minute):
+		t.Fatal("a waiting request was not woken by Update")
+	}
+	if err := l.Update(Config{Ops: BucketConfig{Size: 10}}); err == nil {
+		t.Fatal("invalid update accepted")
+	}
+	if ok, _ := l.Allow(1 << 20); !ok {
+		t.Fatal("an invalid update changed the limits")
+	}
+	if err := l.Update(Config{}); err != nil || l.active.Load() {
+		t.Fatalf("update to unlimited: %v, active %v", err, l.active.Load())
+	}
+}
+
+// TestUpdateConcurrent runs Update against Allow and Wait (meant for -race).
+func TestUpdateConcurrent(t *testing.T) {
+	l, _ := NewUpdatable(Config{Ops: BucketConfig{Size: 1000, RefillTimeMs: 1}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 2000 {
+			if _, err := l.Wait(ctx, 10); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for i := range 200 {
+		cfg := Config{}
+		if i%2 == 0 {
+			cfg.Ops = BucketConfig{Size: uint64(100 + i), RefillTimeMs: 1}
+		}
+		if err := l.Update(cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+}

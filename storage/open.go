@@ -62,3 +62,73 @@ func CreateDisk(path, format string, size int64) (Disk, error) {
 	}
 	return nil, fmt.Errorf("create disk %s: unknown format %q (want raw or qcow2)", path, format)
 }
+
+// ImageFile is one open file of a disk image's backing chain (see Files).
+type ImageFile = qcow2.ChainFile
+
+// Files lists the open files behind a disk OpenDisk returned, top image
+// first, and whether it is a raw image whose format was detected rather
+// than given: what a control plane hands to a VM process, which rebuilds
+// the disk with FromFiles. The disk still owns the files; once the other
+// process has them, Release the disk here.
+func Files(d Disk) (files []ImageFile, probed bool, err error) {
+	switch d := d.(type) {
+	case probeGuard:
+		files, _, err = Files(d.Disk)
+		return files, true, err
+	case *raw.File:
+		return []ImageFile{{File: d.File(), Format: "raw", Path: d.File().Name()}}, false, nil
+	case *qcow2.Image:
+		return d.Files(), false, nil
+	}
+	return nil, false, fmt.Errorf("disk %T has no files to hand over", d)
+}
+
+// FromFiles opens a disk from the files Files listed (in this process or,
+// with the descriptors passed, in another one): raw, or qcow2 with its
+// backing chain checked against the files. It opens nothing by path and
+// takes ownership of the files; on error it closes them.
+func FromFiles(files []ImageFile, readOnly, probed bool) (Disk, error) {
+	if len(files) == 0 {
+		return nil, fmt.Errorf("open disk from files: no files")
+	}
+	switch files[0].Format {
+	case "raw":
+		if len(files) != 1 {
+			for _, f := range files {
+				f.File.Close()
+			}
+			return nil, fmt.Errorf("open raw disk %s: %d files handed over, want 1", files[0].Path, len(files))
+		}
+		d, err := raw.FromFile(files[0].File, readOnly)
+		if err != nil {
+			files[0].File.Close()
+			return nil, fmt.Errorf("open raw disk %s: %w", files[0].Path, err)
+		}
+		if probed && !readOnly {
+			return probeGuard{d}, nil
+		}
+		return d, nil
+	case "qcow2":
+		return qcow2.OpenFiles(files, qcow2.Options{ReadOnly: readOnly})
+	}
+	for _, f := range files {
+		f.File.Close()
+	}
+	return nil, fmt.Errorf("open disk %s: unknown format %q (want raw or qcow2)", files[0].Path, files[0].Format)
+}
+
+// Release closes a disk's descriptors without flushing, truncating or
+// writing anything: for a disk whose files were handed to another process,
+// which now owns the image.
+func Release(d Disk) error {
+	switch d := d.(type) {
+	case probeGuard:
+		return Release(d.Disk)
+	case *raw.File:
+		return d.Release()
+	case *qcow2.Image:
+		return d.Release()
+	}
+	return fmt.Errorf("disk %T cannot be released", d)
+}

@@ -111,25 +111,19 @@ func TestEcho(t *testing.T) {
 func TestEchoInteractive(t *testing.T) {
 	requireKVM(t)
 	cmd := exec.Command(rayvmm, "boot", "--cmdline", "rayguest.run=echo")
-	w := newLineWatcher()
-	cmd.Stdout = w
-	cmd.Stderr = w
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	w.waitFor(t, "rayguest: ready", 30*time.Second)
+	p := startProc(t, cmd)
+	p.out.waitFor(t, "rayguest: ready", 30*time.Second)
 	for _, l := range []string{"one", "two", "three"} {
 		io.WriteString(stdin, l+"\n")
-		w.waitFor(t, "rayguest: echo "+l+"\n", 30*time.Second)
+		p.out.waitFor(t, "rayguest: echo "+l+"\n", 30*time.Second)
 	}
 	io.WriteString(stdin, "quit\n")
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("after quit: %v\n%s", err, w.String())
+	if err := p.exited(t, `"quit"`, time.Minute); err != nil {
+		t.Fatalf("after quit: %v\n%s", err, p.out.String())
 	}
 }
 
@@ -250,8 +244,9 @@ func startOnPTY(t *testing.T) *ptyVM {
 	return p
 }
 
-// wait waits up to limit for rayvmm to exit and returns how long it took.
-func (p *ptyVM) wait(t *testing.T, limit time.Duration) (time.Duration, error) {
+// wait waits up to limit for rayvmm to exit after what the test did and
+// returns how long it took.
+func (p *ptyVM) wait(t *testing.T, after string, limit time.Duration) (time.Duration, error) {
 	t.Helper()
 	start := time.Now()
 	done := make(chan error, 1)
@@ -260,7 +255,7 @@ func (p *ptyVM) wait(t *testing.T, limit time.Duration) (time.Duration, error) {
 	case err := <-done:
 		return time.Since(start), err
 	case <-time.After(limit):
-		t.Fatalf("rayvmm still running after %v\n%s", limit, p.out.String())
+		t.Fatalf("rayvmm still running %v after %s; output:\n%s", limit, after, p.out.String())
 		return 0, nil
 	}
 }
@@ -278,8 +273,8 @@ func (p *ptyVM) checkRestored(t *testing.T) {
 }
 
 // TestSIGTERMRestoresTerminal runs rayvmm on a pseudo-terminal in echo mode
-// (raw mode, waiting for input), sends SIGTERM, and checks that it stops
-// within a second and leaves the terminal settings as it found them.
+// (raw mode, the guest waiting for input), sends SIGTERM, and checks that it
+// stops with status 0 and leaves the terminal settings as it found them.
 func TestSIGTERMRestoresTerminal(t *testing.T) {
 	requireKVM(t)
 	p := startOnPTY(t)
@@ -291,10 +286,12 @@ func TestSIGTERMRestoresTerminal(t *testing.T) {
 		t.Fatalf("terminal still in canonical mode while the guest runs: rayvmm did not set raw mode")
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	took, err := p.wait(t, 5*time.Second)
-	t.Logf("stopped %v after SIGTERM (%v)", took, err)
-	if took > time.Second {
-		t.Errorf("rayvmm took %v to stop after SIGTERM, want under a second", took)
+	// The guest waits for input for ever: only the signal can end it, so
+	// a deadline is all that is needed (how long it takes is not a test).
+	took, err := p.wait(t, "SIGTERM", time.Minute)
+	t.Logf("stopped %v after SIGTERM", took)
+	if err != nil {
+		t.Errorf("rayvmm after SIGTERM: %v\n%s", err, p.out.String())
 	}
 	p.checkRestored(t)
 	checkNoPanic(t, p.out.String())
@@ -308,7 +305,7 @@ func TestCtrlAX(t *testing.T) {
 	io.WriteString(p.ptmx, "typed\r")
 	p.out.waitFor(t, "rayguest: echo typed", 30*time.Second)
 	io.WriteString(p.ptmx, "\x01x")
-	if _, err := p.wait(t, 10*time.Second); err != nil {
+	if _, err := p.wait(t, "Ctrl-A x", time.Minute); err != nil {
 		t.Fatalf("Ctrl-A x: %v\n%s", err, p.out.String())
 	}
 	p.checkRestored(t)

@@ -11,19 +11,24 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// rayvmm is the path of the binary under test, built once in TestMain.
-var rayvmm string
+// rayvmm and rayvmmVM are the paths of the binaries under test (the CLI
+// and the VM process it starts), built once in TestMain.
+var rayvmm, rayvmmVM string
 
 // repoRoot is the repository's top directory.
 var repoRoot string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(detachHelperEnv) != "" {
+		os.Exit(detachHelper())
+	}
 	_, file, _, _ := runtime.Caller(0)
 	repoRoot = filepath.Dir(filepath.Dir(file))
 	dir, err := os.MkdirTemp("", "rayvmm-tests-")
@@ -32,12 +37,16 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	rayvmm = filepath.Join(dir, "rayvmm")
-	build := exec.Command("go", "build", "-o", rayvmm, "./cmd/rayvmm")
-	build.Dir = repoRoot
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building rayvmm: %v\n%s", err, out)
-		os.Exit(1)
+	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
+	// rayvmm finds rayvmm-vm next to itself.
+	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm"} {
+		build := exec.Command("go", "build", "-o", bin, pkg)
+		build.Dir = repoRoot
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -157,15 +166,36 @@ func (w *lineWatcher) String() string {
 // waitFor waits until the output contains s.
 func (w *lineWatcher) waitFor(t testing.TB, s string, timeout time.Duration) {
 	t.Helper()
+	w.waitUntil(t, fmt.Sprintf("%q", s), timeout, func(out string) bool { return strings.Contains(out, s) })
+}
+
+// waitForLine waits until the output holds a whole line (ended by a
+// newline) that contains s: output arrives in pieces, and a piece can end
+// in the middle of a line.
+func (w *lineWatcher) waitForLine(t testing.TB, s string, timeout time.Duration) {
+	t.Helper()
+	w.waitUntil(t, fmt.Sprintf("a whole line containing %q", s), timeout, func(out string) bool {
+		i := strings.Index(out, s)
+		return i >= 0 && strings.Contains(out[i:], "\n")
+	})
+}
+
+// waitUntil waits until done holds for the output so far; what names it
+// for the failure message.
+func (w *lineWatcher) waitUntil(t testing.TB, what string, timeout time.Duration, done func(string) bool) {
+	t.Helper()
 	deadline := time.After(timeout)
-	for !strings.Contains(w.String(), s) {
+	for !done(w.String()) {
 		if w.isClosed() {
-			t.Fatalf("process exited without printing %q; output:\n%s", s, w.String())
+			if done(w.String()) { // the last output came with the close
+				return
+			}
+			t.Fatalf("process exited without printing %s; output:\n%s", what, w.String())
 		}
 		select {
 		case <-w.cond:
 		case <-deadline:
-			t.Fatalf("no %q within %v; output so far:\n%s", s, timeout, w.String())
+			t.Fatalf("no %s within %v; output so far:\n%s", what, timeout, w.String())
 		}
 	}
 }
@@ -180,5 +210,61 @@ func (w *lineWatcher) waitClosed(t testing.TB, timeout time.Duration) {
 		case <-deadline:
 			t.Fatalf("the process did not exit within %v; output so far:\n%s", timeout, w.String())
 		}
+	}
+}
+
+// proc is a rayvmm process a test started and talks to while it runs.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *lineWatcher // stdout and stderr
+	done chan struct{}
+	err  error // cmd.Wait's result, valid once done is closed
+}
+
+// startProc starts cmd (set Stdin first if the test writes to it) with
+// its output watched; the test's cleanup kills it if it still runs.
+func startProc(t testing.TB, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{cmd: cmd, out: newLineWatcher(), done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", cmd.Args[0], err)
+	}
+	go func() { p.err = cmd.Wait(); p.out.close(); close(p.done) }()
+	t.Cleanup(func() {
+		if err := p.kill(); err != nil {
+			t.Error(err)
+		}
+	})
+	return p
+}
+
+// exited waits for the process to exit after what the test did (for the
+// failure message: "quit", "SIGTERM"), and returns cmd.Wait's error.
+func (p *proc) exited(t testing.TB, after string, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case <-p.done:
+		checkNoPanic(t, p.out.String())
+		return p.err
+	case <-time.After(timeout):
+		t.Fatalf("%s still running %v after %s; output:\n%s", p.cmd.Args[0], timeout, after, p.out.String())
+		return nil
+	}
+}
+
+// kill ends the process with SIGKILL, if it still runs, and waits for it.
+func (p *proc) kill() error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(time.Minute):
+		return fmt.Errorf("%s (pid %d) still running a minute after SIGKILL", p.cmd.Args[0], p.cmd.Process.Pid)
 	}
 }

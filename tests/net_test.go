@@ -60,33 +60,19 @@ func (h *host) must(t *testing.T, args ...string) string {
 	return r.stdout
 }
 
-// guest is a running rayvmm boot.
-type guest struct {
-	cmd  *exec.Cmd
-	out  *lineWatcher
-	done chan struct{}
-}
-
 // start boots rayguest named name with the given NICs and command line.
 // ip netns exec execs rayvmm, so the process is rayvmm itself.
-func (h *host) start(t *testing.T, name, cmdline string, nets ...string) *guest {
+func (h *host) start(t *testing.T, name, cmdline string, nets ...string) *proc {
 	t.Helper()
 	args := []string{"boot", "--name", name, "--cmdline", cmdline}
 	for _, n := range nets {
 		args = append(args, "--net", n)
 	}
-	g := &guest{cmd: h.command(context.Background(), args...), out: newLineWatcher(), done: make(chan struct{})}
-	g.cmd.Stdout, g.cmd.Stderr = g.out, g.out
-	if err := g.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { g.cmd.Wait(); g.out.close(); close(g.done) }()
-	t.Cleanup(func() { g.kill() })
-	return g
+	return startProc(t, h.command(context.Background(), args...))
 }
 
 // serve boots a guest answering ping and UDP echo on addrs.
-func (h *host) serve(t *testing.T, name, ips string, nets ...string) *guest {
+func (h *host) serve(t *testing.T, name, ips string, nets ...string) *proc {
 	t.Helper()
 	g := h.start(t, name, "rayguest.ip="+ips+" rayguest.run=serve", nets...)
 	g.out.waitFor(t, "rayguest: serving", guestWait)
@@ -99,38 +85,12 @@ func (h *host) ping(t *testing.T, name, ips, targets string, count int, net stri
 	t.Helper()
 	cmdline := fmt.Sprintf("rayguest.ip=%s rayguest.run=ping:%s,count=%d %s", ips, targets, count, strings.Join(extra, " "))
 	g := h.start(t, name, cmdline, net)
-	g.wait(t)
+	g.exited(t, "its pings", guestWait)
 	got := map[string][]string{}
 	for _, m := range regexp.MustCompile(`rayguest: ping (\S+) (ok|FAIL)`).FindAllStringSubmatch(g.out.String(), -1) {
 		got[m[1]] = append(got[m[1]], m[2])
 	}
 	return got
-}
-
-func (g *guest) wait(t *testing.T) {
-	t.Helper()
-	select {
-	case <-g.done:
-	case <-time.After(guestWait):
-		t.Fatalf("guest did not finish; output:\n%s", g.out.String())
-	}
-	checkNoPanic(t, g.out.String())
-}
-
-func (g *guest) kill() {
-	select {
-	case <-g.done:
-	default:
-		g.cmd.Process.Signal(syscall.SIGKILL)
-		<-g.done
-	}
-}
-
-// stop ends a guest the way a user does (SIGTERM) and waits.
-func (g *guest) stop(t *testing.T) {
-	t.Helper()
-	g.cmd.Process.Signal(syscall.SIGTERM)
-	g.wait(t)
 }
 
 func allOK(t *testing.T, got map[string][]string, target string, n int) {
@@ -200,7 +160,10 @@ func TestNetBridged(t *testing.T) {
 	if len(h.taps(t)) != 1 {
 		t.Fatalf("TAPs while the guest runs: %v", h.taps(t))
 	}
-	g.stop(t)
+	g.cmd.Process.Signal(syscall.SIGTERM)
+	if err := g.exited(t, "SIGTERM", guestWait); err != nil {
+		t.Fatalf("rayvmm after SIGTERM: %v\n%s", err, g.out.String())
+	}
 	if taps := h.taps(t); len(taps) != 0 {
 		t.Fatalf("TAPs left after rayvmm exited: %v", taps)
 	}
@@ -291,7 +254,7 @@ func TestNetCleanup(t *testing.T) {
 		t.Fatalf("net rm while attached: exit %d, %s", r.code, r.stderr)
 	}
 	g.cmd.Process.Signal(syscall.SIGKILL)
-	g.wait(t)
+	g.exited(t, "SIGKILL", guestWait)
 	if taps := h.taps(t); len(taps) != 0 {
 		t.Fatalf("TAPs left after kill -9: %v", taps)
 	}
@@ -326,13 +289,13 @@ func TestNetBadInput(t *testing.T) {
 	}{
 		{"invalid MAC", []string{"boot", "--net", "network=lan,mac=02:00:00:00:00"}, "not a MAC address"},
 		{"multicast MAC", []string{"boot", "--net", "network=lan,mac=01:00:00:00:00:01"}, "multicast"},
-		{"vlan 0", []string{"boot", "--net", "network=lan,vlan=0"}, "VLAN \"0\" out of range 1..4094"},
-		{"vlan 4095", []string{"boot", "--net", "network=lan,vlan=4095"}, "VLAN \"4095\" out of range 1..4094"},
+		{"vlan 0", []string{"boot", "--net", "network=lan,vlan=0"}, "VLAN 0 out of range 1..4094"},
+		{"vlan 4095", []string{"boot", "--net", "network=lan,vlan=4095"}, "nets[0].vlan: VLAN 4095 out of range 1..4094"},
 		{"unknown network", []string{"boot", "--net", "network=nosuch"}, `network "nosuch": no such network`},
 		{"second NIC bad", []string{"boot", "--net", "network=lan", "--net", "network=nosuch"}, "no such network"},
 		{"VLAN bridge name too long", []string{"boot", "--net", "network=twelve-chars,vlan=4094"}, `"rv-twelve-chars.4094" is 20 bytes`},
 		{"overlapping subnet", []string{"net", "create", "lan2", "--subnet", "192.0.2.128/25"}, `overlaps 192.0.2.0/24 of network "lan"`},
-		{"name too long", []string{"net", "create", "thirteen-char", "--subnet", "203.0.113.0/24"}, "longer than Linux's limit of 15"},
+		{"name too long", []string{"net", "create", "thirteen-char", "--subnet", "203.0.113.0/24"}, "at most 12 characters"},
 		{"bad subnet", []string{"net", "create", "x", "--subnet", "192.0.2.0/33"}, "not an IPv4 CIDR"},
 		{"rm unknown", []string{"net", "rm", "nosuch"}, "no such network"},
 	}

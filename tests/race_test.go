@@ -8,24 +8,28 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// TestRaceDetector builds rayvmm with the race detector and runs real
+// TestRaceDetector builds rayvmm and rayvmm-vm with the race detector and runs real
 // guests through the concurrent paths: SMP vCPU threads, the serial input
 // goroutine, virtio-blk with ioeventfd/irqfd and QoS, and shutdown. Any
 // race report fails the test.
 func TestRaceDetector(t *testing.T) {
 	requireKVM(t)
 	requireTool(t, "gcc") // -race needs cgo
-	if testing.Short() {
-		t.Skip("builds rayvmm again with -race")
-	}
-	bin := filepath.Join(t.TempDir(), "rayvmm-race")
-	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/rayvmm")
-	build.Dir = repoRoot
-	build.Env = append(os.Environ(), "CGO_ENABLED=1")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build -race: %v\n%s", err, out)
+	testenv.Short(t, "builds rayvmm again with -race")
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "rayvmm")
+	// Both processes: the guest runs in rayvmm-vm, found next to rayvmm.
+	for out, pkg := range map[string]string{bin: "./cmd/rayvmm", filepath.Join(dir, "rayvmm-vm"): "./cmd/rayvmm-vm"} {
+		build := exec.Command("go", "build", "-race", "-o", out, pkg)
+		build.Dir = repoRoot
+		build.Env = append(os.Environ(), "CGO_ENABLED=1")
+		if msg, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("go build -race %s: %v\n%s", pkg, err, msg)
+		}
 	}
 	img := sparseFile(t, 16<<20)
 	runs := []struct {

@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"go/ast"
 	"go/parser"
 	"go/token"
 	"io/fs"
@@ -74,6 +75,43 @@ func TestUnsafeOnlyInUnsafeFiles(t *testing.T) {
 		}
 	}
 	if _, err := os.Stat(filepath.Join(repoRoot, "vmm", "memory", "memory_unsafe.go")); err != nil {
+		t.Fatal("the walk found nothing to check")
+	}
+}
+
+// TestNoFlakyPatterns guards against two causes of flaky tests found in
+// this repository: `select {}` as a way to block for ever (with nothing
+// else to run, the Go runtime ends the process: "all goroutines are asleep
+// - deadlock!"; a helper process blocks in testenv.Hold instead), and skips
+// that bypass internal/testenv (CI, with RAYVMM_REQUIRE_KVM=1, must fail
+// rather than quietly skip).
+func TestNoFlakyPatterns(t *testing.T) {
+	testenvDir := filepath.Join(repoRoot, "internal", "testenv")
+	checked := 0
+	for dir, files := range goDirs(t) {
+		for _, f := range files {
+			af, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checked++
+			rel, _ := filepath.Rel(repoRoot, f)
+			ast.Inspect(af, func(n ast.Node) bool {
+				switch n := n.(type) {
+				case *ast.SelectStmt:
+					if len(n.Body.List) == 0 {
+						t.Errorf("%s: select {} blocks until the runtime calls it a deadlock; block on something that cannot end by itself (testenv.Hold in a helper process)", rel)
+					}
+				case *ast.SelectorExpr:
+					if s := n.Sel.Name; (s == "Skip" || s == "Skipf" || s == "SkipNow") && dir != testenvDir {
+						t.Errorf("%s: %s outside internal/testenv: skip with testenv.Need (or RequireRoot, RequireKVM, RequireTool, Short) so CI fails instead", rel, s)
+					}
+				}
+				return true
+			})
+		}
+	}
+	if checked == 0 {
 		t.Fatal("the walk found nothing to check")
 	}
 }

@@ -7,107 +7,93 @@ import (
 
 	"github.com/rayvmm/rayvmm/devices/virtio/blk"
 	"github.com/rayvmm/rayvmm/ratelimit"
+	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
-	"github.com/rayvmm/rayvmm/storage/volume"
 )
 
 // Disk is a virtio-blk device attached to the VM and what backs it.
 type Disk struct {
-	Spec   storage.DiskSpec
-	Source string // path or "volume:NAME"
+	Spec   spec.Disk
+	Source string // what backs it, for messages: a path or "volume:NAME"
 	Device *blk.Device
 	Slot   *VirtioSlot
+	limit  *ratelimit.Limiter // always set, so the API can change it
 }
 
-// AttachDisk opens the backend a --disk spec names (a file, or a volume
-// from the store under stateDir, locked for this VM), builds a virtio-blk
-// device on it and places it on the MMIO bus. Disks appear to the guest in
-// the order they are attached. Everything it opened is closed with the VM,
-// or at once if it fails.
-func (v *VM) AttachDisk(spec storage.DiskSpec, stateDir string) (_ *Disk, err error) {
-	d := &Disk{Spec: spec}
-	var backend storage.Disk
-	var release func() error
-	defer func() {
-		if err != nil && release != nil {
-			release()
+// AttachDisk builds a virtio-blk device for entry d on an opened backend
+// and places it on the MMIO bus. Disks appear to the guest in the order
+// they are attached. The VM owns backend from here on, also when
+// AttachDisk fails: it is flushed and closed with the VM (a failed final
+// flush is an error of Close, naming the disk), or at once on failure.
+func (v *VM) AttachDisk(d spec.Disk, backend storage.Disk, source string) (_ *Disk, err error) {
+	name := fmt.Sprintf("disk %s (%s)", d.ID, source)
+	release := func() error {
+		if err := errors.Join(backend.Flush(), backend.Close()); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
 		}
-	}()
-	switch {
-	case spec.Volume != "":
-		st, err := volume.Open(stateDir)
-		if err != nil {
-			return nil, fmt.Errorf("volume %q: %w", spec.Volume, err)
-		}
-		a, err := st.Attach(spec.Volume, spec.ReadOnly)
-		if err != nil {
-			return nil, err
-		}
-		if spec.Format != "" && spec.Format != a.Volume.Format {
-			a.Close()
-			return nil, fmt.Errorf("volume %q is %s, not %s", spec.Volume, a.Volume.Format, spec.Format)
-		}
-		backend, release = a.Disk, a.Close
-		d.Source = "volume:" + spec.Volume
-	default:
-		disk, err := storage.OpenDisk(spec.Path, spec.Format, spec.ReadOnly)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s: %w", spec.Path, err)
-		}
-		backend = disk
-		release = func() error { return errors.Join(disk.Flush(), disk.Close()) }
-		d.Source = spec.Path
+		return nil
 	}
-	rel := release
-	release = nil // attachBackend releases it on failure
-	return v.attachBackend(d, backend, rel)
-}
-
-// AttachBackend attaches a disk whose backend the caller has opened (a
-// sharded volume, say); source names it in errors and metrics, and
-// release is called when the VM closes, after the device was reset. If
-// it fails, release is called at once.
-func (v *VM) AttachBackend(spec storage.DiskSpec, source string, backend storage.Disk, release func() error) (*Disk, error) {
-	return v.attachBackend(&Disk{Spec: spec, Source: source}, backend, release)
-}
-
-func (v *VM) attachBackend(d *Disk, backend storage.Disk, release func() error) (_ *Disk, err error) {
-	spec := d.Spec
 	defer func() {
-		if err != nil && release != nil {
+		if err != nil {
 			release()
 		}
 	}()
-	lim, err := ratelimit.New(spec.Limits)
+	lim, err := ratelimit.NewUpdatable(DiskLimits(d.RateLimit))
 	if err != nil {
-		return nil, fmt.Errorf("disk %s: %w", d.Source, err)
+		return nil, fmt.Errorf("%s: rate limit: %w", name, err)
 	}
-	serial := spec.Serial
+	serial := d.Serial
 	if serial == "" {
-		serial = spec.Volume
+		serial = d.Volume
 		if serial == "" {
-			serial = filepath.Base(spec.Path)
+			serial = filepath.Base(d.Path)
 		}
 		if len(serial) > 20 {
 			serial = serial[:20]
 		}
 	}
-	cfg := blk.Config{Disk: backend, ReadOnly: spec.ReadOnly, Serial: serial, Log: v.log}
-	if lim != nil {
-		cfg.RateLimit = lim
+	dev, err := blk.New(blk.Config{Disk: backend, ReadOnly: d.ReadOnly, Serial: serial, Log: v.log, RateLimit: lim})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if d.Device, err = blk.New(cfg); err != nil {
-		return nil, fmt.Errorf("disk %s: %w", d.Source, err)
-	}
-	if d.Slot, err = v.AddVirtio(d.Device); err != nil {
-		return nil, fmt.Errorf("disk %s: %w", d.Source, err)
+	slot, err := v.AddVirtio(dev)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	// Closers run in reverse order after the devices were reset, so the
 	// device is quiet before its backend is flushed and closed.
 	v.OnClose(release)
-	v.disks = append(v.disks, d)
-	return d, nil
+	disk := &Disk{Spec: d, Source: source, Device: dev, Slot: slot, limit: lim}
+	v.disks = append(v.disks, disk)
+	return disk, nil
 }
 
 // Disks are the attached disks in guest order (vda, vdb, ...).
 func (v *VM) Disks() []*Disk { return v.disks }
+
+// DiskLimits is a disk's rate limit as token buckets refilled every
+// second: IOPS requests and Bps bytes, Burst a one-time extra allowance
+// (requests with IOPS, else bytes).
+func DiskLimits(r spec.DiskRateLimit) ratelimit.Config {
+	var c ratelimit.Config
+	burst := uint64(r.Burst)
+	if r.IOPS > 0 {
+		c.Ops = ratelimit.BucketConfig{Size: uint64(r.IOPS), RefillTimeMs: 1000, OneTimeBurst: burst}
+		burst = 0
+	}
+	if r.Bps > 0 {
+		c.Bandwidth = ratelimit.BucketConfig{Size: uint64(r.Bps), RefillTimeMs: 1000, OneTimeBurst: burst}
+	}
+	return c
+}
+
+// SetRateLimit changes the disk's token buckets while the VM runs.
+func (d *Disk) SetRateLimit(r spec.DiskRateLimit) error {
+	if err := r.Validate("rateLimit"); err != nil {
+		return err
+	}
+	if err := d.limit.Update(DiskLimits(r)); err != nil {
+		return fmt.Errorf("disk %s: rate limit: %w", d.Spec.ID, err)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -15,9 +16,10 @@ import (
 )
 
 type vcpu struct {
-	vm  *VM
-	id  int
-	cpu *kvm.VCPU
+	vm    *VM
+	id    int
+	cpu   *kvm.VCPU
+	exits [numExitKinds]atomic.Uint64
 
 	mu  sync.Mutex // guards tid against a kick racing the thread's exit
 	tid int
@@ -101,18 +103,31 @@ func (c *vcpu) setup() error {
 func (c *vcpu) run() {
 	v := c.vm
 	cpu := c.cpu
+	v.inLoop.Add(1)
+	defer func() {
+		v.inLoop.Add(-1)
+		v.wakeParked() // a Pause waiting for this vCPU to park
+	}()
 	for !v.stopping.Load() {
+		if v.pausing() {
+			c.park()
+			continue
+		}
 		if c.id == 0 {
 			v.firstRun.Do(func() {
+				v.btMu.Lock()
+				defer v.btMu.Unlock()
 				v.bootTimes.FirstRunWall = timeSince(v.cfg.Started)
-				v.bootTimes.FirstRunCPU = cpuTime()
+				v.bootTimes.FirstRunCPUSelf = cpuTime()
+				v.bootTimes.FirstRunCPU = v.cfg.CPUBefore + v.bootTimes.FirstRunCPUSelf
 			})
 		}
 		err := cpu.Run()
 		switch {
 		case err == nil:
 		case errors.Is(err, unix.EINTR):
-			continue // a kick or the Go runtime's preemption signal
+			c.count(exitKick) // a kick or the Go runtime's preemption signal
+			continue
 		case errors.Is(err, unix.EAGAIN):
 			continue // an AP received INIT
 		default:
@@ -129,7 +144,9 @@ func (c *vcpu) run() {
 // handleExit services one exit; a non-nil Exit ends the VM.
 func (c *vcpu) handleExit() *Exit {
 	v, cpu := c.vm, c.cpu
-	switch r := cpu.ExitReason(); r {
+	r := cpu.ExitReason()
+	c.count(exitKindOf(r))
+	switch r {
 	case kvm.ExitIO:
 		io, err := cpu.IO()
 		if err != nil {

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,9 +39,11 @@ const (
 	BootTimerMagic = 123
 )
 
-// Config describes a microVM.
+// Config describes a microVM (see Build for making one from a spec).
 type Config struct {
-	KVMDevice   string
+	// KVM is the open KVM device; the VM takes it over (and closes it,
+	// also when New fails).
+	KVM         *os.File
 	MemoryBytes uint64
 	CPUs        int
 	CPUTemplate string // auto, host or emulated
@@ -51,6 +54,10 @@ type Config struct {
 	Log         *slog.Logger
 	// Started is the process start time the boot timer measures from.
 	Started time.Time
+	// CPUBefore is CPU time spent for this VM before this process started
+	// (by the control plane that launched it), added to the boot timer's
+	// CPU readings.
+	CPUBefore time.Duration
 	// BootTimer logs the time to first KVM_RUN and to the guest's ready
 	// write on BootTimerPort.
 	BootTimer bool
@@ -84,13 +91,25 @@ type VM struct {
 
 	firstRun  sync.Once
 	readyOnce sync.Once
+	btMu      sync.Mutex // guards bootTimes
 	bootTimes BootTimes
 	closers   []func() error
+	closeOnce sync.Once
+	closeErr  error
+
+	pause   pauser
+	started time.Time    // when Run started the vCPUs
+	vcpuMu  sync.Mutex   // guards vcpus while Run appends to it
+	inLoop  atomic.Int32 // vCPU threads in their run loop
 }
 
-// New validates cfg, opens KVM and builds the VM: memory, irqchip, devices,
-// kernel, initrd, boot structures. vCPUs are created when Run starts.
+// New validates cfg, takes over the KVM device and builds the VM: memory,
+// irqchip, devices, kernel, initrd, boot structures. vCPUs are created
+// when Run starts.
 func New(cfg Config) (_ *VM, err error) {
+	if cfg.KVM == nil {
+		return nil, fmt.Errorf("%w: no KVM device", ErrConfig)
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
@@ -100,14 +119,24 @@ func New(cfg Config) (_ *VM, err error) {
 	if cfg.Started.IsZero() {
 		cfg.Started = time.Now()
 	}
+	v := &VM{cfg: cfg, log: cfg.Log, done: make(chan struct{})}
+	v.pause.init()
+	defer func() {
+		if err != nil {
+			v.Close()
+		}
+	}()
+	if v.sys, err = kvm.FromFile(cfg.KVM); err != nil {
+		cfg.KVM.Close()
+		return nil, err
+	}
 	if err := boot.CheckMemorySize(cfg.MemoryBytes); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	if cfg.CPUs < 1 || cfg.CPUs > boot.MaxCPUs {
 		return nil, fmt.Errorf("%w: %d vCPUs; rayvmm supports 1 to %d", ErrConfig, cfg.CPUs, boot.MaxCPUs)
 	}
-	template, err := cpuid.Resolve(cfg.CPUTemplate)
-	if err != nil {
+	if v.template, err = cpuid.Resolve(cfg.CPUTemplate); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	if _, err := boot.DetectFormat(cfg.Kernel); err != nil {
@@ -115,16 +144,6 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	if err := checkHostMemory(cfg.MemoryBytes); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
-	}
-
-	v := &VM{cfg: cfg, log: cfg.Log, template: template, done: make(chan struct{})}
-	defer func() {
-		if err != nil {
-			v.Close()
-		}
-	}()
-	if v.sys, err = kvm.Open(cfg.KVMDevice); err != nil {
-		return nil, err
 	}
 	if max := v.sys.CheckExtension(kvm.CapMaxVCPUs); max > 0 && cfg.CPUs > max {
 		return nil, fmt.Errorf("%w: %d vCPUs; this KVM allows at most %d", ErrConfig, cfg.CPUs, max)
@@ -134,7 +153,7 @@ func New(cfg Config) (_ *VM, err error) {
 		name string
 	}{{kvm.CapIRQChip, "in-kernel irqchip"}, {kvm.CapUserMemory, "user memory"}, {kvm.CapPIT2, "in-kernel PIT"}, {kvm.CapImmExit, "immediate_exit"}} {
 		if v.sys.CheckExtension(c.cap) == 0 {
-			return nil, fmt.Errorf("%s: %s: %w", cfg.KVMDevice, c.name, kvm.ErrUnsupported)
+			return nil, fmt.Errorf("%s: %s: %w", v.sys.Path, c.name, kvm.ErrUnsupported)
 		}
 	}
 	if v.vm, err = v.sys.CreateVM(); err != nil {
@@ -240,7 +259,13 @@ func (v *VM) loadGuest() error {
 	if err := boot.WritePageTables(v.mem); err != nil {
 		return err
 	}
-	return boot.WriteMPTable(v.mem, v.cfg.CPUs)
+	if err := boot.WriteMPTable(v.mem, v.cfg.CPUs); err != nil {
+		return err
+	}
+	// The images are in guest memory now; drop them (they may be a
+	// mapping the caller unmaps).
+	v.cfg.Kernel, v.cfg.Initrd = nil, nil
+	return nil
 }
 
 // Prepare loads the guest and checks the command line, so that bad input is
@@ -263,9 +288,14 @@ func (v *VM) Run(ctx context.Context) (*Exit, error) {
 	ready := make(chan error, v.cfg.CPUs)
 	start := make(chan struct{})
 	var wg sync.WaitGroup
+	v.pause.mu.Lock()
+	v.started = time.Now()
+	v.pause.mu.Unlock()
 	for i := 0; i < v.cfg.CPUs; i++ {
 		c := &vcpu{vm: v, id: i}
+		v.vcpuMu.Lock()
 		v.vcpus = append(v.vcpus, c)
+		v.vcpuMu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -295,20 +325,36 @@ func (v *VM) Run(ctx context.Context) (*Exit, error) {
 	return v.exit, nil
 }
 
+// Stop ends the VM as a requested stop (exit status 0): Run returns, and
+// Close flushes the disks. It may be called from any goroutine.
+func (v *VM) Stop(reason string) {
+	v.finish(&Exit{Reason: ExitStopped, VCPU: -1, Detail: reason})
+}
+
 // finish records the first exit and stops every vCPU.
 func (v *VM) finish(e *Exit) {
 	v.exitOnce.Do(func() {
 		v.exit = e
 		v.stopping.Store(true)
-		for _, c := range v.vcpus {
+		for _, c := range v.vcpuList() {
 			c.kick()
 		}
 		close(v.done)
+		v.wakeParked()
 	})
 }
 
-// Close releases everything New and Run made.
+// Close releases everything New and Run made: it stops the devices (their
+// I/O finishes), then runs the closers in reverse order (flushing and
+// closing disks, closing NICs), then frees KVM and guest memory. It
+// returns every error the closers met, a failed final disk flush among
+// them, each naming its device. Only the first call does anything.
 func (v *VM) Close() error {
+	v.closeOnce.Do(func() { v.closeErr = v.close() })
+	return v.closeErr
+}
+
+func (v *VM) close() error {
 	if v.uart != nil {
 		v.uart.Close()
 	}
@@ -320,8 +366,11 @@ func (v *VM) Close() error {
 			c.cpu.Close()
 		}
 	}
+	var errs []error
 	for i := len(v.closers) - 1; i >= 0; i-- {
-		v.closers[i]()
+		if err := v.closers[i](); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if v.vm != nil {
 		v.vm.Close()
@@ -332,8 +381,24 @@ func (v *VM) Close() error {
 	if v.sys != nil {
 		v.sys.Close()
 	}
-	return nil
+	if len(errs) == 0 {
+		return nil
+	}
+	return closeErrors(errs)
 }
+
+// closeErrors are the errors of Close, on one line.
+type closeErrors []error
+
+func (e closeErrors) Error() string {
+	s := make([]string, len(e))
+	for i, err := range e {
+		s[i] = err.Error()
+	}
+	return strings.Join(s, "; ")
+}
+
+func (e closeErrors) Unwrap() []error { return e }
 
 // checkHostMemory refuses guest memory the host cannot back.
 func checkHostMemory(size uint64) error {
@@ -348,17 +413,26 @@ func checkHostMemory(size uint64) error {
 	return nil
 }
 
-// BootTimes are the boot timer's measurements, from process start.
+// BootTimes are the boot timer's measurements. Wall times are from
+// Config.Started (the control plane's start); CPU times are the control
+// plane's CPU until it launched this process (Config.CPUBefore) plus this
+// process's, and the *Self ones this process's alone.
 type BootTimes struct {
-	FirstRunWall time.Duration `json:"first_kvm_run_wall_ns"`
-	FirstRunCPU  time.Duration `json:"first_kvm_run_cpu_ns"`
-	ReadyWall    time.Duration `json:"ready_wall_ns"`
-	ReadyCPU     time.Duration `json:"ready_cpu_ns"`
+	FirstRunWall    time.Duration `json:"first_kvm_run_wall_ns"`
+	FirstRunCPU     time.Duration `json:"first_kvm_run_cpu_ns"`
+	FirstRunCPUSelf time.Duration `json:"first_kvm_run_cpu_self_ns"`
+	ReadyWall       time.Duration `json:"ready_wall_ns"`
+	ReadyCPU        time.Duration `json:"ready_cpu_ns"`
+	ReadyCPUSelf    time.Duration `json:"ready_cpu_self_ns"`
 }
 
 // BootTimes returns what the boot timer measured (zero if the guest never
 // wrote the ready value).
-func (v *VM) BootTimes() BootTimes { return v.bootTimes }
+func (v *VM) BootTimes() BootTimes {
+	v.btMu.Lock()
+	defer v.btMu.Unlock()
+	return v.bootTimes
+}
 
 func cpuTime() time.Duration {
 	var ru unix.Rusage
@@ -383,18 +457,35 @@ func (d bootTimerDev) Write(off uint64, data []byte) {
 		return
 	}
 	d.v.readyOnce.Do(func() {
+		d.v.btMu.Lock()
+		defer d.v.btMu.Unlock()
 		bt := &d.v.bootTimes
 		bt.ReadyWall = time.Since(d.v.cfg.Started)
-		bt.ReadyCPU = cpuTime()
+		bt.ReadyCPUSelf = cpuTime()
+		bt.ReadyCPU = d.v.cfg.CPUBefore + bt.ReadyCPUSelf
 		if d.v.cfg.BootTimer {
 			d.v.log.Info("boot timer: guest ready",
 				"wall", bt.ReadyWall, "cpu", bt.ReadyCPU,
-				"first_kvm_run_wall", bt.FirstRunWall, "first_kvm_run_cpu", bt.FirstRunCPU)
+				"first_kvm_run_wall", bt.FirstRunWall, "first_kvm_run_cpu", bt.FirstRunCPU,
+				"vm_process_first_kvm_run_cpu", bt.FirstRunCPUSelf, "vm_process_cpu", bt.ReadyCPUSelf)
 		}
 	})
 }
 
 func timeSince(t time.Time) time.Duration { return time.Since(t) }
+
+// Uptime is how long the vCPUs have been started (0 before Run).
+func (v *VM) Uptime() time.Duration {
+	v.pause.mu.Lock()
+	defer v.pause.mu.Unlock()
+	if v.started.IsZero() {
+		return 0
+	}
+	return time.Since(v.started)
+}
+
+// Config is the configuration the VM was built with.
+func (v *VM) Config() Config { return v.cfg }
 
 // Exit is how the VM ended, once Run returned.
 func (v *VM) Exit() *Exit { return v.exit }

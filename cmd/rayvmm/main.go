@@ -14,13 +14,19 @@ import (
 )
 
 // exitError carries a specific exit status out of a command (a guest that
-// crashed, say) without printing cobra's usage text.
+// crashed, say) without printing cobra's usage text. With no err, nothing
+// is printed: someone (the VM process) already said why.
 type exitError struct {
 	code int
 	err  error
 }
 
-func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
 func (e *exitError) Unwrap() error { return e.err }
 
 var rootCmd = &cobra.Command{
@@ -66,9 +72,12 @@ func main() {
 	if err == nil {
 		return
 	}
-	fmt.Fprintf(os.Stderr, "rayvmm: %v\n", err)
 	var ee *exitError
-	if errors.As(err, &ee) {
+	if errors.As(err, &ee) && ee.err == nil {
+		os.Exit(ee.code)
+	}
+	fmt.Fprintf(os.Stderr, "rayvmm: %v\n", err)
+	if ee != nil {
 		os.Exit(ee.code)
 	}
 	os.Exit(1)

@@ -16,7 +16,7 @@ func init() {
 		Use:   "net",
 		Short: "Manage guest networks (bridges, NAT, VXLAN overlays)",
 		Long: `A network is a Linux bridge "rv-NAME" in the current network namespace,
-recorded under <state-dir>/networks. Unless --isolated, the host takes the
+recorded in the state store (<state-dir>/state.db). Unless --isolated, the host takes the
 subnet's first address on it (the guests' gateway). Guests join it with
 "rayvmm boot --net network=NAME[,vlan=N|,trunk=N1:N2]"; an access VLAN N gets
 its own bridge "rv-NAME.N", created on first use.`,

@@ -20,7 +20,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/shards"
 	"github.com/rayvmm/rayvmm/shards/engine"
-	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/spec"
 )
 
 // etcdEndpoints is --etcd-endpoints: the cluster metadata of sharded
@@ -318,7 +318,7 @@ func repairWithBar(ctx context.Context, st *shards.Store, name, what, holder str
 
 // shardedCreate is `volume create` with --replicas.
 func shardedCreate(cmd *cobra.Command, name string, size int64, shardSize, consistency string, replicas, minReplicas int, nodes []string) error {
-	ss, err := storage.ParseSize(shardSize)
+	ss, err := spec.ParseSize(shardSize)
 	if err != nil {
 		return fmt.Errorf("--shard-size: %w", err)
 	}
@@ -342,7 +342,7 @@ func shardedCreate(cmd *cobra.Command, name string, size int64, shardSize, consi
 		return err
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "created sharded volume %s (%s, %d shards of %s, %d replicas, %s)\n",
-		v.Name, storage.FormatSize(v.Size), v.Shards(), storage.FormatSize(v.ShardSize), v.Replicas, v.Consistency)
+		v.Name, spec.FormatSize(v.Size), v.Shards(), spec.FormatSize(v.ShardSize), v.Replicas, v.Consistency)
 	return nil
 }
 

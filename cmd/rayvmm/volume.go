@@ -13,7 +13,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/rayvmm/rayvmm/shards"
-	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
 
@@ -24,7 +24,8 @@ var volumeCmd = &cobra.Command{
 	Use:   "volume",
 	Short: "Manage volumes: disk images kept under the state directory",
 	Long: `Volumes are raw or qcow2 disk images that rayvmm keeps under
-<state-dir>/volumes, with their metadata in a bbolt database there.
+<state-dir>/volumes, with their metadata in the state store
+(<state-dir>/state.db).
 
 A snapshot freezes a volume's current image as a read-only parent and gives
 the volume a new qcow2 overlay on top of it; a clone is a new volume on top
@@ -68,7 +69,7 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
   rayvmm volume create logs --size 1G --replicas 2 --consistency eventual --nodes a,b`,
 		Args: args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			n, err := storage.ParseSize(size)
+			n, err := spec.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
@@ -91,7 +92,7 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, storage.FormatSize(v.Size))
+			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, spec.FormatSize(v.Size))
 			return nil
 		},
 	}
@@ -132,11 +133,11 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 				if parent == "" {
 					parent = "-"
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, storage.FormatSize(v.Size), storage.FormatSize(v.Allocated), st, parent)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, spec.FormatSize(v.Size), spec.FormatSize(v.Allocated), st, parent)
 			}
 			for _, v := range sharded {
-				fmt.Fprintf(w, "%s\tsharded (%d x %s, R=%d, %s)\t%s\t-\t%s\t-\n", v.Name, v.Volume.Shards(), storage.FormatSize(v.ShardSize),
-					v.Replicas, v.Consistency, storage.FormatSize(v.Size), v.State)
+				fmt.Fprintf(w, "%s\tsharded (%d x %s, R=%d, %s)\t%s\t-\t%s\t-\n", v.Name, v.Volume.Shards(), spec.FormatSize(v.ShardSize),
+					v.Replicas, v.Consistency, spec.FormatSize(v.Size), v.State)
 			}
 			return w.Flush()
 		},
@@ -268,7 +269,7 @@ shown on a terminal for large files.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "imported %s as volume %s (%s, %s)\n", a[0], v.Name, v.Format, storage.FormatSize(v.Size))
+			fmt.Fprintf(cmd.OutOrStdout(), "imported %s as volume %s (%s, %s)\n", a[0], v.Name, v.Format, spec.FormatSize(v.Size))
 			return nil
 		},
 	}

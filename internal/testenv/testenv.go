@@ -29,6 +29,15 @@ func Need(t testing.TB, why string) {
 	t.Skip(why)
 }
 
+// Short skips t when tests run with -short: that is the choice of whoever
+// runs them, not something the host lacks, so it never fails.
+func Short(t testing.TB, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip(why + " (skipped with -short)")
+	}
+}
+
 // RequireRoot needs root.
 func RequireRoot(t testing.TB) {
 	t.Helper()

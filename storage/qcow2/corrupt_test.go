@@ -52,6 +52,15 @@ func TestCorruptImagesRefused(t *testing.T) {
 		{name: "unknown incompatible bit", mutate: func(b []byte) []byte { b[79] |= 1 << 5; return b }, want: ErrUnsupported},
 		{name: "external data file", mutate: func(b []byte) []byte { b[79] |= incDataFile; return b }, want: ErrUnsupported},
 		{name: "extended L2", mutate: func(b []byte) []byte { b[79] |= incExtendedL2; return b }, want: ErrUnsupported},
+		{name: "unknown compression type", mutate: func(b []byte) []byte { b[104], b[79] = 2, b[79]|incCompression; return b }, want: ErrUnsupported},
+		{name: "zstd without the compression type bit", mutate: func(b []byte) []byte { b[104] = compressionZstd; return b }, want: ErrCorrupt},
+		{name: "compression type bit with zlib", mutate: func(b []byte) []byte { b[79] |= incCompression; return b }, want: ErrCorrupt},
+		{name: "compression type bit, header without the type", mutate: func(b []byte) []byte {
+			b[79] |= incCompression
+			b[104] = compressionZstd
+			be.PutUint32(b[100:], v3HeaderLen)
+			return b
+		}, want: ErrCorrupt},
 		{name: "refcount order 7", mutate: func(b []byte) []byte { be.PutUint32(b[96:], 7); return b }, want: ErrCorrupt},
 		{name: "virtual size beyond L1", mutate: func(b []byte) []byte { be.PutUint64(b[24:], 1<<40); return b }, want: ErrCorrupt},
 		{name: "huge L1", mutate: func(b []byte) []byte { be.PutUint32(b[36:], 1<<30); return b }, want: ErrCorrupt},

@@ -10,9 +10,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
 // The crash test runs this test binary again as a helper that writes to
@@ -44,17 +45,16 @@ func crashData(r, g uint64, b int64) []byte {
 	return fill(r<<40|g<<20|uint64(b), crashBlock)
 }
 
-// TestCrashHelper is the child process; it does nothing in a normal run.
-func TestCrashHelper(t *testing.T) {
+// helperCrash is the child process TestCrashConsistency kills: it writes
+// generations of blocks for ever, printing "F g" once generation g is
+// flushed.
+func helperCrash() int {
 	path := os.Getenv("RAYVMM_QCOW2_CRASH_IMAGE")
-	if path == "" {
-		t.Skip("helper process for TestCrashConsistency")
-	}
 	round, _ := strconv.ParseUint(os.Getenv("RAYVMM_QCOW2_CRASH_ROUND"), 10, 64)
 	im, err := Open(path, Options{})
 	if err != nil {
 		fmt.Println("E", err)
-		os.Exit(1)
+		return 1
 	}
 	blocks := im.Size() / crashBlock
 	w := bufio.NewWriter(os.Stdout)
@@ -67,17 +67,26 @@ func TestCrashHelper(t *testing.T) {
 			}
 			if err != nil {
 				fmt.Println("E", err)
-				os.Exit(1)
+				return 1
 			}
 		}
 		if err := im.Flush(); err != nil {
 			fmt.Println("E", err)
-			os.Exit(1)
+			return 1
 		}
 		fmt.Fprintf(w, "F %d\n", g)
 		w.Flush()
 	}
 }
+
+func TestMain(m *testing.M) {
+	testenv.HelperMain(map[string]func() int{"crash": helperCrash})
+	os.Exit(m.Run())
+}
+
+// helperWait bounds each wait for the helper: it turns a hang into a
+// failure that names what was awaited; it measures nothing.
+const helperWait = time.Minute
 
 func TestCrashConsistency(t *testing.T) {
 	needQemu(t)
@@ -124,46 +133,34 @@ func TestCrashConsistency(t *testing.T) {
 // content it found.
 func crashRound(t *testing.T, path string, round uint64, before []byte) []byte {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$", "-test.count=1")
-	cmd.Env = append(os.Environ(), "RAYVMM_QCOW2_CRASH_IMAGE="+path, fmt.Sprintf("RAYVMM_QCOW2_CRASH_ROUND=%d", round))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	h := testenv.StartHelper(t, "crash", testenv.HelperOptions{
+		Env: []string{"RAYVMM_QCOW2_CRASH_IMAGE=" + path, fmt.Sprintf("RAYVMM_QCOW2_CRASH_ROUND=%d", round)},
+	})
 	rng := rand.New(rand.NewPCG(round, 7))
 	target := uint64(3 + rng.IntN(6))
-	sc := bufio.NewScanner(out)
 	var flushed uint64
-	killed := false
-	for sc.Scan() {
-		line := sc.Text()
+	for flushed < target {
+		line := h.Line(t, fmt.Sprintf("generation %d's \"F %d\" line", flushed+1, flushed+1), helperWait)
 		if strings.HasPrefix(line, "E ") {
 			t.Fatalf("helper: %s", line)
 		}
 		g, err := strconv.ParseUint(strings.TrimPrefix(line, "F "), 10, 64)
 		if err != nil {
-			continue
+			t.Fatalf("helper: %q, want \"F generation\"", line)
 		}
 		flushed = g
-		if g == target && !killed {
-			time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
-			killed = true
+	}
+	// Not a wait for anything: where the kill lands is what varies.
+	time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
+	rest, werr := h.Kill(t, helperWait)
+	if ee, ok := werr.(*exec.ExitError); !ok || ee.ExitCode() != -1 {
+		t.Fatalf("helper exited before it was killed: %v %q\n%s", werr, rest, h.Stderr())
+	}
+	// Generations flushed between the target and the kill.
+	for _, line := range rest {
+		if g, err := strconv.ParseUint(strings.TrimPrefix(line, "F "), 10, 64); err == nil {
+			flushed = g
 		}
-	}
-	werr := cmd.Wait()
-	if !killed {
-		t.Fatalf("helper exited before it was killed: %v\n%s", werr, stderr.String())
-	}
-	if flushed < target {
-		t.Fatalf("helper flushed only %d generations", flushed)
 	}
 	t.Logf("round %d: killed after generation %d flushed", round, flushed)
 

@@ -201,8 +201,16 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	if h.incompat&incExtendedL2 != 0 {
 		return nil, unsupportedf("extended L2 entries (subclusters)")
 	}
-	if h.incompat&incCompression == 0 && h.compressionType != 0 {
-		return nil, corruptf("compression type %d without the compression type feature bit", h.compressionType)
+	// qcow2.txt: a compression type other than zlib needs the
+	// incompatible "compression type" bit, and the bit is set only then
+	// (qemu refuses both mismatches, and types it does not know).
+	switch {
+	case h.compressionType != compressionZlib && h.compressionType != compressionZstd:
+		return nil, unsupportedf("compression type %d (rayvmm reads zlib and zstd)", h.compressionType)
+	case h.compressionType != compressionZlib && h.incompat&incCompression == 0:
+		return nil, corruptf("compression type %s without the compression type feature bit", compressionName(h.compressionType))
+	case h.compressionType == compressionZlib && h.incompat&incCompression != 0:
+		return nil, corruptf("compression type feature bit set, but the compression type is zlib")
 	}
 
 	// Backing file name.

@@ -4,7 +4,9 @@
 // Everything in an image file is untrusted: the header, its extensions and
 // every L1, L2 and refcount entry are validated and bounds-checked against
 // the file before use, and a malformed image yields an error wrapping
-// ErrCorrupt, never a panic.
+// ErrCorrupt, never a panic. Compressed clusters are read with deflate
+// (qemu's zlib type) or zstd (github.com/klauspost/compress, decoded into
+// no more than the cluster), and copied out before a write changes them.
 //
 // Writes are ordered so that a process killed at any point (kill -9)
 // leaves an image that `qemu-img check` finds consistent apart from leaked
@@ -26,8 +28,6 @@
 package qcow2
 
 import (
-	"bytes"
-	"compress/flate"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -37,6 +37,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/storage/raw"
@@ -91,6 +92,13 @@ type Image struct {
 	zero     []byte           // one cluster of zeroes
 	growing  bool             // the refcount table is being moved
 	failed   error            // a metadata update failed half way
+
+	// The zstd decoder, made on the first read of a zstd cluster (see
+	// zstdDecoder). It is never closed: it runs no goroutine, and Close
+	// would race with a read still decoding (the decoder panics then).
+	zstdOnce sync.Once
+	zstd     *zstd.Decoder
+	zstdErr  error
 }
 
 // Open opens the qcow2 image at path and, recursively and read-only, its
@@ -99,11 +107,93 @@ func Open(path string, opts Options) (*Image, error) {
 	return openChain(path, opts, &chain{seen: map[[2]uint64]bool{}})
 }
 
+// ChainFile is one open file of an image's backing chain: how a control
+// plane hands an image (see Files) to a VM process, which opens it with
+// OpenFiles without opening anything by path. Image locks (see package
+// raw) belong to the open file description and travel with it.
+type ChainFile struct {
+	File *os.File
+	// Name is what the image above this one records as its backing file
+	// ("" for the top image).
+	Name string
+	// Format is "qcow2" or "raw".
+	Format string
+	// Path is where the file was opened, for messages only.
+	Path string
+}
+
+// OpenFiles opens an image from its chain's files, top first, as Files
+// returned them: each image's recorded backing file name and format must
+// match the next file's, and every file must be used. It takes ownership
+// of the files; on error it closes them all.
+func OpenFiles(files []ChainFile, opts Options) (_ *Image, err error) {
+	defer func() {
+		if err != nil {
+			for _, f := range files {
+				f.File.Close()
+			}
+		}
+	}()
+	if len(files) == 0 || files[0].Format != "qcow2" || files[0].Name != "" {
+		return nil, fmt.Errorf("open qcow2 image from files: the first file must be the top qcow2 image")
+	}
+	c := &chain{seen: map[[2]uint64]bool{}, files: files}
+	im, err := newImage(files[0].File, files[0].Path, opts.ReadOnly, c)
+	if err != nil {
+		return nil, fmt.Errorf("open qcow2 image %s: %w", files[0].Path, err)
+	}
+	if n := len(im.Files()); n != len(files) {
+		im.Release()
+		return nil, fmt.Errorf("open qcow2 image %s: %w: its chain has %d files, but %d were handed over", files[0].Path, ErrChainMismatch, n, len(files))
+	}
+	return im, nil
+}
+
+// Files lists the image's open files, top first, for handing the image to
+// another process (OpenFiles there, then Release here). The image still
+// owns them.
+func (im *Image) Files() []ChainFile {
+	out := []ChainFile{{File: im.f, Format: "qcow2", Path: im.path}}
+	switch b := im.backing.(type) {
+	case *Image:
+		sub := b.Files()
+		sub[0].Name = im.h.backingFile
+		out = append(out, sub...)
+	case *raw.File:
+		out = append(out, ChainFile{File: b.File(), Name: im.h.backingFile, Format: "raw", Path: b.File().Name()})
+	}
+	return out
+}
+
+// Release closes the image's descriptors (and its backing chain's)
+// without writing, truncating or syncing anything: for an image whose
+// files were handed to another process, which now owns the image. Any
+// later use of this Image fails.
+func (im *Image) Release() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return nil
+	}
+	im.closed = true
+	errs := []error{im.f.Close()}
+	switch b := im.backing.(type) {
+	case *Image:
+		errs = append(errs, b.Release())
+	case *raw.File:
+		errs = append(errs, b.Release())
+	}
+	return errors.Join(errs...)
+}
+
 // chain tracks a backing chain being opened, to stop loops and runaway
 // depth.
 type chain struct {
 	depth int
 	seen  map[[2]uint64]bool
+	// files, for OpenFiles: the chain's files, top first; backing files
+	// come from here instead of being opened by path.
+	files []ChainFile
 }
 
 func openChain(path string, opts Options, c *chain) (*Image, error) {
@@ -223,7 +313,7 @@ func (im *Image) loadL1() error {
 }
 
 // openBacking opens the backing file named in the header, relative to
-// the image's directory.
+// the image's directory, or takes it from the files OpenFiles was given.
 func (im *Image) openBacking(c *chain) error {
 	name := im.h.backingFile
 	if strings.Contains(name, ":") && !strings.HasPrefix(name, "/") && !strings.HasPrefix(name, ".") {
@@ -233,6 +323,9 @@ func (im *Image) openBacking(c *chain) error {
 	}
 	if c.depth+1 > MaxBackingDepth {
 		return corruptf("backing chain deeper than %d", MaxBackingDepth)
+	}
+	if c.files != nil {
+		return im.backingFromFiles(c)
 	}
 	p := name
 	if !filepath.IsAbs(p) {
@@ -267,6 +360,51 @@ func (im *Image) openBacking(c *chain) error {
 	return nil
 }
 
+// ErrChainMismatch is returned by OpenFiles when the files handed over are
+// not the image's backing chain.
+var ErrChainMismatch = errors.New("backing chain does not match the files handed over")
+
+// backingFromFiles takes the next file of c.files as the backing file,
+// after checking it is the one the header names.
+func (im *Image) backingFromFiles(c *chain) error {
+	name := im.h.backingFile
+	i := c.depth + 1
+	if i >= len(c.files) {
+		return fmt.Errorf("%w: %s names backing file %q, but no file was handed over for it", ErrChainMismatch, im.path, name)
+	}
+	cf := c.files[i]
+	if cf.Name != name {
+		return fmt.Errorf("%w: %s names backing file %q, but the file handed over is for %q (%s)", ErrChainMismatch, im.path, name, cf.Name, cf.Path)
+	}
+	format := im.h.backingFormat
+	if format == "" {
+		var err error
+		if format, err = detectFile(cf.File); err != nil {
+			return fmt.Errorf("backing file %s: %w", cf.Path, err)
+		}
+	}
+	if format != cf.Format {
+		return fmt.Errorf("%w: backing file %s is %s, but was handed over as %s", ErrChainMismatch, cf.Path, format, cf.Format)
+	}
+	switch format {
+	case "qcow2":
+		bim, err := newImage(cf.File, cf.Path, true, &chain{depth: i, seen: c.seen, files: c.files})
+		if err != nil {
+			return fmt.Errorf("backing file %s: %w", cf.Path, err)
+		}
+		im.backing = bim
+	case "raw":
+		r, err := raw.FromFile(cf.File, true)
+		if err != nil {
+			return fmt.Errorf("backing file %s: %w", cf.Path, err)
+		}
+		im.backing = r
+	default:
+		return unsupportedf("backing file format %q", format)
+	}
+	return nil
+}
+
 // DetectFormat returns "qcow2" if the file at path starts with the qcow2
 // magic, else "raw".
 func DetectFormat(path string) (string, error) {
@@ -275,10 +413,19 @@ func DetectFormat(path string) (string, error) {
 		return "", fmt.Errorf("detect format: %w", err)
 	}
 	defer f.Close()
+	format, err := detectFile(f)
+	if err != nil {
+		return "", fmt.Errorf("detect format of %s: %w", path, err)
+	}
+	return format, nil
+}
+
+// detectFile is DetectFormat of an open file.
+func detectFile(f *os.File) (string, error) {
 	var b [4]byte
 	n, err := f.ReadAt(b[:], 0)
 	if err != nil && err != io.EOF {
-		return "", fmt.Errorf("detect format of %s: %w", path, err)
+		return "", err
 	}
 	if n == 4 && binary.BigEndian.Uint32(b[:]) == magic {
 		return "qcow2", nil
@@ -567,30 +714,4 @@ func (im *Image) readBacking(p []byte, off int64) error {
 	}
 	clear(p[n:])
 	return nil
-}
-
-// readCompressed inflates a compressed cluster (deflate, qemu's default).
-func (im *Image) readCompressed(e uint64) ([]byte, error) {
-	if im.h.compressionType != 0 {
-		return nil, unsupportedf("compression type %d (only zlib)", im.h.compressionType)
-	}
-	x := 62 - (im.h.clusterBits - 8)
-	host := e & (uint64(1)<<x - 1)
-	sectors := (e>>x)&(uint64(1)<<(im.h.clusterBits-8)-1) + 1
-	n := sectors*512 - host%512
-	if !inFile(host, 1, im.fileSize) {
-		return nil, corruptf("compressed cluster at %#x outside the file", host)
-	}
-	n = min(n, uint64(im.fileSize)-host)
-	buf := make([]byte, n)
-	if _, err := im.f.ReadAt(buf, int64(host)); err != nil && err != io.EOF {
-		return nil, fmt.Errorf("read compressed cluster: %w", err)
-	}
-	out := make([]byte, im.cs)
-	zr := flate.NewReader(bytes.NewReader(buf))
-	defer zr.Close()
-	if _, err := io.ReadFull(zr, out); err != nil {
-		return nil, corruptf("compressed cluster at %#x: %v", host, err)
-	}
-	return out, nil
 }

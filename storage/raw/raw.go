@@ -155,20 +155,49 @@ func Open(path string, readOnly bool) (*File, error) {
 	if readOnly {
 		flag = os.O_RDONLY
 	}
-	f, st, err := OpenFile(path, flag)
+	f, _, err := OpenFile(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("open raw image: %w", err)
 	}
-	d := &File{f: f, size: st.Size(), readOnly: readOnly}
-	if st.Mode().Type() == os.ModeDevice {
-		d.blockDev = true
-		if d.size, err = f.Seek(0, io.SeekEnd); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("open raw image %s: size: %w", path, err)
-		}
+	d, err := FromFile(f, readOnly)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open raw image %s: %w", path, err)
 	}
 	return d, nil
 }
+
+// FromFile makes a raw disk of an image file opened elsewhere (by
+// OpenFile, possibly in another process that handed the descriptor over:
+// its image locks belong to the open file description and come with it).
+// It takes ownership of f and refuses anything but a regular file or a
+// block device.
+func FromFile(f *os.File, readOnly bool) (*File, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("stat: %w", err)
+	}
+	d := &File{f: f, size: st.Size(), readOnly: readOnly}
+	switch {
+	case st.Mode().IsRegular():
+	case st.Mode().Type() == os.ModeDevice:
+		d.blockDev = true
+		if d.size, err = f.Seek(0, io.SeekEnd); err != nil {
+			return nil, fmt.Errorf("size: %w", err)
+		}
+	default:
+		return nil, fmt.Errorf("%s: %w", f.Name(), ErrNotFile)
+	}
+	return d, nil
+}
+
+// File is the image's descriptor, for handing it to another process (see
+// Release). The disk still owns it.
+func (d *File) File() *os.File { return d.f }
+
+// Release closes the descriptor without syncing: for a disk whose
+// descriptor was handed to another process that now writes the image.
+func (d *File) Release() error { return d.f.Close() }
 
 func (d *File) check(op string, off, n int64) error {
 	if off < 0 || n < 0 || off > d.size || n > d.size-off {

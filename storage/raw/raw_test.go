@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -181,24 +183,55 @@ func TestImageLockingWithQEMU(t *testing.T) {
 		t.Errorf("qemu-io after rayvmm closed the image: %v", err)
 	}
 
-	nbd := exec.Command("qemu-nbd", "-f", "raw", "--socket", filepath.Join(dir, "nbd.sock"), p)
-	if err := nbd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { nbd.Process.Kill(); nbd.Wait() }()
-	// qemu-nbd opens the image before it listens: wait for the socket.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(filepath.Join(dir, "nbd.sock")); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-nbd did not start")
-		}
-	}
+	startQemuNBD(t, dir, p)
 	if f, err := Open(p, false); !errors.Is(err, ErrInUse) {
 		if err == nil {
 			f.Close()
 		}
 		t.Fatalf("rayvmm opened for writing an image qemu-nbd exports: %v", err)
+	}
+}
+
+// startQemuNBD runs qemu-nbd exporting image and returns once it has the
+// image open (and locked): qemu-nbd writes its pid file after it opened and
+// exported the image, while its socket appears before it opens anything.
+// The test's cleanup stops it.
+func startQemuNBD(t *testing.T, dir, image string) {
+	t.Helper()
+	pidFile := filepath.Join(dir, "qemu-nbd.pid")
+	nbd := exec.Command("qemu-nbd", "-f", "raw", "--socket", filepath.Join(dir, "nbd.sock"), "--pid-file", pidFile, image)
+	var stderr bytes.Buffer
+	nbd.Stderr = &stderr
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- nbd.Wait() }()
+	t.Cleanup(func() {
+		nbd.Process.Kill()
+		select {
+		case <-exited:
+		case <-time.After(time.Minute):
+			t.Errorf("qemu-nbd (pid %d) still running a minute after SIGKILL", nbd.Process.Pid)
+		}
+	})
+	want := strconv.Itoa(nbd.Process.Pid)
+	deadline := time.After(time.Minute)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if b, err := os.ReadFile(pidFile); err == nil && strings.TrimSpace(string(b)) == want {
+			return
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("qemu-nbd exited (%v) before it wrote its pid file: %s", err, stderr.String())
+		case <-deadline:
+			nbd.Process.Kill()
+			exited <- <-exited // stderr is complete once it has exited
+			t.Fatalf("qemu-nbd wrote no pid file %s within a minute (it writes it once the image is open): %s", pidFile, stderr.String())
+		case <-tick.C:
+		}
 	}
 }

@@ -3,7 +3,9 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"os"
 
+	"github.com/rayvmm/rayvmm/state"
 	"github.com/rayvmm/rayvmm/storage"
 )
 
@@ -14,7 +16,7 @@ type Attachment struct {
 	Volume *Volume
 	// Disk is the opened image (and its backing chain).
 	Disk storage.Disk
-	lock *lock
+	lock *state.Lock
 }
 
 // Attach opens volume name for a VMM. A read-write attach holds the
@@ -34,12 +36,12 @@ func (s *Store) Attach(name string, readOnly bool) (*Attachment, error) {
 	}
 	a, err := s.attachLocked(name, readOnly, l)
 	if err != nil {
-		return nil, errors.Join(err, l.release())
+		return nil, errors.Join(err, l.Release())
 	}
 	return a, nil
 }
 
-func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, error) {
+func (s *Store) attachLocked(name string, readOnly bool, l *state.Lock) (*Attachment, error) {
 	v, err := s.getRecord(name)
 	if err != nil {
 		return nil, err
@@ -54,18 +56,25 @@ func (s *Store) attachLocked(name string, readOnly bool, l *lock) (*Attachment, 
 	if err != nil {
 		return nil, fmt.Errorf("attach volume %q: %w", name, err)
 	}
-	l.setOwner()
+	l.SetOwner()
 	v.State = Attached
 	return &Attachment{Volume: v, Disk: d, lock: l}, nil
 }
 
-// Close flushes and closes the disk and releases the volume.
+// LockFile is the descriptor that holds the volume's lock (an open file
+// description lock). A control plane hands it to the VM process with the
+// disk, so that the volume stays locked for as long as either process
+// holds it, kill -9 of either included.
+func (a *Attachment) LockFile() *os.File { return a.lock.File() }
+
+// Close flushes and closes the disk (unless the caller took it and set
+// Disk to nil) and releases the volume.
 func (a *Attachment) Close() error {
 	var errs []error
 	if a.Disk != nil {
 		errs = append(errs, a.Disk.Flush(), a.Disk.Close())
 		a.Disk = nil
 	}
-	errs = append(errs, a.lock.release())
+	errs = append(errs, a.lock.Release())
 	return errors.Join(errs...)
 }

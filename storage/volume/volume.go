@@ -1,6 +1,6 @@
 // Package volume keeps rayvmm's volumes: disk images under
 // <state-dir>/volumes with their metadata (name, format, size, state,
-// parent) in a bbolt database there.
+// parent) in the state store's "volumes" bucket (package state).
 //
 // A snapshot freezes a volume's current image as a read-only parent and
 // gives the volume a new qcow2 overlay on top of it, so the chain is an
@@ -15,7 +15,6 @@ package volume
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -26,8 +25,7 @@ import (
 	"syscall"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
-
+	"github.com/rayvmm/rayvmm/state"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/storage/qcow2"
 )
@@ -71,7 +69,37 @@ type Volume struct {
 	Chain      []string `json:"backing_chain,omitempty"`
 }
 
-var bucket = []byte("volumes")
+// records is the state store's bucket of volume records, keyed by name.
+// Image paths are stored relative to the volume directory.
+var records = state.NewBucket("volumes", checkRecord)
+
+// checkRecord refuses a stored record that rayvmm could not have written:
+// one whose name is not its key, whose image is not a file directly in
+// the volume directory (an edited record must not make volume rm delete
+// some other file), or whose fields are out of range.
+func checkRecord(key string, v *Volume) error {
+	switch {
+	case v.Name != key:
+		return fmt.Errorf("%w: record names volume %q", ErrInvalid, v.Name)
+	case v.Format != "raw" && v.Format != "qcow2":
+		return fmt.Errorf("%w: format %q", ErrInvalid, v.Format)
+	case v.State != Created && v.State != Available && v.State != Deleted:
+		return fmt.Errorf("%w: state %q", ErrInvalid, v.State)
+	case v.Path != "" && (filepath.Base(v.Path) != v.Path || v.Path == "." || v.Path == ".."):
+		return fmt.Errorf("%w: image %q is not a file in the volume directory", ErrInvalid, v.Path)
+	case v.Allocated != 0 || v.AttachedBy != 0 || v.Chain != nil:
+		return fmt.Errorf("%w: derived fields stored", ErrInvalid)
+	}
+	if err := ValidName(key); err != nil {
+		return err
+	}
+	if v.Parent != "" {
+		if err := ValidName(v.Parent); err != nil {
+			return fmt.Errorf("parent: %w", err)
+		}
+	}
+	return checkSize(v.Size)
+}
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
@@ -83,9 +111,12 @@ func ValidName(name string) error {
 	return nil
 }
 
-// Store is the volume directory of one state directory. It keeps no file
-// open between calls, so a VMM holding a Store does not block the CLI.
+// Store is the volumes of one state directory: their records in the
+// state store and their images and lock files in <state-dir>/volumes. It
+// keeps no file open between calls, so a VMM holding a Store does not
+// block the CLI.
 type Store struct {
+	st  *state.Store
 	dir string
 }
 
@@ -95,19 +126,17 @@ func Open(stateDir string) (*Store, error) {
 	if stateDir == "" {
 		return nil, fmt.Errorf("%w: empty state directory", ErrInvalid)
 	}
-	abs, err := filepath.Abs(stateDir)
+	st, err := state.Open(stateDir)
 	if err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
-	return &Store{dir: filepath.Join(abs, "volumes")}, nil
+	return &Store{st: st, dir: st.KindDir("volumes")}, nil
 }
 
-// Dir is the directory that holds the images, locks and database.
+// Dir is the directory that holds the images and lock files.
 func (s *Store) Dir() string { return s.dir }
 
-func (s *Store) dbPath() string { return filepath.Join(s.dir, "volumes.db") }
-
-func (s *Store) lockPath(name string) string { return filepath.Join(s.dir, name+".lock") }
+func (s *Store) lockPath(name string) string { return s.st.LockPath("volumes", name) }
 
 // newImagePath names a new image file for a volume.
 func (s *Store) newImagePath(name, format string) string {
@@ -116,92 +145,65 @@ func (s *Store) newImagePath(name, format string) string {
 	return filepath.Join(s.dir, fmt.Sprintf("%s-%s.%s", name, hex.EncodeToString(b[:]), format))
 }
 
-// update runs fn in a read-write transaction, creating the store.
-func (s *Store) update(fn func(b *bolt.Bucket) error) error {
+// update runs fn in a read-write transaction of the state store.
+func (s *Store) update(fn func(tx *state.Tx) error) error {
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
 		return fmt.Errorf("volume store: %w", err)
 	}
-	db, err := bolt.Open(s.dbPath(), 0o600, &bolt.Options{Timeout: 10 * time.Second})
-	if err != nil {
-		return fmt.Errorf("volume store %s: %w", s.dbPath(), err)
-	}
-	defer db.Close()
-	return db.Update(func(tx *bolt.Tx) error {
-		b, err := tx.CreateBucketIfNotExists(bucket)
-		if err != nil {
-			return err
-		}
-		return fn(b)
-	})
+	return s.st.Update(fn)
 }
 
-// view runs fn in a read-only transaction; b is nil if there is no store.
-func (s *Store) view(fn func(b *bolt.Bucket) error) error {
-	if _, err := os.Stat(s.dbPath()); os.IsNotExist(err) {
-		return fn(nil)
-	}
-	db, err := bolt.Open(s.dbPath(), 0o600, &bolt.Options{Timeout: 10 * time.Second, ReadOnly: true})
-	if err != nil {
-		return fmt.Errorf("volume store %s: %w", s.dbPath(), err)
-	}
-	defer db.Close()
-	return db.View(func(tx *bolt.Tx) error { return fn(tx.Bucket(bucket)) })
-}
+// view runs fn in a read-only transaction.
+func (s *Store) view(fn func(tx *state.Tx) error) error { return s.st.View(fn) }
 
-func (s *Store) get(b *bolt.Bucket, name string) (*Volume, error) {
-	if b == nil {
-		return nil, fmt.Errorf("%w %q", ErrNotFound, name)
+func (s *Store) get(tx *state.Tx, name string) (*Volume, error) {
+	v, ok, err := records.Get(tx, name)
+	if err != nil {
+		return nil, fmt.Errorf("volume %q: %w", name, err)
 	}
-	raw := b.Get([]byte(name))
-	if raw == nil {
+	if !ok {
 		return nil, fmt.Errorf("%w %q", ErrNotFound, name)
-	}
-	v := &Volume{}
-	if err := json.Unmarshal(raw, v); err != nil {
-		return nil, fmt.Errorf("volume %q: bad record: %w", name, err)
 	}
 	// Images are recorded relative to the store, so the whole state
 	// directory can move (backing file names are relative too).
-	if v.Path != "" && !filepath.IsAbs(v.Path) {
+	if v.Path != "" {
 		v.Path = filepath.Join(s.dir, v.Path)
 	}
 	return v, nil
 }
 
-func (s *Store) put(b *bolt.Bucket, v *Volume) error {
+func (s *Store) put(tx *state.Tx, v *Volume) error {
 	stored := *v
 	stored.Allocated, stored.AttachedBy, stored.Chain = 0, 0, nil
-	if rel, err := filepath.Rel(s.dir, stored.Path); err == nil && !strings.HasPrefix(rel, "..") && stored.Path != "" {
-		stored.Path = rel
+	if stored.Path != "" {
+		if filepath.Dir(stored.Path) != s.dir {
+			return fmt.Errorf("volume %q: image %s is not in %s", v.Name, stored.Path, s.dir)
+		}
+		stored.Path = filepath.Base(stored.Path)
 	}
 	if stored.State == Attached {
 		stored.State = Available
 	}
-	raw, err := json.Marshal(&stored)
-	if err != nil {
-		return err
-	}
-	return b.Put([]byte(v.Name), raw)
+	return records.Put(tx, v.Name, &stored)
 }
 
 // children lists the volumes whose parent is name.
-func children(b *bolt.Bucket, name string) []string {
+func children(tx *state.Tx, name string) ([]string, error) {
 	var out []string
-	b.ForEach(func(k, raw []byte) error {
-		var v Volume
-		if json.Unmarshal(raw, &v) == nil && v.Parent == name {
+	err := records.ForEach(tx, func(_ string, v *Volume) error {
+		if v.Parent == name {
 			out = append(out, v.Name)
 		}
 		return nil
 	})
-	return out
+	return out, err
 }
 
 // reserve adds a record in state Created, refusing a name in use. It
 // returns the new volume's lock, held until finish: while a volume is
 // being made, volume rm and attach of it are refused, and a maker that
 // dies (kill -9 included) leaves a created record that rm can remove.
-func (s *Store) reserve(v *Volume) (*lock, error) {
+func (s *Store) reserve(v *Volume) (*state.Lock, error) {
 	l, err := s.lockVolume(v.Name, true)
 	if err != nil {
 		if _, gerr := s.getRecord(v.Name); gerr == nil {
@@ -209,8 +211,8 @@ func (s *Store) reserve(v *Volume) (*lock, error) {
 		}
 		return nil, err
 	}
-	err = s.update(func(b *bolt.Bucket) error {
-		if old, err := s.get(b, v.Name); err == nil {
+	err = s.update(func(tx *state.Tx) error {
+		if old, err := s.get(tx, v.Name); err == nil {
 			if old.State == Deleted {
 				return fmt.Errorf("volume %q %w and is being deleted (run volume rm %s to finish)", v.Name, ErrExists, v.Name)
 			}
@@ -220,7 +222,7 @@ func (s *Store) reserve(v *Volume) (*lock, error) {
 		// which volume rm looks for children, so one of the two sees the
 		// other.
 		if v.Parent != "" {
-			p, err := s.get(b, v.Parent)
+			p, err := s.get(tx, v.Parent)
 			if err != nil {
 				return err
 			}
@@ -230,31 +232,33 @@ func (s *Store) reserve(v *Volume) (*lock, error) {
 		}
 		v.State = Created
 		v.Created = time.Now().UTC().Truncate(time.Second)
-		return s.put(b, v)
+		return s.put(tx, v)
 	})
 	if err != nil {
-		return nil, errors.Join(err, l.release())
+		return nil, errors.Join(err, l.Release())
 	}
-	l.setOwner()
+	l.SetOwner()
 	return l, nil
 }
 
 // finish marks a reserved record available, or on failure removes it and
 // the image; then it releases the volume's lock.
-func (s *Store) finish(v *Volume, l *lock, err error) (*Volume, error) {
+func (s *Store) finish(v *Volume, l *state.Lock, err error) (*Volume, error) {
 	if err == nil {
-		err = s.update(func(b *bolt.Bucket) error {
+		err = s.update(func(tx *state.Tx) error {
 			v.State = Available
-			return s.put(b, v)
+			return s.put(tx, v)
 		})
 	}
 	if err != nil {
-		os.Remove(v.Path)
-		if derr := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(v.Name)) }); derr != nil {
+		if v.Path != "" {
+			os.Remove(v.Path)
+		}
+		if derr := s.update(func(tx *state.Tx) error { return records.Delete(tx, v.Name) }); derr != nil {
 			err = errors.Join(err, derr)
 		}
 	}
-	if rerr := l.release(); rerr != nil && err == nil {
+	if rerr := l.Release(); rerr != nil && err == nil {
 		err = rerr
 	}
 	if err != nil {
@@ -300,12 +304,12 @@ func checkSize(size int64) error {
 func (s *Store) Get(name string) (*Volume, error) {
 	var v *Volume
 	var all map[string]*Volume
-	err := s.view(func(b *bolt.Bucket) error {
+	err := s.view(func(tx *state.Tx) error {
 		var err error
-		if v, err = s.get(b, name); err != nil {
+		if v, err = s.get(tx, name); err != nil {
 			return err
 		}
-		all, err = s.loadAll(b)
+		all, err = s.loadAll(tx)
 		return err
 	})
 	if err != nil {
@@ -319,13 +323,10 @@ func (s *Store) Get(name string) (*Volume, error) {
 	return v, nil
 }
 
-func (s *Store) loadAll(b *bolt.Bucket) (map[string]*Volume, error) {
+func (s *Store) loadAll(tx *state.Tx) (map[string]*Volume, error) {
 	all := map[string]*Volume{}
-	if b == nil {
-		return all, nil
-	}
-	err := b.ForEach(func(k, _ []byte) error {
-		v, err := s.get(b, string(k))
+	err := records.ForEach(tx, func(name string, _ *Volume) error {
+		v, err := s.get(tx, name)
 		if err == nil {
 			all[v.Name] = v
 		}
@@ -337,9 +338,9 @@ func (s *Store) loadAll(b *bolt.Bucket) (map[string]*Volume, error) {
 // List returns every volume, sorted by name.
 func (s *Store) List() ([]*Volume, error) {
 	var all map[string]*Volume
-	if err := s.view(func(b *bolt.Bucket) error {
+	if err := s.view(func(tx *state.Tx) error {
 		var err error
-		all, err = s.loadAll(b)
+		all, err = s.loadAll(tx)
 		return err
 	}); err != nil {
 		return nil, err
@@ -356,7 +357,7 @@ func (s *Store) List() ([]*Volume, error) {
 // derive fills in what is not stored: attached state and allocation.
 func (s *Store) derive(v *Volume) {
 	if v.State == Available {
-		if held, pid := lockHolder(s.lockPath(v.Name)); held {
+		if held, pid := state.Holder(s.lockPath(v.Name)); held {
 			v.State, v.AttachedBy = Attached, pid
 		}
 	}
@@ -367,13 +368,13 @@ func (s *Store) derive(v *Volume) {
 }
 
 // lockVolume takes a volume's lock for an operation, or says who has it.
-func (s *Store) lockVolume(name string, exclusive bool) (*lock, error) {
+func (s *Store) lockVolume(name string, exclusive bool) (*state.Lock, error) {
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("volume store: %w", err)
 	}
-	l, err := tryLock(s.lockPath(name), exclusive)
-	if errors.Is(err, errLocked) {
-		if _, pid := lockHolder(s.lockPath(name)); pid > 0 {
+	l, err := state.TryLock(s.lockPath(name), exclusive)
+	if errors.Is(err, state.ErrLocked) {
+		if _, pid := state.Holder(s.lockPath(name)); pid > 0 {
 			return nil, fmt.Errorf("volume %q %w (by pid %d)", name, ErrAttached, pid)
 		}
 		return nil, fmt.Errorf("volume %q %w", name, ErrAttached)
@@ -394,7 +395,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l.release()
+	defer l.Release()
 	v, err := s.getRecord(name)
 	if err != nil {
 		return nil, err
@@ -424,11 +425,11 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 		err = os.Chmod(v.Path, 0o444)
 	}
 	if err == nil {
-		err = s.update(func(b *bolt.Bucket) error {
+		err = s.update(func(tx *state.Tx) error {
 			sv.State, sv.Path = Available, v.Path
 			nv := *v
 			nv.Path, nv.Format, nv.Parent = overlay, "qcow2", snap
-			return errors.Join(s.put(b, sv), s.put(b, &nv))
+			return errors.Join(s.put(tx, sv), s.put(tx, &nv))
 		})
 	}
 	if err != nil {
@@ -438,7 +439,7 @@ func (s *Store) Snapshot(name, snap string) (*Volume, error) {
 		_, ferr := s.finish(sv, sl, fmt.Errorf("snapshot %q as %q: %w", name, snap, err))
 		return nil, ferr
 	}
-	if err := sl.release(); err != nil {
+	if err := sl.Release(); err != nil {
 		return nil, err
 	}
 	return s.Get(snap)
@@ -450,9 +451,9 @@ var testHookSnapshotReserved = func() {}
 
 func (s *Store) getRecord(name string) (*Volume, error) {
 	var v *Volume
-	err := s.view(func(b *bolt.Bucket) error {
+	err := s.view(func(tx *state.Tx) error {
 		var err error
-		v, err = s.get(b, name)
+		v, err = s.get(tx, name)
 		return err
 	})
 	return v, err
@@ -495,24 +496,30 @@ func (s *Store) Remove(name string) error {
 	if err != nil {
 		return err
 	}
-	defer l.release()
+	defer l.Release()
 	var v *Volume
-	err = s.update(func(b *bolt.Bucket) error {
+	err = s.update(func(tx *state.Tx) error {
 		var err error
-		if v, err = s.get(b, name); err != nil {
+		if v, err = s.get(tx, name); err != nil {
 			return err
 		}
-		if kids := children(b, name); len(kids) > 0 {
+		kids, err := children(tx, name)
+		if err != nil {
+			return err
+		}
+		if len(kids) > 0 {
 			return fmt.Errorf("cannot remove volume %q: it %w %s", name, ErrParent, strings.Join(kids, ", "))
 		}
 		v.State = Deleted
-		return s.put(b, v)
+		return s.put(tx, v)
 	})
 	if err != nil {
 		return err
 	}
-	if err := os.Remove(v.Path); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("remove volume %q: %w", name, err)
+	if v.Path != "" {
+		if err := os.Remove(v.Path); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("remove volume %q: %w", name, err)
+		}
 	}
-	return s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(name)) })
+	return s.update(func(tx *state.Tx) error { return records.Delete(tx, name) })
 }

@@ -1,7 +1,6 @@
 package volume
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -13,11 +12,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/rayvmm/rayvmm/internal/testenv"
+	"github.com/rayvmm/rayvmm/state"
 )
 
 func newStore(t *testing.T) *Store {
@@ -29,7 +28,8 @@ func newStore(t *testing.T) *Store {
 	return s
 }
 
-// leftovers lists the files in the store besides the database.
+// leftovers lists the files in the volume directory (images and lock
+// files; the records are in the state store).
 func leftovers(t *testing.T, s *Store) []string {
 	t.Helper()
 	ents, err := os.ReadDir(s.Dir())
@@ -38,9 +38,7 @@ func leftovers(t *testing.T, s *Store) []string {
 	}
 	var out []string
 	for _, e := range ents {
-		if e.Name() != "volumes.db" {
-			out = append(out, e.Name())
-		}
+		out = append(out, e.Name())
 	}
 	return out
 }
@@ -54,7 +52,7 @@ func mustCreate(t *testing.T, s *Store, name string, size int64, format string) 
 	return v
 }
 
-func state(t *testing.T, s *Store, name string) State {
+func stateOf(t *testing.T, s *Store, name string) State {
 	t.Helper()
 	v, err := s.Get(name)
 	if err != nil {
@@ -214,7 +212,7 @@ func TestAttachStates(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if st := state(t, s, "v"); st != Available {
+	if st := stateOf(t, s, "v"); st != Available {
 		t.Fatalf("after detach: %s", st)
 	}
 	if got := leftovers(t, s); len(got) != 1 {
@@ -233,7 +231,7 @@ func TestAttachStates(t *testing.T) {
 		t.Fatalf("read-write attach while read-only attached: %v", err)
 	}
 	r1.Close()
-	if st := state(t, s, "v"); st != Attached {
+	if st := stateOf(t, s, "v"); st != Attached {
 		t.Fatalf("with one read-only attach left: %s", st)
 	}
 	r2.Close()
@@ -248,48 +246,42 @@ func TestAttachStates(t *testing.T) {
 	}
 }
 
-// TestAttachHelper holds a volume attached in a child process until
-// killed; it does nothing in a normal run.
-func TestAttachHelper(t *testing.T) {
-	dir, name := os.Getenv("RAYVMM_VOLUME_STATE"), os.Getenv("RAYVMM_VOLUME_NAME")
-	if dir == "" {
-		t.Skip("helper process for TestAttachReleasedOnKill")
+// helperAttach holds a volume attached in a child process until killed.
+func helperAttach() int {
+	s, err := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
+	if err == nil {
+		_, err = s.Attach(os.Getenv("RAYVMM_VOLUME_NAME"), false)
 	}
-	s, _ := Open(dir)
-	if _, err := s.Attach(name, false); err != nil {
-		os.Stdout.WriteString("E " + err.Error() + "\n")
-		os.Exit(1)
+	if err != nil {
+		fmt.Println("E", err)
+		return 1
 	}
-	os.Stdout.WriteString("attached\n")
-	select {}
+	fmt.Println("attached")
+	testenv.Hold()
+	return 0
 }
+
+// helperWait bounds each wait for a helper process: it turns a hang into
+// a failure that names what was awaited; it measures nothing.
+const helperWait = time.Minute
 
 func TestAttachReleasedOnKill(t *testing.T) {
 	state0 := t.TempDir()
 	s, _ := Open(state0)
 	mustCreate(t, s, "v", 1<<20, "raw")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestAttachHelper$")
-	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_STATE="+state0, "RAYVMM_VOLUME_NAME=v")
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	if line != "attached\n" {
-		cmd.Process.Kill()
-		cmd.Wait()
-		t.Fatalf("helper: %q", line)
+	h := testenv.StartHelper(t, "attach", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + state0, "RAYVMM_VOLUME_NAME=v"}})
+	if line := h.Line(t, `the "attached" line`, helperWait); line != "attached" {
+		t.Fatalf("helper: %q, want \"attached\"", line)
 	}
 	v, _ := s.Get("v")
-	if v.State != Attached || v.AttachedBy != cmd.Process.Pid {
-		t.Fatalf("while the helper holds it: state %s by %d, want attached by %d", v.State, v.AttachedBy, cmd.Process.Pid)
+	if v.State != Attached || v.AttachedBy != h.Cmd.Process.Pid {
+		t.Fatalf("while the helper holds it: state %s by %d, want attached by %d", v.State, v.AttachedBy, h.Cmd.Process.Pid)
 	}
 	if _, err := s.Attach("v", false); !errors.Is(err, ErrAttached) {
 		t.Fatalf("attach while another process has it: %v", err)
 	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
-	if st := state(t, s, "v"); st != Available {
+	h.Kill(t, helperWait)
+	if st := stateOf(t, s, "v"); st != Available {
 		t.Fatalf("after kill -9 of the holder: %s, want available", st)
 	}
 	a, err := s.Attach("v", false)
@@ -499,17 +491,32 @@ func TestStateDirCanMove(t *testing.T) {
 	}
 }
 
+// helperReserve reserves volume "half" and exits holding its lock, as a
+// process killed between the record and the image does.
+func helperReserve() int {
+	s, _ := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
+	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
+	if _, err := s.reserve(v); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	return 3
+}
+
 // A volume whose creation was interrupted (the process died between the
 // record and the image) shows as created and can be removed.
 func TestInterruptedCreateCanBeRemoved(t *testing.T) {
-	s := newStore(t)
-	v := &Volume{Name: "half", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("half", "qcow2")}
-	l, err := s.reserve(v)
-	if err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	s, _ := Open(dir)
+	h := testenv.StartHelper(t, "reserve", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + dir}})
+	out, err := h.Wait(t, helperWait)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
+		t.Fatalf("helper: %v: %q %s", err, out, h.Stderr())
 	}
-	l.f.Close() // the process dies: its lock goes, the lock file stays
-	if st := state(t, s, "half"); st != Created {
+	if got := leftovers(t, s); !slices.Equal(got, []string{"half.lock"}) {
+		t.Fatalf("files after the maker died: %v, want its lock file", got)
+	}
+	if st := stateOf(t, s, "half"); st != Created {
 		t.Fatalf("state %s, want created", st)
 	}
 	if _, err := s.Attach("half", false); !errors.Is(err, ErrInvalid) {
@@ -563,19 +570,21 @@ func TestAttachRace(t *testing.T) {
 	}
 }
 
-// TestSnapshotHelper snapshots a volume in a child process and dies as if
-// killed once the snapshot's record is made; it does nothing in a normal
-// run.
-func TestSnapshotHelper(t *testing.T) {
-	dir := os.Getenv("RAYVMM_VOLUME_SNAP_STATE")
-	if dir == "" {
-		t.Skip("helper process for TestInterruptedSnapshotKeepsVolume")
-	}
+// helperSnapshot snapshots a volume in a child process and dies as if
+// killed once the snapshot's record is made.
+func helperSnapshot() int {
 	testHookSnapshotReserved = func() { os.Exit(3) }
-	s, _ := Open(dir)
-	_, err := s.Snapshot("vol", "snap")
-	os.Stdout.WriteString(fmt.Sprintf("snapshot returned: %v\n", err))
-	os.Exit(1)
+	s, err := Open(os.Getenv("RAYVMM_VOLUME_STATE"))
+	if err == nil {
+		_, err = s.Snapshot("vol", "snap")
+	}
+	fmt.Printf("snapshot returned: %v\n", err)
+	return 1
+}
+
+func TestMain(m *testing.M) {
+	testenv.HelperMain(map[string]func() int{"attach": helperAttach, "snapshot": helperSnapshot, "reserve": helperReserve})
+	os.Exit(m.Run())
 }
 
 // A snapshot killed half way (after its record was made) leaves a record
@@ -587,13 +596,12 @@ func TestInterruptedSnapshotKeepsVolume(t *testing.T) {
 	mustCreate(t, s, "vol", 1<<20, "raw")
 	data := fillBytes(3, 1<<20)
 	writeVol(t, s, "vol", data, 0)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSnapshotHelper$")
-	cmd.Env = append(os.Environ(), "RAYVMM_VOLUME_SNAP_STATE="+dir)
-	out, err := cmd.Output()
+	h := testenv.StartHelper(t, "snapshot", testenv.HelperOptions{Env: []string{"RAYVMM_VOLUME_STATE=" + dir}})
+	out, err := h.Wait(t, helperWait)
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 {
-		t.Fatalf("helper: %v: %s", err, out)
+		t.Fatalf("helper: %v: %q %s", err, out, h.Stderr())
 	}
-	if st := state(t, s, "snap"); st != Created {
+	if st := stateOf(t, s, "snap"); st != Created {
 		t.Fatalf("interrupted snapshot: state %s, want created", st)
 	}
 	if err := s.Remove("snap"); err != nil {
@@ -649,20 +657,20 @@ func TestCloneRacingRemoveOfItsSnapshot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := s.update(func(b *bolt.Bucket) error {
-		v, err := s.get(b, "snap")
+	if err := s.update(func(tx *state.Tx) error {
+		v, err := s.get(tx, "snap")
 		if err != nil {
 			return err
 		}
 		v.State = Deleted
-		return s.put(b, v)
+		return s.put(tx, v)
 	}); err != nil {
 		t.Fatal(err)
 	}
 	v := &Volume{Name: "c2", Format: "qcow2", Size: 1 << 20, Path: s.newImagePath("c2", "qcow2"), Parent: "snap"}
 	l, err := s.reserve(v)
 	if err == nil {
-		l.release()
+		l.Release()
 		t.Fatal("clone record reserved on a snapshot being removed")
 	}
 	if err := s.Remove("snap"); err != nil {

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"debug/elf"
 	"math"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/rayvmm/rayvmm/guestkernel"
 )
@@ -145,10 +147,11 @@ func TestParseBootTimer(t *testing.T) {
 		want   *BootTimer
 	}{
 		{
-			name: "rayvmm's line",
-			stderr: "time=2026-11-26T18:30:44.127Z level=INFO msg=booting memory=134217728\n" +
-				`time=2026-11-26T18:30:44.128Z level=INFO msg="boot timer: guest ready" wall=9.471377ms cpu=5.649ms first_kvm_run_wall=8.904577ms first_kvm_run_cpu=5.038ms` + "\n",
-			want: &BootTimer{FirstRunWall: 8.904577, FirstRunCPU: 5.038, ReadyWall: 9.471377, ReadyCPU: 5.649},
+			name: "rayvmm's lines",
+			stderr: `time=2026-12-02T01:41:43.181Z level=INFO msg="boot timer: VM process" launched=3.166956ms handoff=8.909295ms split=5.742339ms control_plane_cpu=4.934ms` + "\n" +
+				"time=2026-11-26T18:30:44.127Z level=INFO msg=booting memory=134217728\n" +
+				`time=2026-11-26T18:30:44.128Z level=INFO msg="boot timer: guest ready" wall=9.471377ms cpu=5.649ms first_kvm_run_wall=8.904577ms first_kvm_run_cpu=5.038ms vm_process_first_kvm_run_cpu=2.5ms vm_process_cpu=3ms` + "\n",
+			want: &BootTimer{FirstRunWall: 8.904577, FirstRunCPU: 5.038, FirstRunCPUVM: 2.5, ReadyWall: 9.471377, ReadyCPU: 5.649, Split: 5.742339},
 		},
 		{name: "no line", stderr: "level=INFO msg=booting\n"},
 		{name: "a field missing", stderr: `msg="boot timer: guest ready" wall=9ms cpu=5ms first_kvm_run_wall=8ms` + "\n"},
@@ -162,7 +165,8 @@ func TestParseBootTimer(t *testing.T) {
 			if got == nil {
 				return
 			}
-			for _, f := range [][2]float64{{got.FirstRunWall, tt.want.FirstRunWall}, {got.FirstRunCPU, tt.want.FirstRunCPU}, {got.ReadyWall, tt.want.ReadyWall}, {got.ReadyCPU, tt.want.ReadyCPU}} {
+			for _, f := range [][2]float64{{got.FirstRunWall, tt.want.FirstRunWall}, {got.FirstRunCPU, tt.want.FirstRunCPU}, {got.ReadyWall, tt.want.ReadyWall}, {got.ReadyCPU, tt.want.ReadyCPU},
+				{got.FirstRunCPUVM, tt.want.FirstRunCPUVM}, {got.Split, tt.want.Split}} {
 				if math.Abs(f[0]-f[1]) > 1e-9 {
 					t.Errorf("got %+v, want %+v", got, tt.want)
 					break
@@ -199,5 +203,39 @@ func TestChecks(t *testing.T) {
 	}
 	if why := pioFailure(outcome{Output: "rayguest: pio 2000 done\n"}, 20000); why == "" {
 		t.Error("a pio run with the wrong count passed")
+	}
+}
+
+// TestBootRunStamps: a run counts as ready with the launcher's ready time,
+// and a run whose ready stamp is later than its exit is never published
+// as ready.
+func TestBootRunStamps(t *testing.T) {
+	v := vmmUnderTest{name: "qemu", cleanExit: poweredOff}
+	ms := time.Millisecond
+	out := "rayguest: ready\nrayguest: poweroff\n"
+	tests := []struct {
+		name      string
+		o         outcome
+		wantReady bool
+		wantWhy   string
+	}{
+		{"ready before exit", outcome{Ready: 40 * ms, Exit: 50 * ms, Output: out}, true, ""},
+		{"ready at exit", outcome{Ready: 50 * ms, Exit: 50 * ms, Output: out}, true, ""},
+		{"ready after exit", outcome{Ready: 51 * ms, Exit: 50 * ms, Output: out}, false, "after the exit"},
+		{"never ready", outcome{Exit: 50 * ms, Output: "rayguest: poweroff\n"}, false, "no \"rayguest: ready\" line"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			br := v.bootRun(tt.o)
+			if br.Ready != tt.wantReady || !strings.Contains(br.Why, tt.wantWhy) || (tt.wantWhy == "") != (br.Why == "") {
+				t.Fatalf("ready %v (%.1f ms), why %q; want ready %v, why containing %q", br.Ready, br.ReadyMS, br.Why, tt.wantReady, tt.wantWhy)
+			}
+			if br.ReadyMS > br.ExitMS {
+				t.Fatalf("published ready %.1f ms after exit %.1f ms", br.ReadyMS, br.ExitMS)
+			}
+			if br.Ready != br.CleanExit {
+				t.Fatalf("clean exit %v for a run that was ready=%v and powered off", br.CleanExit, br.Ready)
+			}
+		})
 	}
 }

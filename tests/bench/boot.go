@@ -53,23 +53,34 @@ type BootRun struct {
 // its process start.
 type BootTimer struct {
 	FirstRunWall float64 `json:"first_kvm_run_wall_ms"`
-	FirstRunCPU  float64 `json:"first_kvm_run_cpu_ms"`
-	ReadyWall    float64 `json:"ready_wall_ms"`
-	ReadyCPU     float64 `json:"ready_cpu_ms"`
+	// FirstRunCPU is the CPU time of both processes from exec to the first
+	// KVM_RUN: rayvmm boot's until it launched the VM process, plus the
+	// VM process's (FirstRunCPUVM) until its first KVM_RUN.
+	FirstRunCPU   float64 `json:"first_kvm_run_cpu_ms"`
+	FirstRunCPUVM float64 `json:"first_kvm_run_cpu_vm_process_ms"`
+	ReadyWall     float64 `json:"ready_wall_ms"`
+	ReadyCPU      float64 `json:"ready_cpu_ms"`
+	// Split is the wall time from rayvmm boot starting the VM process to
+	// the VM process having read its handoff: fork/exec, the second Go
+	// runtime's start and the handoff, what running the guest in a process
+	// of its own costs.
+	Split float64 `json:"split_ms"`
 }
 
-// parseBootTimer finds rayvmm's boot timer log line (slog text) in stderr.
+// parseBootTimer finds rayvmm's boot timer log lines (slog text) in
+// stderr.
 func parseBootTimer(stderr string) *BootTimer {
+	t := &BootTimer{}
+	fields := map[string]*float64{
+		"wall": &t.ReadyWall, "cpu": &t.ReadyCPU,
+		"first_kvm_run_wall": &t.FirstRunWall, "first_kvm_run_cpu": &t.FirstRunCPU,
+		"vm_process_first_kvm_run_cpu": &t.FirstRunCPUVM, "split": &t.Split,
+	}
+	n := 0
 	for _, line := range strings.Split(stderr, "\n") {
-		if !strings.Contains(line, "boot timer: guest ready") {
+		if !strings.Contains(line, "boot timer: ") {
 			continue
 		}
-		t := &BootTimer{}
-		fields := map[string]*float64{
-			"wall": &t.ReadyWall, "cpu": &t.ReadyCPU,
-			"first_kvm_run_wall": &t.FirstRunWall, "first_kvm_run_cpu": &t.FirstRunCPU,
-		}
-		n := 0
 		for _, f := range strings.Fields(line) {
 			k, v, ok := strings.Cut(f, "=")
 			if p := fields[k]; ok && p != nil {
@@ -79,11 +90,11 @@ func parseBootTimer(stderr string) *BootTimer {
 				}
 			}
 		}
-		if n == len(fields) {
-			return t
-		}
 	}
-	return nil
+	if n != len(fields) {
+		return nil
+	}
+	return t
 }
 
 // MemProbe is the memory accounting of one VMM, from runs sampled through
@@ -93,15 +104,20 @@ type MemProbe struct {
 	// GuestTouchedKiB: resident part of the guest RAM mapping at the last
 	// sample before exit.
 	GuestTouchedKiB Summary `json:"guest_touched_kib"`
-	// OverheadKiB: the run's peak RSS (wait4) minus GuestTouchedKiB.
+	// OverheadKiB: the peak RSS (VmHWM at the last sample) of the process
+	// holding guest RAM minus GuestTouchedKiB. For rayvmm that process is
+	// the VM process, rayvmm-vm.
 	OverheadKiB Summary `json:"overhead_kib"`
+	// ControlKiB: rayvmm boot's own peak RSS (VmHWM), beside its VM
+	// process (rayvmm only).
+	ControlKiB Summary `json:"control_plane_kib,omitzero"`
 	// At the last sample: resident file-backed pages (binary, libraries)
 	// and anonymous pages other than guest RAM.
 	FileKiB  Summary  `json:"file_kib"`
 	AnonKiB  Summary  `json:"anon_kib"`
 	Failures []string `json:"failures,omitempty"`
 
-	guest, over, file, anon []float64
+	guest, over, file, anon, control []float64
 }
 
 // BootResult is the boot comparison for one VMM.
@@ -127,10 +143,12 @@ type BootResult struct {
 
 // TimerSum summarizes rayvmm's own boot timer over the runs.
 type TimerSum struct {
-	FirstRunWall Summary `json:"first_kvm_run_wall_ms"`
-	FirstRunCPU  Summary `json:"first_kvm_run_cpu_ms"`
-	ReadyWall    Summary `json:"ready_wall_ms"`
-	ReadyCPU     Summary `json:"ready_cpu_ms"`
+	FirstRunWall  Summary `json:"first_kvm_run_wall_ms"`
+	FirstRunCPU   Summary `json:"first_kvm_run_cpu_ms"`
+	FirstRunCPUVM Summary `json:"first_kvm_run_cpu_vm_process_ms"`
+	ReadyWall     Summary `json:"ready_wall_ms"`
+	ReadyCPU      Summary `json:"ready_cpu_ms"`
+	Split         Summary `json:"split_ms"`
 }
 
 // bootCompare runs each VMM runs times, interleaved (each round runs every
@@ -149,19 +167,7 @@ func bootCompare(ctx context.Context, vmms []vmmUnderTest, runs, probeRuns int, 
 		for k := range vmms {
 			i := (k + r) % len(vmms)
 			v := vmms[i]
-			o := run(ctx, v.req)
-			br := BootRun{ExitMS: ms(o.Exit), MaxRSSKiB: o.MaxRSSKiB, Code: o.Code, Ready: o.Ready > 0, ReadyMS: ms(o.Ready),
-				RSSBound: o.MaxRSSKiB <= o.ParentHWMKiB}
-			switch {
-			case o.Err != "":
-				br.Why = o.Err
-			case !br.Ready:
-				br.Why = fmt.Sprintf("no %q line (exit status %d): %s", readyLine, o.Code, lastLines(o.Output+o.Stderr, 3))
-			default:
-				br.CleanExit, br.Why = v.cleanExit(o)
-			}
-			br.Timer = parseBootTimer(o.Stderr)
-			res[i].RunsDetail = append(res[i].RunsDetail, br)
+			res[i].RunsDetail = append(res[i].RunsDetail, v.bootRun(run(ctx, v.req)))
 		}
 		logf("boot: round %d/%d done", r+1, runs)
 	}
@@ -186,9 +192,32 @@ func bootCompare(ctx context.Context, vmms []vmmUnderTest, runs, probeRuns int, 
 	return res
 }
 
+// bootRun is what one launcher outcome of v contributes to the results.
+// The launcher stamps a line no later than the exit (package launch); a run
+// whose stamps say otherwise counts as failed, so no published ready time
+// is ever later than its run's exit.
+func (v vmmUnderTest) bootRun(o outcome) BootRun {
+	if o.Ready > o.Exit {
+		o.Err = fmt.Sprintf("launcher stamped %q at %v, after the exit at %v", readyLine, o.Ready, o.Exit)
+		o.Ready = 0
+	}
+	br := BootRun{ExitMS: ms(o.Exit), MaxRSSKiB: o.MaxRSSKiB, Code: o.Code, Ready: o.Ready > 0, ReadyMS: ms(o.Ready),
+		RSSBound: o.MaxRSSKiB <= o.ParentHWMKiB}
+	switch {
+	case o.Err != "":
+		br.Why = o.Err
+	case !br.Ready:
+		br.Why = fmt.Sprintf("no %q line (exit status %d): %s", readyLine, o.Code, lastLines(o.Output+o.Stderr, 3))
+	default:
+		br.CleanExit, br.Why = v.cleanExit(o)
+	}
+	br.Timer = parseBootTimer(o.Stderr)
+	return br
+}
+
 func (b *BootResult) summarize() {
 	var ready, clean, any, rss []float64
-	var t struct{ frw, frc, rw, rc []float64 }
+	var t struct{ frw, frc, frv, rw, rc, split []float64 }
 	why := map[string]int{}
 	for _, r := range b.RunsDetail {
 		b.Runs++
@@ -212,6 +241,8 @@ func (b *BootResult) summarize() {
 		if r.Timer != nil {
 			t.frw = append(t.frw, r.Timer.FirstRunWall)
 			t.frc = append(t.frc, r.Timer.FirstRunCPU)
+			t.frv = append(t.frv, r.Timer.FirstRunCPUVM)
+			t.split = append(t.split, r.Timer.Split)
 			t.rw = append(t.rw, r.Timer.ReadyWall)
 			t.rc = append(t.rc, r.Timer.ReadyCPU)
 		}
@@ -219,7 +250,7 @@ func (b *BootResult) summarize() {
 	b.ReadyMS, b.ExitMS, b.AnyExitMS, b.PeakRSSKiB = summarize(ready), summarize(clean), summarize(any), summarize(rss)
 	b.Failures = countedReasons(why)
 	if len(t.rw) > 0 {
-		b.Timer = &TimerSum{summarize(t.frw), summarize(t.frc), summarize(t.rw), summarize(t.rc)}
+		b.Timer = &TimerSum{summarize(t.frw), summarize(t.frc), summarize(t.frv), summarize(t.rw), summarize(t.rc), summarize(t.split)}
 	}
 }
 
@@ -246,7 +277,12 @@ func (m *MemProbe) add(o outcome) {
 	default:
 		s := o.Sample
 		m.guest = append(m.guest, float64(s.GuestRSS))
-		m.over = append(m.over, float64(o.MaxRSSKiB-s.GuestRSS))
+		// VmHWM is at least the RSS the kernel counts; smaps' sum can be
+		// higher for shared guest RAM (gokvm's), so take the larger.
+		m.over = append(m.over, float64(max(s.HWMKiB, s.TotalRSS)-s.GuestRSS))
+		if s.ControlHWMKiB > 0 {
+			m.control = append(m.control, float64(s.ControlHWMKiB))
+		}
 		m.file = append(m.file, float64(s.OtherFileRSS))
 		m.anon = append(m.anon, float64(s.OtherAnonRSS))
 	}
@@ -255,4 +291,5 @@ func (m *MemProbe) add(o outcome) {
 func (m *MemProbe) finish() {
 	m.GuestTouchedKiB, m.OverheadKiB = summarize(m.guest), summarize(m.over)
 	m.FileKiB, m.AnonKiB = summarize(m.file), summarize(m.anon)
+	m.ControlKiB = summarize(m.control)
 }

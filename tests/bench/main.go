@@ -11,10 +11,13 @@
 //   - boots the embedded rayguest with the same memory, vCPU count and
 //     command line under rayvmm, QEMU -M microvm and gokvm, interleaved, and
 //     times process start to "rayguest: ready" and to process exit, with the
-//     peak RSS from wait4 and, in separate sampled runs, how much of guest
-//     RAM was touched (/proc/PID/smaps);
+//     peak RSS from wait4 and, in separate sampled runs, the peak RSS of the
+//     process holding guest RAM (for rayvmm its VM process, rayvmm-vm) and
+//     how much of guest RAM was touched (/proc/PID/status and smaps);
 //   - runs rayguest.run=pio:N at two N under rayvmm and the raw loop, for
 //     the cost of one port-I/O exit round trip;
+//   - times the VM's control API (GET /, PATCH /vm pause and resume) beside
+//     a bare Unix socket round trip;
 //   - starts K rayvmm microVMs at once for K = 1, 4, 16, 64;
 //   - runs the virtio-blk and virtio-net benchmarks (device path against
 //     raw pread/pwrite and raw TAP I/O);
@@ -62,7 +65,7 @@ type options struct {
 	pioLow, pioHigh, pioRnds int
 	densityKs                []int
 	densityRounds, densityMB int
-	blkN, netN               int
+	blkN, netN, apiCalls     int
 	waitLoad                 float64
 	waitMax                  time.Duration
 	skip                     map[string]bool
@@ -85,9 +88,10 @@ func main() {
 	flag.IntVar(&o.densityMB, "density-memory", 16, "guest memory in MiB of the density microVMs")
 	flag.IntVar(&o.blkN, "blk-n", 2000, "iterations of each virtio-blk benchmark")
 	flag.IntVar(&o.netN, "net-n", 20000, "iterations of each virtio-net benchmark")
+	flag.IntVar(&o.apiCalls, "api-calls", 1000, "calls of each kind in the API latency measurement")
 	flag.Float64Var(&o.waitLoad, "wait-load", 0, "first wait until the 1-minute load average is below this (0: don't wait)")
 	flag.DurationVar(&o.waitMax, "wait-max", 15*time.Minute, "longest wait for -wait-load")
-	flag.StringVar(&skip, "skip", "", "comma-separated parts to leave out: exits, density, devices (for trying things out)")
+	flag.StringVar(&skip, "skip", "", "comma-separated parts to leave out: exits, density, devices, api (for trying things out)")
 	flag.Parse()
 	var err error
 	if o.densityKs, err = parseInts(ks); err != nil {
@@ -97,10 +101,10 @@ func main() {
 	for _, s := range strings.Split(skip, ",") {
 		switch s = strings.TrimSpace(s); s {
 		case "":
-		case "exits", "density", "devices":
+		case "exits", "density", "devices", "api":
 			o.skip[s] = true
 		default:
-			fatalf("-skip: unknown part %q (want exits, density, devices)", s)
+			fatalf("-skip: unknown part %q (want exits, density, devices, api)", s)
 		}
 	}
 	switch {
@@ -236,7 +240,7 @@ func bench(ctx context.Context, o options) error {
 	vmms := []vmmUnderTest{
 		{
 			name:      nameRayvmm,
-			req:       launch.Request{Argv: []string{rayvmm, "boot", "--memory", mem, "--cpus", "1", "--cmdline", "", "--boot-timer"}},
+			req:       launch.Request{Argv: []string{rayvmm, "boot", "--memory", mem, "--cpus", "1", "--cmdline", "", "--boot-timer"}, SampleChild: "rayvmm-vm"},
 			cleanExit: poweredOff,
 		},
 		{
@@ -264,6 +268,10 @@ func bench(ctx context.Context, o options) error {
 	if !o.skip["exits"] {
 		logf("exits: pio:%d and pio:%d, %d rounds", o.pioLow, o.pioHigh, o.pioRnds)
 		res.Exits = exitCompare(ctx, rayvmm, rawloop, o.memMiB, o.pioLow, o.pioHigh, o.pioRnds)
+	}
+	if !o.skip["api"] {
+		logf("api: %d calls of each kind", o.apiCalls)
+		res.API = apiLatency(ctx, rayvmm, tmp, o.apiCalls)
 	}
 	if !o.skip["density"] {
 		res.Density = density(ctx, rayvmm, o.densityMB, o.densityKs, o.densityRounds)

@@ -49,15 +49,25 @@ func Open(path string) (*System, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open KVM device: %w", err)
 	}
-	s := &System{f: f, Path: path}
-	v, err := s.APIVersion()
+	s, err := FromFile(f)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s: KVM_GET_API_VERSION: %w (is it a KVM device?)", path, err)
+		return nil, err
+	}
+	return s, nil
+}
+
+// FromFile takes over an open KVM device (opened by a control plane and
+// handed to the VM process) and checks the API version. On error the
+// caller keeps f.
+func FromFile(f *os.File) (*System, error) {
+	s := &System{f: f, Path: f.Name()}
+	v, err := s.APIVersion()
+	if err != nil {
+		return nil, fmt.Errorf("%s: KVM_GET_API_VERSION: %w (is it a KVM device?)", s.Path, err)
 	}
 	if v != 12 {
-		f.Close()
-		return nil, fmt.Errorf("%s: KVM API version %d, want 12: %w", path, v, ErrUnsupported)
+		return nil, fmt.Errorf("%s: KVM API version %d, want 12: %w", s.Path, v, ErrUnsupported)
 	}
 	return s, nil
 }

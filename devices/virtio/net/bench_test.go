@@ -31,17 +31,17 @@ func BenchmarkTx(b *testing.B) {
 	for _, size := range benchSizes {
 		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
 			env := newTapEnv(b)
-			learn(b, env.peer.Port, env.peer.MAC)
+			learn(b, env.peer.Port(), env.peer.MAC)
 			frame := ethFrame(size, 0)
 			copy(frame, env.peer.MAC)
-			h := newHarness(b, Config{Port: noClose{env.dev.Port}, MAC: env.dev.MAC}, true)
+			h := newHarness(b, Config{Port: noClose{env.dev.Port()}, MAC: env.dev.MAC}, true)
 			var raw, dev time.Duration
 			b.ResetTimer()
 			for _, n := range rounds(b.N) {
 				copy(frame[6:], env.raw.MAC)
 				start := time.Now()
 				for range n {
-					if _, err := env.raw.Port.Write(frame); err != nil {
+					if _, err := env.raw.Port().Write(frame); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -66,21 +66,21 @@ func BenchmarkRx(b *testing.B) {
 	for _, size := range benchSizes {
 		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
 			env := newTapEnv(b)
-			learn(b, env.dev.Port, env.dev.MAC)
-			learn(b, env.raw.Port, env.raw.MAC)
+			learn(b, env.dev.Port(), env.dev.MAC)
+			learn(b, env.raw.Port(), env.raw.MAC)
 			toDev, toRaw := ethFrame(size, 0), ethFrame(size, 0)
 			copy(toDev, env.dev.MAC)
 			copy(toRaw, env.raw.MAC)
-			h := newHarness(b, Config{Port: noClose{env.dev.Port}, MAC: env.dev.MAC}, true)
+			h := newHarness(b, Config{Port: noClose{env.dev.Port()}, MAC: env.dev.MAC}, true)
 			buf := make([]byte, 65536)
 			var raw, dev time.Duration
 			b.ResetTimer()
 			for _, n := range rounds(b.N) {
 				got := newFlow()
 				start := time.Now()
-				go inject(b, env.peer.Port, toRaw, n, got)
+				go inject(b, env.peer.Port(), toRaw, n, got)
 				for range n {
-					if _, err := env.raw.Port.Read(buf); err != nil {
+					if _, err := env.raw.Port().Read(buf); err != nil {
 						b.Fatal(err)
 					}
 					got.add(1)
@@ -88,7 +88,7 @@ func BenchmarkRx(b *testing.B) {
 				raw += time.Since(start)
 				got = newFlow()
 				start = time.Now()
-				go inject(b, env.peer.Port, toDev, n, got)
+				go inject(b, env.peer.Port(), toDev, n, got)
 				h.consumeRx(2048, n, got, nil)
 				dev += time.Since(start)
 			}

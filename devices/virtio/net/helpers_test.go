@@ -201,7 +201,7 @@ func eventually(t testing.TB, what string, cond func() bool) {
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: timed out", what)
+			t.Fatalf("waited 20s for %s", what)
 		}
 		time.Sleep(200 * time.Microsecond)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/network/nettest"
 	"github.com/rayvmm/rayvmm/ratelimit"
+	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 )
 
@@ -36,13 +37,13 @@ func newTapEnv(t testing.TB) *tapEnv {
 		if _, err := network.Create(ctx, dir, network.CreateOptions{Name: "lan", Subnet: "192.0.2.0/24"}); err != nil {
 			return err
 		}
-		if env.dev, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 0}); err != nil {
+		if env.dev, err = network.Attach(ctx, dir, "devtest", 0, spec.NIC{Network: "lan"}); err != nil {
 			return err
 		}
-		if env.peer, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 1}); err != nil {
+		if env.peer, err = network.Attach(ctx, dir, "devtest", 1, spec.NIC{Network: "lan"}); err != nil {
 			return err
 		}
-		env.raw, err = network.Attach(ctx, dir, "devtest", network.NICSpec{Network: "lan", Index: 2})
+		env.raw, err = network.Attach(ctx, dir, "devtest", 2, spec.NIC{Network: "lan"})
 		return err
 	})
 	if err != nil {
@@ -98,7 +99,7 @@ func (r *rxReader) next(t *testing.T, what string, match func([]byte) bool) []by
 // the TAP into the receive queue.
 func TestTAPPingsHost(t *testing.T) {
 	env := newTapEnv(t)
-	h := newHarness(t, Config{Port: env.dev.Port, MAC: env.dev.MAC}, true)
+	h := newHarness(t, Config{Port: env.dev.Port(), MAC: env.dev.MAC}, true)
 	rx := newRxReader(h, 16)
 	me, host := net.ParseIP("192.0.2.10"), net.ParseIP("192.0.2.1")
 	h.send(nettest.ARPRequest(env.dev.MAC, me, host))
@@ -114,13 +115,8 @@ func TestTAPPingsHost(t *testing.T) {
 	}
 	// The host can answer before the transmit goroutine, back from the
 	// TAP write, has counted the frame: wait for the counter to settle.
-	deadline := time.Now().Add(5 * time.Second)
-	s := h.dev.Metrics().Snapshot()
-	for s.TxFrames < 2 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-		s = h.dev.Metrics().Snapshot()
-	}
-	if s.TxFrames != 2 || s.RxFrames < 1 {
+	eventually(t, "the transmit counter to reach the 2 frames sent", func() bool { return h.dev.Metrics().Snapshot().TxFrames >= 2 })
+	if s := h.dev.Metrics().Snapshot(); s.TxFrames != 2 || s.RxFrames < 1 {
 		t.Fatalf("metrics %+v", s)
 	}
 }
@@ -135,7 +131,7 @@ func TestTxRateLimit(t *testing.T) {
 	go func() {
 		buf := make([]byte, 65536)
 		for {
-			n, err := env.peer.Port.Read(buf)
+			n, err := env.peer.Port().Read(buf)
 			if err != nil {
 				return
 			}
@@ -147,7 +143,7 @@ func TestTxRateLimit(t *testing.T) {
 	frame := ethFrame(1000, 0)
 	copy(frame[6:], env.dev.MAC)
 	rate := func(lim *ratelimit.Limiter, skip int64) float64 {
-		h := newHarness(t, Config{Port: noClose{env.dev.Port}, MAC: env.dev.MAC, TX: lim}, true)
+		h := newHarness(t, Config{Port: noClose{env.dev.Port()}, MAC: env.dev.MAC, TX: lim}, true)
 		stop := make(chan struct{})
 		done := make(chan struct{})
 		base := got.Load()

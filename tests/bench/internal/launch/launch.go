@@ -1,7 +1,24 @@
 // Package launch starts VMM processes for the benchmarks and measures them:
 // wall time from just before fork/exec to a line on the console and to the
-// process's exit, peak RSS from wait4, and optionally /proc/PID/smaps samples
-// while it runs.
+// end of the run, peak RSS from wait4, and optionally /proc/PID/smaps
+// samples while it runs.
+//
+// Both times are when the launcher saw the event, each an upper bound on
+// when it happened:
+//   - ready: when the read that completed the line returned, in a
+//     goroutine that does nothing but read the console and stamp;
+//   - exit: when the run was over, the later of wait4's return and the end
+//     of the console output (EOF on a pipe; EIO on a pseudo-terminal's
+//     master once the child's side is closed and everything it wrote has
+//     been read).
+//
+// Output can be read after wait4 returns: on a pseudo-terminal the kernel
+// passes what the child wrote to the master through a work queue, and on a
+// loaded machine that, or the reading goroutine, can run after the parent
+// has reaped the child. A line the child wrote is always read before its
+// console ends, so ready <= exit holds by construction, and exit means
+// "the process is gone and everything it printed has arrived". Outcome.Reaped
+// keeps wait4's own time.
 //
 // It runs inside tests/bench/launcher, a small process of its own, and not
 // in the benchmark program: a child's ru_maxrss starts from the parent's
@@ -19,6 +36,8 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -42,7 +61,14 @@ type Request struct {
 	// mapping of GuestKiB (guest RAM).
 	SampleEvery time.Duration `json:"sample_every,omitempty"`
 	GuestKiB    int64         `json:"guest_kib,omitempty"`
+	// SampleChild, when set, samples the child of the started process
+	// whose executable has this name (rayvmm boot's VM process, rayvmm-vm)
+	// instead of the started process itself, and records the started
+	// process's own peak as ControlHWMKiB.
+	SampleChild string        `json:"sample_child,omitempty"`
 	Timeout     time.Duration `json:"timeout,omitempty"`
+
+	hooks *hooks // tests only
 }
 
 // Response is the launcher's answer.
@@ -57,8 +83,12 @@ type Response struct {
 
 // Outcome is one process run, timed from just before fork/exec.
 type Outcome struct {
-	Ready     time.Duration `json:"ready_ns"` // 0: the line never appeared
-	Exit      time.Duration `json:"exit_ns"`
+	Ready time.Duration `json:"ready_ns"` // 0: the line never appeared
+	// Exit is when the process had been reaped and its output had ended
+	// (see the package comment); never before Ready or Reaped.
+	Exit time.Duration `json:"exit_ns"`
+	// Reaped is when wait4 returned.
+	Reaped    time.Duration `json:"reaped_ns"`
 	MaxRSSKiB int64         `json:"max_rss_kib"` // ru_maxrss from wait4
 	Code      int           `json:"code"`        // exit status, -1 when killed by a signal
 	Output    string        `json:"output"`
@@ -101,39 +131,88 @@ func Run(ctx context.Context, req Request) Response {
 	return resp
 }
 
-// lineWatcher records when a line first appears in a stream.
-type lineWatcher struct {
-	mu    sync.Mutex
-	buf   bytes.Buffer
-	want  string
+// console reads a child's output and stamps when the awaited line first
+// appears and when the output ends.
+type console struct {
 	start time.Time
-	at    time.Duration
+	want  []byte
+	ended chan struct{} // closed once the output ended or could not be read
+
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	at     time.Duration // when want first appeared; 0: not yet
+	end    time.Duration // when a read returned EOF (or EIO, or an error)
+	frozen bool          // the run is over: later bytes are not its own
 }
 
-func (w *lineWatcher) Write(p []byte) (int, error) {
-	now := time.Now()
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	if w.at == 0 && w.want != "" && bytes.Contains(w.buf.Bytes(), []byte(w.want)) {
-		w.at = now.Sub(w.start)
+// read reads r until it ends. The stamp is taken as soon as a read returns,
+// before anything else is done with the bytes.
+func (c *console) read(r io.Reader, beforeRead func()) {
+	defer close(c.ended)
+	buf := make([]byte, 32<<10)
+	for {
+		if beforeRead != nil {
+			beforeRead()
+		}
+		n, err := r.Read(buf)
+		now := time.Since(c.start)
+		c.mu.Lock()
+		if c.frozen {
+			c.mu.Unlock()
+			return
+		}
+		c.buf.Write(buf[:n])
+		if c.at == 0 && len(c.want) > 0 && bytes.Contains(c.buf.Bytes(), c.want) {
+			c.at = now
+		}
+		if err != nil {
+			c.end = now
+		}
+		c.mu.Unlock()
+		if err != nil {
+			return
+		}
 	}
-	return len(p), nil
 }
 
-func (w *lineWatcher) result() (time.Duration, string) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.at, w.buf.String()
+// freeze ends the run's output: bytes read later are ignored, so nothing
+// is stamped after the moment the caller takes next.
+func (c *console) freeze() {
+	c.mu.Lock()
+	c.frozen = true
+	c.mu.Unlock()
+}
+
+func (c *console) result() (ready, end time.Duration, output string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.at, c.end, c.buf.String()
+}
+
+// outputGrace is how long the launcher waits, once the process is reaped,
+// for its output to end before it looks for processes holding it.
+const outputGrace = 2 * time.Second
+
+// hooks let tests force orders of events that the kernel and the scheduler
+// otherwise produce only now and then.
+type hooks struct {
+	beforeRead func()        // before each read of the console
+	reaped     func()        // right after wait4 returned
+	grace      time.Duration // replaces outputGrace when > 0
+	graceOver  func()        // once the grace ran out and holders were looked for
 }
 
 func runOne(ctx context.Context, req Request) Outcome {
 	ctx, cancel := context.WithTimeout(ctx, req.Timeout)
 	defer cancel()
+	var h hooks
+	if req.hooks != nil {
+		h = *req.hooks
+	}
 	cmd := exec.Command(req.Argv[0], req.Argv[1:]...)
 	var errBuf bytes.Buffer
-	var rd io.ReadCloser
-	var childEnds []io.Closer
+	var rd, errRd *os.File
+	var childEnds []*os.File
 	if req.TTY {
 		ptmx, tty, err := pty.Open()
 		if err != nil {
@@ -142,24 +221,30 @@ func runOne(ctx context.Context, req Request) Outcome {
 		defer ptmx.Close()
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
-		rd, childEnds = ptmx, []io.Closer{tty}
+		rd, childEnds = ptmx, []*os.File{tty}
 	} else {
 		r, w, err := os.Pipe()
 		if err != nil {
 			return Outcome{Code: -1, Err: fmt.Sprintf("pipe: %v", err)}
 		}
 		defer r.Close()
-		cmd.Stdout, cmd.Stderr = w, &errBuf
+		er, ew, err := os.Pipe()
+		if err != nil {
+			w.Close()
+			return Outcome{Code: -1, Err: fmt.Sprintf("pipe: %v", err)}
+		}
+		defer er.Close()
+		// Both ends are files, so cmd.Wait returns right after wait4,
+		// without waiting for a copy of its own.
+		cmd.Stdout, cmd.Stderr = w, ew
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		rd, childEnds = r, []io.Closer{w}
+		rd, errRd, childEnds = r, er, []*os.File{w, ew}
 	}
-	// Stop waiting for the stderr copy soon after the process is gone,
-	// even if something it started still holds the pipe.
-	cmd.WaitDelay = time.Second
-	watch := &lineWatcher{want: req.Wait}
-	copied := make(chan struct{})
+	out := &console{want: []byte(req.Wait), ended: make(chan struct{})}
+	errDone := make(chan struct{})
+	outputs := identify(childEnds)
 
-	watch.start = time.Now()
+	out.start = time.Now()
 	err := cmd.Start()
 	for _, c := range childEnds {
 		c.Close() // the child holds its own copy
@@ -167,9 +252,12 @@ func runOne(ctx context.Context, req Request) Outcome {
 	if err != nil {
 		return Outcome{Code: -1, Err: fmt.Sprintf("start %s: %v", req.Argv[0], err)}
 	}
+	go out.read(rd, h.beforeRead)
 	go func() {
-		io.Copy(watch, rd) // ends with EOF (pipe) or EIO (pty) once the child exits
-		close(copied)
+		defer close(errDone)
+		if errRd != nil {
+			io.Copy(&errBuf, errRd)
+		}
 	}()
 	var last *MemSample
 	stopSampling := make(chan struct{})
@@ -181,9 +269,22 @@ func runOne(ctx context.Context, req Request) Outcome {
 		}
 		t := time.NewTicker(req.SampleEvery)
 		defer t.Stop()
+		pid := cmd.Process.Pid
+		if req.SampleChild != "" {
+			pid = 0
+		}
 		for {
-			if m, err := ReadSmaps(cmd.Process.Pid, req.GuestKiB); err == nil && m.GuestFound {
-				last = m
+			if pid == 0 {
+				pid = childNamed(cmd.Process.Pid, req.SampleChild)
+			}
+			if pid != 0 {
+				if m, err := ReadSmaps(pid, req.GuestKiB); err == nil && m.GuestFound {
+					m.HWMKiB = hwm(pid)
+					if req.SampleChild != "" {
+						m.ControlHWMKiB = hwm(cmd.Process.Pid)
+					}
+					last = m
+				}
 			}
 			select {
 			case <-stopSampling:
@@ -204,16 +305,61 @@ func runOne(ctx context.Context, req Request) Outcome {
 		werr = <-waited
 		timedOut = true
 	}
-	exitAt := time.Since(watch.start)
+	reaped := time.Since(out.start)
+	if h.reaped != nil {
+		h.reaped()
+	}
 	close(stopSampling)
 	<-sampled
-	select {
-	case <-copied:
-	case <-time.After(2 * time.Second): // a grandchild kept the output open
-	}
 
-	o := Outcome{Exit: exitAt, Code: -1, Stderr: errBuf.String(), Sample: last}
-	o.Ready, o.Output = watch.result()
+	// The run is over when its output has ended too. If it has not
+	// ended after a grace period, look at who still holds it: nobody
+	// means the end is on its way (a loaded machine), so keep waiting;
+	// processes the VMM left behind are killed, and the run reports them.
+	grace := outputGrace
+	if h.grace > 0 {
+		grace = h.grace
+	}
+	var held string
+	select {
+	case <-out.ended:
+	case <-time.After(grace):
+		if pids := holders(outputs); len(pids) > 0 {
+			held = describe(pids)
+			for _, pid := range pids {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		if h.graceOver != nil {
+			h.graceOver()
+		}
+		select {
+		case <-out.ended:
+		case <-ctx.Done():
+		}
+	}
+	open := false
+	select {
+	case <-out.ended:
+	default:
+		open = true // only at the request's timeout
+	}
+	out.freeze()
+	ready, end, output := out.result()
+	exit := max(reaped, end)
+	if open {
+		exit = time.Since(out.start) // after every stamp: the output is frozen
+	}
+	select {
+	case <-errDone:
+	case <-ctx.Done():
+	}
+	o := Outcome{Ready: ready, Exit: exit, Reaped: reaped, Output: output, Code: -1, Sample: last}
+	select {
+	case <-errDone:
+		o.Stderr = errBuf.String()
+	default: // still held at the timeout: not safe to read
+	}
 	if ps := cmd.ProcessState; ps != nil {
 		o.Code = ps.ExitCode()
 		if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
@@ -226,13 +372,46 @@ func runOne(ctx context.Context, req Request) Outcome {
 		o.Err = fmt.Sprintf("killed after %v", req.Timeout)
 	case werr != nil && !errors.As(werr, &ee):
 		o.Err = werr.Error()
+	case open:
+		o.Err = fmt.Sprintf("output still open at the %v timeout", req.Timeout)
+	case held != "":
+		o.Err = fmt.Sprintf("output held by %s %v after the process exited (killed)", held, grace)
 	}
 	return o
 }
 
+// childNamed is the pid of a child of parent whose executable's name is
+// name, or 0.
+func childNamed(parent int, name string) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(b, ')')
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[1] != strconv.Itoa(parent) {
+			continue
+		}
+		if exe, err := os.Readlink("/proc/" + e.Name() + "/exe"); err == nil && filepath.Base(exe) == name {
+			return pid
+		}
+	}
+	return 0
+}
+
 // selfHWM is this process's peak RSS so far (VmHWM), in KiB.
-func selfHWM() int64 {
-	b, err := os.ReadFile("/proc/self/status")
+func selfHWM() int64 { return hwm(os.Getpid()) }
+
+// hwm is a process's peak RSS so far (VmHWM: its address space's own
+// high-water mark, which exec starts afresh), in KiB; 0 if unknown.
+func hwm(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0
 	}

@@ -2,17 +2,34 @@ package launch
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
+// readLate makes every read of the console wait until wait4 has returned:
+// the order a loaded machine produces now and then (on a pseudo-terminal
+// the kernel hands the child's output to the master from a work queue).
+func readLate() *hooks {
+	reaped := make(chan struct{})
+	return &hooks{reaped: func() { close(reaped) }, beforeRead: func() { <-reaped }}
+}
+
+// readAfterGrace reads the console only once the launcher has given up
+// waiting for the output to end and looked for processes holding it (as a
+// machine too loaded to run the reader for a while would).
+func readAfterGrace() *hooks {
+	over := make(chan struct{})
+	return &hooks{grace: time.Millisecond, graceOver: func() { close(over) }, beforeRead: func() { <-over }}
+}
+
 func TestRun(t *testing.T) {
-	sh := "/bin/sh"
-	if _, err := os.Stat(sh); err != nil {
-		t.Skipf("needs %s: %v", sh, err)
-	}
+	sh := requireSh(t)
 	tests := []struct {
 		name      string
 		req       Request
@@ -20,6 +37,10 @@ func TestRun(t *testing.T) {
 		wantCode  int
 		wantErr   string
 		wantOut   string
+		// wantLate: the line was read after wait4 returned (readLate).
+		wantLate bool
+		// wantHolders: processes named as holding the output (and killed).
+		wantHolders int
 	}{
 		{
 			name:      "line found, then exit status",
@@ -35,6 +56,28 @@ func TestRun(t *testing.T) {
 			name:      "on a terminal",
 			req:       Request{Argv: []string{sh, "-c", "test -t 0 && test -t 1 && echo 'rayguest: ready'"}, Wait: "rayguest: ready", TTY: true},
 			wantReady: true, wantCode: 0, wantOut: "rayguest: ready",
+		},
+		{
+			name:      "read after the exit",
+			req:       Request{Argv: []string{sh, "-c", "echo 'rayguest: ready'"}, Wait: "rayguest: ready", hooks: readLate()},
+			wantReady: true, wantCode: 0, wantOut: "rayguest: ready", wantLate: true,
+		},
+		{
+			name:      "read after the exit, on a terminal",
+			req:       Request{Argv: []string{sh, "-c", "echo 'rayguest: ready'"}, Wait: "rayguest: ready", TTY: true, hooks: readLate()},
+			wantReady: true, wantCode: 0, wantOut: "rayguest: ready", wantLate: true,
+		},
+		{
+			name: "read after the exit and after the grace, nothing holding the output",
+			req: Request{Argv: []string{sh, "-c", "echo 'rayguest: ready'"}, Wait: "rayguest: ready",
+				hooks: readAfterGrace()},
+			wantReady: true, wantCode: 0, wantOut: "rayguest: ready", wantLate: true,
+		},
+		{
+			name: "output held by processes it started",
+			req: Request{Argv: []string{sh, "-c", "sleep 600 & setsid sleep 600 & echo 'rayguest: ready'"}, Wait: "rayguest: ready",
+				hooks: &hooks{grace: time.Millisecond}},
+			wantReady: true, wantCode: 0, wantOut: "rayguest: ready", wantErr: "output held by ", wantHolders: 2,
 		},
 		{
 			name:     "killed at the timeout",
@@ -57,11 +100,24 @@ func TestRun(t *testing.T) {
 			if (o.Ready > 0) != tt.wantReady {
 				t.Errorf("ready at %v, want ready=%v (output %q)", o.Ready, tt.wantReady, o.Output)
 			}
+			// What the stamps mean (see the package comment): exit is
+			// when the process was reaped and its output had ended, so
+			// it is never before the ready line was read, nor before
+			// wait4 returned.
 			if o.Ready > o.Exit {
 				t.Errorf("ready at %v after exit at %v", o.Ready, o.Exit)
 			}
+			if o.Err == "" && o.Reaped > o.Exit {
+				t.Errorf("reaped at %v after exit at %v", o.Reaped, o.Exit)
+			}
+			if late := o.Ready > o.Reaped; tt.wantLate && !late {
+				t.Errorf("ready at %v, reaped at %v: the line was not read after wait4, nothing was tested", o.Ready, o.Reaped)
+			}
 			if o.Code != tt.wantCode {
 				t.Errorf("exit status %d, want %d", o.Code, tt.wantCode)
+			}
+			if n := strings.Count(o.Err, "(pid "); n != tt.wantHolders {
+				t.Errorf("error %q names %d processes, want %d", o.Err, n, tt.wantHolders)
 			}
 			if !strings.Contains(o.Err, tt.wantErr) || (tt.wantErr == "") != (o.Err == "") {
 				t.Errorf("error %q, want %q", o.Err, tt.wantErr)
@@ -69,7 +125,7 @@ func TestRun(t *testing.T) {
 			if got := strings.ReplaceAll(o.Output, "\r", ""); !strings.Contains(got, tt.wantOut) {
 				t.Errorf("output %q, want it to contain %q", got, tt.wantOut)
 			}
-			if o.Err == "" && o.MaxRSSKiB <= 0 {
+			if o.Code != -1 && o.MaxRSSKiB <= 0 {
 				t.Errorf("no peak RSS from wait4")
 			}
 			if o.ParentHWMKiB <= 0 {
@@ -79,36 +135,45 @@ func TestRun(t *testing.T) {
 	}
 }
 
-func TestRunCopiesAtOnce(t *testing.T) {
-	if _, err := os.Stat("/bin/sh"); err != nil {
-		t.Skipf("needs /bin/sh: %v", err)
+func requireSh(t *testing.T) string {
+	t.Helper()
+	const sh = "/bin/sh"
+	if _, err := os.Stat(sh); err != nil {
+		testenv.Need(t, fmt.Sprintf("needs %s: %v", sh, err))
 	}
-	// Four copies that each sleep 200 ms finish in well under 4 x 200 ms
-	// only if they ran at the same time.
-	resp := Run(context.Background(), Request{Argv: []string{"/bin/sh", "-c", "sleep 0.2"}, Copies: 4})
-	if len(resp.Outcomes) != 4 {
-		t.Fatalf("%d outcomes, want 4", len(resp.Outcomes))
+	return sh
+}
+
+func TestRunCopiesAtOnce(t *testing.T) {
+	sh := requireSh(t)
+	// Each copy registers in a file and waits until all four have: a copy
+	// exits 0 only if the others started while it ran. The wait has its
+	// own deadline (exit 7 after about a minute).
+	const n = 4
+	reg := filepath.Join(t.TempDir(), "started")
+	script := fmt.Sprintf(`echo $$ >> %s; i=0; while [ "$(wc -l < %s)" -lt %d ]; do i=$((i+1)); [ $i -gt 6000 ] && exit 7; sleep 0.01; done`, reg, reg, n)
+	resp := Run(context.Background(), Request{Argv: []string{sh, "-c", script}, Copies: n, Timeout: 5 * time.Minute})
+	if len(resp.Outcomes) != n {
+		t.Fatalf("%d outcomes, want %d", len(resp.Outcomes), n)
 	}
 	for i, o := range resp.Outcomes {
-		if o.Code != 0 || o.Err != "" {
+		switch {
+		case o.Code == 7:
+			t.Errorf("copy %d waited a minute for the other copies to start: not started at once", i)
+		case o.Code != 0 || o.Err != "":
 			t.Errorf("copy %d: status %d, error %q", i, o.Code, o.Err)
 		}
 		if o.Exit > resp.Wall {
 			t.Errorf("copy %d exited at %v, after the whole batch (%v)", i, o.Exit, resp.Wall)
 		}
 	}
-	if resp.Wall >= 800*time.Millisecond {
-		t.Errorf("4 copies of a 200 ms sleep took %v: not started at once", resp.Wall)
-	}
 }
 
 func TestSampling(t *testing.T) {
-	if _, err := os.Stat("/bin/sh"); err != nil {
-		t.Skipf("needs /bin/sh: %v", err)
-	}
+	sh := requireSh(t)
 	// A guest-memory-sized mapping cannot be made from a shell, so sample
 	// for a size no mapping has: every sample is taken and none matches.
-	o := Run(context.Background(), Request{Argv: []string{"/bin/sh", "-c", "sleep 0.05"}, SampleEvery: time.Millisecond, GuestKiB: 1 << 40}).Outcomes[0]
+	o := Run(context.Background(), Request{Argv: []string{sh, "-c", "sleep 0.05"}, SampleEvery: time.Millisecond, GuestKiB: 1 << 40}).Outcomes[0]
 	if o.Sample != nil {
 		t.Errorf("a sample matched a mapping of 1 PiB: %+v", o.Sample)
 	}

@@ -23,6 +23,13 @@ type MemSample struct {
 	OtherFileRSS int64 `json:"other_file_rss_kib"`
 	OtherAnonRSS int64 `json:"other_anon_rss_kib"`
 	TotalRSS     int64 `json:"total_rss_kib"`
+	// HWMKiB is the sampled process's VmHWM (peak RSS of its own address
+	// space; unlike wait4's ru_maxrss it does not start from the parent's
+	// peak when a vfork-style child execs).
+	HWMKiB int64 `json:"vm_hwm_kib"`
+	// ControlHWMKiB is the started process's VmHWM when a child of it was
+	// sampled (Request.SampleChild).
+	ControlHWMKiB int64 `json:"control_hwm_kib,omitempty"`
 }
 
 func ReadSmaps(pid int, guestKiB int64) (*MemSample, error) {

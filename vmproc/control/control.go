@@ -1,0 +1,357 @@
+// Package control is the control plane's side of a VM: it resolves the
+// names and state a spec refers to — volumes (locked for the VM), networks
+// (bridges, VLAN ports, NAT; TAPs created), generated MACs, the API socket
+// (a stale one reclaimed), the metrics file — opens every resource, and
+// hands them to a VM process (rayvmm-vm) through package vmproc. It also
+// reads specs from YAML or JSON files.
+//
+// rayvmm boot uses it to run one VM in the foreground (Foreground); the
+// pods daemon will use Open and vmproc.Launch's detached mode.
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/storage"
+	"github.com/rayvmm/rayvmm/storage/volume"
+	"github.com/rayvmm/rayvmm/vmproc"
+)
+
+// Options say where the host's resources are.
+type Options struct {
+	// StateDir holds volumes and networks.
+	StateDir string
+	// KVMDevice is the KVM device to open (default /dev/kvm).
+	KVMDevice string
+	// BuiltinKernel is the kernel used when the spec names none (rayguest).
+	BuiltinKernel []byte
+	Log           *slog.Logger
+}
+
+// Resources are a VM's opened resources, ready to hand over. Close them
+// once the VM process has exited: that releases volume locks and the hold
+// on networks, removes the API socket and puts the metrics file in place.
+type Resources struct {
+	// Handoff is the table for the VM process (its Spec is the effective
+	// spec: defaulted, named, every MAC resolved).
+	Handoff *vmproc.Handoff
+	// Files are the descriptors it refers to.
+	Files *vmproc.Files
+
+	handedOver []func() error // close this process's copies once launched
+	afterExit  []func() error // in reverse order once the VM process is gone
+	metricsTmp string
+	metricsDst string
+}
+
+// Open resolves and opens everything s names. s must be defaulted and
+// valid; Open does not change it. On error nothing it made is left
+// behind: no TAP, volume lock, socket or temporary file.
+func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) {
+	if o.KVMDevice == "" {
+		o.KVMDevice = "/dev/kvm"
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	eff := s.Clone()
+	if eff.Name == "" {
+		eff.Name = fmt.Sprintf("rayvmm-%d", os.Getpid())
+	}
+	r := &Resources{Handoff: &vmproc.Handoff{Spec: eff}, Files: &vmproc.Files{}}
+	defer func() {
+		if err != nil {
+			r.abandon()
+		}
+	}()
+	h := r.Handoff
+
+	kvm, err := os.OpenFile(o.KVMDevice, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("KVM device: %w", err)
+	}
+	r.own(kvm)
+	h.KVM = r.Files.Ref(kvm, o.KVMDevice)
+
+	if h.Kernel, err = r.openKernel(eff.Kernel, o.BuiltinKernel); err != nil {
+		return nil, err
+	}
+	if eff.Initrd != "" {
+		f, err := openRegular(eff.Initrd)
+		if err != nil {
+			return nil, fmt.Errorf("initrd: %w", err)
+		}
+		r.own(f)
+		ref := r.Files.Ref(f, eff.Initrd)
+		h.Initrd = &ref
+	}
+	if eff.APISocket != "" {
+		l, err := ListenAPI(eff.APISocket)
+		if err != nil {
+			return nil, fmt.Errorf("apiSocket: %w", err)
+		}
+		f, err := l.File()
+		l.Close() // the path stays: SetUnlinkOnClose(false)
+		if err != nil {
+			os.Remove(eff.APISocket)
+			return nil, fmt.Errorf("apiSocket: %w", err)
+		}
+		r.own(f)
+		ref := r.Files.Ref(f, eff.APISocket)
+		h.API = &ref
+		path := eff.APISocket
+		r.afterExit = append(r.afterExit, func() error {
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("remove API socket: %w", err)
+			}
+			return nil
+		})
+	}
+	if eff.MetricsFile != "" {
+		f, err := os.CreateTemp(filepath.Dir(eff.MetricsFile), ".metrics-*")
+		if err != nil {
+			return nil, fmt.Errorf("metricsFile: %w", err)
+		}
+		r.own(f)
+		r.metricsTmp, r.metricsDst = f.Name(), eff.MetricsFile
+		ref := r.Files.Ref(f, eff.MetricsFile)
+		h.Metrics = &ref
+	}
+	for i := range eff.Disks {
+		d, err := r.openDisk(eff.Disks[i], o.StateDir)
+		if err != nil {
+			return nil, fmt.Errorf("disks[%d]: %w", i, err)
+		}
+		h.Disks = append(h.Disks, d)
+	}
+	if len(eff.Nets) > 0 {
+		nics, err := network.AttachAll(ctx, o.StateDir, eff.Name, eff.Nets)
+		if err != nil {
+			return nil, err
+		}
+		for i, n := range nics {
+			r.handedOver = append(r.handedOver, n.CloseTAPs)
+			r.afterExit = append(r.afterExit, n.Close)
+			eff.Nets[i].MAC = n.MAC.String()
+			hn := vmproc.NIC{MTU: n.MTU, Trunk: n.VLANs != nil}
+			for j, t := range n.TAPs {
+				tap := vmproc.TAP{File: r.Files.Ref(t.File(), t.Name())}
+				if hn.Trunk {
+					tap.VLAN = n.VLANs[j]
+				}
+				hn.TAPs = append(hn.TAPs, tap)
+			}
+			h.NICs = append(h.NICs, hn)
+		}
+	}
+	return r, nil
+}
+
+// own makes f one of this process's copies, closed once launched.
+func (r *Resources) own(f *os.File) { r.handedOver = append(r.handedOver, f.Close) }
+
+// openKernel opens the kernel file, or puts the built-in kernel in a
+// sealed memfd, so the VM process gets a descriptor either way.
+func (r *Resources) openKernel(path string, builtin []byte) (vmproc.File, error) {
+	if path != "" {
+		f, err := openRegular(path)
+		if err != nil {
+			return vmproc.File{}, fmt.Errorf("kernel: %w", err)
+		}
+		r.own(f)
+		return r.Files.Ref(f, path), nil
+	}
+	if len(builtin) == 0 {
+		return vmproc.File{}, errors.New("no kernel given and no built-in kernel")
+	}
+	f, err := SealedMemfd("rayguest", builtin)
+	if err != nil {
+		return vmproc.File{}, fmt.Errorf("built-in kernel: %w", err)
+	}
+	r.own(f)
+	return r.Files.Ref(f, "built-in rayguest"), nil
+}
+
+// SealedMemfd returns a memfd holding b, sealed against any change.
+func SealedMemfd(name string, b []byte) (*os.File, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("memfd_create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), name)
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("memfd: %w", err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SEAL|unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("memfd: seal: %w", err)
+	}
+	return f, nil
+}
+
+// openRegular opens a file read-only without blocking (a FIFO would wait
+// for a writer) and refuses anything but a regular file.
+func openRegular(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("%s: not a regular file", path)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// openDisk opens a disk's image (and backing chain), for a volume with
+// the volume's lock, whose descriptor goes to the VM process too.
+func (r *Resources) openDisk(d spec.Disk, stateDir string) (vmproc.Disk, error) {
+	var disk storage.Disk
+	out := vmproc.Disk{ReadOnly: d.ReadOnly}
+	if d.Volume != "" {
+		st, err := volume.Open(stateDir)
+		if err != nil {
+			return out, fmt.Errorf("volume %q: %w", d.Volume, err)
+		}
+		a, err := st.Attach(d.Volume, d.ReadOnly)
+		if err != nil {
+			return out, err
+		}
+		if d.Format != "" && d.Format != a.Volume.Format {
+			a.Close()
+			return out, fmt.Errorf("volume %q is %s, not %s", d.Volume, a.Volume.Format, d.Format)
+		}
+		disk = a.Disk
+		a.Disk = nil // handed over: Close only releases the lock
+		r.afterExit = append(r.afterExit, a.Close)
+		r.Handoff.Holds = append(r.Handoff.Holds, r.Files.Ref(a.LockFile(), "volume "+d.Volume+" lock"))
+		out.Source = "volume:" + d.Volume
+	} else {
+		var err error
+		if disk, err = storage.OpenDisk(d.Path, d.Format, d.ReadOnly); err != nil {
+			return out, fmt.Errorf("disk %s: %w", d.Path, err)
+		}
+		out.Source = d.Path
+	}
+	r.handedOver = append(r.handedOver, func() error { return storage.Release(disk) })
+	files, probed, err := storage.Files(disk)
+	if err != nil {
+		return out, err
+	}
+	out.Probed = probed
+	for _, f := range files {
+		out.Files = append(out.Files, vmproc.ImageFile{File: r.Files.Ref(f.File, f.Path), BackingName: f.Name, Format: f.Format})
+	}
+	return out, nil
+}
+
+// Launched closes this process's copies of the handed-over descriptors,
+// once the VM process has its own.
+func (r *Resources) Launched() error {
+	var errs []error
+	for _, f := range r.handedOver {
+		errs = append(errs, f())
+	}
+	r.handedOver = nil
+	return errors.Join(errs...)
+}
+
+// Close releases what the VM held once its process is gone: volume locks,
+// the hold on networks, the API socket. It puts the metrics file in place
+// if the VM process wrote it, and removes it otherwise.
+func (r *Resources) Close() error {
+	errs := []error{r.Launched()}
+	for i := len(r.afterExit) - 1; i >= 0; i-- {
+		errs = append(errs, r.afterExit[i]())
+	}
+	r.afterExit = nil
+	if r.metricsTmp != "" {
+		if st, err := os.Stat(r.metricsTmp); err == nil && st.Size() > 0 {
+			if err := os.Rename(r.metricsTmp, r.metricsDst); err != nil {
+				errs = append(errs, fmt.Errorf("metricsFile: %w", err))
+			}
+		}
+		os.Remove(r.metricsTmp)
+		r.metricsTmp = ""
+	}
+	return errors.Join(errs...)
+}
+
+// abandon undoes Open when it fails.
+func (r *Resources) abandon() {
+	r.Close()
+}
+
+// ErrSocketInUse means a live process serves the API socket path.
+var ErrSocketInUse = errors.New("in use by a running VM")
+
+// ListenAPI makes the API's listening socket at path, mode 0600. A stale
+// socket left by a killed process (nothing accepts on it) is removed
+// first; a live one, or anything that is not a socket, is refused. The
+// socket is made in a private directory and renamed into place, so it is
+// never reachable with looser permissions.
+func ListenAPI(path string) (*net.UnixListener, error) {
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", path, ErrSocketInUse)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("%s: probe: %w", path, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("%s: remove stale socket: %w", path, err)
+		}
+	}
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".rv")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "s")
+	if len(tmp) > maxSocketPath {
+		// No room for the detour: bind in place. The socket has the
+		// umask's mode until the chmod; connecting needs write permission,
+		// which a usual umask (022) gives no one else.
+		tmp = path
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	if tmp != path {
+		if err := os.Rename(tmp, path); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// maxSocketPath is sun_path's size less its NUL.
+const maxSocketPath = 107
