@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/rayvmm/rayvmm/shards/cluster"
 	"github.com/rayvmm/rayvmm/shards/nbd"
 )
 
@@ -28,7 +29,7 @@ import (
 // state directory's owner reaches it, and no TCP port can clash). One
 // process runs it at a time, holding STATE/shards/etcd.lock, which also
 // records its pid.
-func embedDir(stateDir string) string  { return filepath.Join(stateDir, "shards") }
+func embedDir(stateDir string) string  { return cluster.EmbeddedDir(stateDir) }
 func embedSock(stateDir string) string { return filepath.Join(embedDir(stateDir), "etcd.sock") }
 func embedLock(stateDir string) string { return filepath.Join(embedDir(stateDir), "etcd.lock") }
 
@@ -165,15 +166,9 @@ type ConnectOptions struct {
 // no endpoints, no embedded etcd running, and none to start.
 var ErrNoCluster = errors.New("no etcd: give --etcd-endpoints, or run `rayvmm shard etcd`")
 
-// Configured reports whether sharded volumes are in use here: etcd
-// endpoints were given or the state directory's embedded etcd has data.
-func Configured(o ConnectOptions) bool {
-	if len(o.Endpoints) > 0 {
-		return true
-	}
-	_, err := os.Stat(filepath.Join(embedDir(o.StateDir), "etcd"))
-	return err == nil
-}
+// Configured reports whether sharded volumes are in use here (see
+// cluster.Configured).
+func Configured(o ConnectOptions) bool { return cluster.Configured(o.Endpoints, o.StateDir) }
 
 // Connect returns a Store on the cluster: the given endpoints, or the
 // embedded etcd, which it starts in the background (o.Start) when it is

@@ -38,8 +38,8 @@ func TestMain(m *testing.M) {
 	}
 	rayvmm = filepath.Join(dir, "rayvmm")
 	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
-	// rayvmm finds rayvmm-vm next to itself.
-	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm"} {
+	// rayvmm finds rayvmm-vm and rayvmmd next to itself.
+	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm", filepath.Join(dir, "rayvmmd"): "./cmd/rayvmmd"} {
 		build := exec.Command("go", "build", "-o", bin, pkg)
 		build.Dir = repoRoot
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -1,18 +1,16 @@
 package main
 
 import (
-	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
-	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/rayvmm/rayvmm/shards"
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
@@ -35,21 +33,13 @@ be attached again, snapshotted or removed.`,
 }
 
 // args makes cobra check for exactly the named positional arguments.
-func args(names ...string) cobra.PositionalArgs {
-	return func(cmd *cobra.Command, a []string) error {
-		if len(a) != len(names) {
-			return fmt.Errorf("%s takes %s (got %d argument(s))", cmd.CommandPath(), strings.Join(names, " "), len(a))
-		}
-		return nil
-	}
-}
+func args(names ...string) cobra.PositionalArgs { return command.Args(names...) }
 
 func store() (*volume.Store, error) { return volume.Open(stateDir) }
 
 func init() {
-	var size, format, shardSize, consistency string
-	var replicas, minReplicas int
-	var nodes []string
+	var size, format string
+	var sharded shardedFlags
 	create := &cobra.Command{
 		Use:   "create NAME --size SIZE [--format raw|qcow2] | --replicas N [--shard-size SIZE] [--consistency strong|eventual] [--nodes A,B,C]",
 		Short: "Create an empty volume, local or sharded",
@@ -74,10 +64,7 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 				return fmt.Errorf("--size: %w", err)
 			}
 			if cmd.Flags().Changed("replicas") {
-				if cmd.Flags().Changed("format") {
-					return fmt.Errorf("--format: a sharded volume's replicas are raw; leave --format out with --replicas")
-				}
-				return shardedCreate(cmd, a[0], n, shardSize, consistency, replicas, minReplicas, nodes)
+				return handOver() // sharded: rayvmmd checks the flags and talks to etcd
 			}
 			for _, f := range []string{"shard-size", "consistency", "nodes", "min-replicas"} {
 				if cmd.Flags().Changed(f) {
@@ -98,11 +85,13 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 	}
 	create.Flags().StringVar(&size, "size", "", "virtual size: bytes, or with a K, M, G or T suffix (powers of 1024)")
 	create.Flags().StringVar(&format, "format", "qcow2", "image format: raw or qcow2")
-	create.Flags().IntVar(&replicas, "replicas", 0, "make a sharded volume with this many replicas of each shard")
-	create.Flags().StringVar(&shardSize, "shard-size", "64M", "sharded: size of each shard (a multiple of 64K dividing --size)")
-	create.Flags().StringVar(&consistency, "consistency", "strong", "sharded: strong or eventual")
-	create.Flags().IntVar(&minReplicas, "min-replicas", 0, "sharded: fewest healthy replicas a shard needs to accept writes (default: a majority for strong, 1 for eventual)")
-	create.Flags().StringSliceVar(&nodes, "nodes", nil, "sharded: nodes to place replicas on (default: every live node)")
+	// Parsed here for the help and the flag checks; rayvmmd reads them
+	// again from the same arguments.
+	create.Flags().IntVar(&sharded.replicas, "replicas", 0, "make a sharded volume with this many replicas of each shard (runs in rayvmmd)")
+	create.Flags().StringVar(&sharded.shardSize, "shard-size", "64M", "sharded: size of each shard (a multiple of 64K dividing --size)")
+	create.Flags().StringVar(&sharded.consistency, "consistency", "strong", "sharded: strong or eventual")
+	create.Flags().IntVar(&sharded.minReplicas, "min-replicas", 0, "sharded: fewest healthy replicas a shard needs to accept writes (default: a majority for strong, 1 for eventual)")
+	create.Flags().StringSliceVar(&sharded.nodes, "nodes", nil, "sharded: nodes to place replicas on (default: every live node)")
 	create.MarkFlagRequired("size")
 
 	list := &cobra.Command{
@@ -110,6 +99,9 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 		Short: "List volumes",
 		Args:  args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if clusterConfigured() {
+				return handOver() // rayvmmd lists local and sharded volumes
+			}
 			s, err := store()
 			if err != nil {
 				return err
@@ -118,28 +110,7 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 			if err != nil {
 				return err
 			}
-			sharded, err := listSharded(cmd.Context())
-			if err != nil {
-				return err
-			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tFORMAT\tSIZE\tALLOCATED\tSTATE\tPARENT")
-			for _, v := range vs {
-				st := string(v.State)
-				if v.ReadOnly {
-					st += " (snapshot)"
-				}
-				parent := v.Parent
-				if parent == "" {
-					parent = "-"
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, spec.FormatSize(v.Size), spec.FormatSize(v.Allocated), st, parent)
-			}
-			for _, v := range sharded {
-				fmt.Fprintf(w, "%s\tsharded (%d x %s, R=%d, %s)\t%s\t-\t%s\t-\n", v.Name, v.Volume.Shards(), spec.FormatSize(v.ShardSize),
-					v.Replicas, v.Consistency, spec.FormatSize(v.Size), v.State)
-			}
-			return w.Flush()
+			return command.VolumeTable(cmd.OutOrStdout(), command.LocalRows(vs))
 		},
 	}
 
@@ -148,32 +119,18 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 		Short: "Show a volume as JSON (for a sharded volume: its shard map, replica states and rebuild progress)",
 		Args:  args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			if shardedOnly(a[0]) {
-				st, err := shardStore(cmd.Context())
-				if err != nil {
-					return err
-				}
-				defer st.Close()
-				v, err := st.Inspect(cmd.Context(), a[0])
-				if err != nil {
-					return err
-				}
-				return printJSON(cmd, v)
-			}
 			s, err := store()
 			if err != nil {
 				return err
 			}
 			v, err := s.Get(a[0])
+			if shardedName(err) {
+				return handOver() // rayvmmd looks it up in etcd
+			}
 			if err != nil {
 				return err
 			}
-			b, err := json.MarshalIndent(v, "", "  ")
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
-			return nil
+			return command.PrintJSON(cmd.OutOrStdout(), v)
 		},
 	}
 
@@ -220,14 +177,14 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 		Short:   "Remove a volume (not while attached or while it is a parent)",
 		Args:    args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			if shardedOnly(a[0]) {
-				return withStore(cmd, func(st *shards.Store) error { return st.RemoveVolume(cmd.Context(), a[0]) }, "sharded volume %s removed\n", a[0])
-			}
 			s, err := store()
 			if err != nil {
 				return err
 			}
 			if err := s.Remove(a[0]); err != nil {
+				if shardedName(err) {
+					return handOver() // rayvmmd removes it from etcd
+				}
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "volume %s removed\n", a[0])
@@ -276,29 +233,26 @@ shown on a terminal for large files.`,
 	imp.Flags().StringVar(&importFormat, "format", "", "format of the new volume: raw or qcow2 (default: the file's)")
 
 	rebuild := &cobra.Command{
-		Use:   "rebuild NAME",
-		Short: "Rebuild a sharded volume's failed replicas whose nodes are live",
-		Long: `Bring every replica of a sharded volume back to health: replicas that failed
-are rebuilt from a healthy one once their node is live, and pending moves of
-a rebalance are completed. If a VM has the volume attached, its rayvmm does
-this by itself while the guest runs and this command waits for it.`,
-		Args: args("NAME"),
-		RunE: func(cmd *cobra.Command, a []string) error {
-			ctx, cancel := signalContext(cmd.Context())
-			defer cancel()
-			st, err := shardStore(ctx)
-			if err != nil {
-				return err
-			}
-			defer st.Close()
-			if err := repairWithBar(ctx, st, a[0], "rebuilding "+a[0], "rayvmm volume rebuild"); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "sharded volume %s: every replica healthy\n", a[0])
-			return nil
-		},
+		Use:                "rebuild NAME",
+		Short:              "Rebuild a sharded volume's failed replicas whose nodes are live (runs in rayvmmd)",
+		DisableFlagParsing: true,
+		RunE:               func(*cobra.Command, []string) error { return handOver() },
 	}
 
 	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp, rebuild)
 	rootCmd.AddCommand(volumeCmd)
+}
+
+// shardedFlags are volume create's flags for sharded volumes.
+type shardedFlags struct {
+	replicas, minReplicas  int
+	shardSize, consistency string
+	nodes                  []string
+}
+
+// shardedName reports whether err says a volume name is not a local
+// volume while sharded volumes are configured here: then rayvmmd looks
+// the name up in etcd.
+func shardedName(err error) bool {
+	return errors.Is(err, volume.ErrNotFound) && clusterConfigured()
 }

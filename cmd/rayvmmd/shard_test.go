@@ -12,7 +12,7 @@ import (
 // one-line error naming the problem before anything is started: no
 // embedded etcd, nothing in the state directory.
 func TestShardedCreateBadInput(t *testing.T) {
-	c := cli{t: t, bin: buildRayvmm(t), state: t.TempDir()}
+	c := cli{t: t, bin: buildBoth(t), state: t.TempDir()}
 	for _, tc := range []struct {
 		args    []string
 		wantErr string
@@ -41,7 +41,7 @@ func TestShardedCreateBadInput(t *testing.T) {
 // starting at once agree on one; it keeps the metadata across commands,
 // is reachable only through its 0600 socket, and `shard etcd stop` ends it.
 func TestEmbeddedEtcdShared(t *testing.T) {
-	c := cli{t: t, bin: buildRayvmm(t), state: t.TempDir()}
+	c := cli{t: t, bin: buildBoth(t), state: t.TempDir()}
 	t.Cleanup(func() { c.run("shard", "etcd", "stop") })
 	errs := make(chan string, 3)
 	for i := range 3 {
@@ -73,5 +73,48 @@ func TestEmbeddedEtcdShared(t *testing.T) {
 	}
 	if out, _, _ := c.run("shard", "etcd", "stop"); !strings.Contains(out, "not running") {
 		t.Fatalf("a second stop: %s", out)
+	}
+}
+
+// TestHandOver: rayvmm runs its etcd commands in rayvmmd, found next to
+// it, else through $RAYVMMD_BINARY, else on PATH, and says clearly (one
+// line, non-zero exit) when there is none; rayvmmd answers in rayvmm's
+// name.
+func TestHandOver(t *testing.T) {
+	both := buildBoth(t)
+	c := cli{t: t, bin: both, state: t.TempDir()}
+	out, stderr, ok := c.run("shard", "--help")
+	if !ok || !strings.Contains(out, "rayvmm shard [command]") || !strings.Contains(out, "serve") {
+		t.Fatalf("rayvmm shard --help: ok=%v\n%s%s", ok, out, stderr)
+	}
+	_, stderr, ok = c.run("volume", "create", "v", "--size", "1G", "--replicas", "0")
+	if ok || !strings.HasPrefix(stderr, "rayvmm: ") {
+		t.Fatalf("an error from rayvmmd: ok=%v, stderr %q; want it in rayvmm's name", ok, stderr)
+	}
+
+	// rayvmm alone, rayvmmd neither beside it nor on PATH.
+	alone := filepath.Join(t.TempDir(), "rayvmm")
+	b, err := os.ReadFile(both)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(alone, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c = cli{t: t, bin: alone, state: t.TempDir(), env: []string{"PATH=/usr/bin:/bin"}}
+	for _, args := range [][]string{{"shard", "nodes"}, {"volume", "create", "v", "--size", "1G", "--replicas", "3"}, {"volume", "rebuild", "v"}} {
+		_, stderr, ok := c.run(args...)
+		msg := strings.TrimSpace(stderr)
+		if ok || strings.Contains(msg, "\n") || !strings.Contains(msg, "rayvmmd not found") || !strings.Contains(msg, "RAYVMMD_BINARY") {
+			t.Errorf("%v without rayvmmd: ok=%v, stderr %q; want one line saying rayvmmd is missing and how to point at it", args, ok, stderr)
+		}
+	}
+	c.env = append(c.env, "RAYVMMD_BINARY="+filepath.Join(filepath.Dir(both), "rayvmmd"))
+	if out, stderr, ok := c.run("shard", "--help"); !ok || !strings.Contains(out, "serve") {
+		t.Fatalf("with $RAYVMMD_BINARY: ok=%v\n%s%s", ok, out, stderr)
+	}
+	// Local volumes need no rayvmmd.
+	if out, stderr, ok := c.run("volume", "list"); !ok || !strings.Contains(out, "NAME") {
+		t.Fatalf("volume list with no cluster: ok=%v\n%s%s", ok, out, stderr)
 	}
 }

@@ -2,14 +2,11 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
-	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -18,9 +15,9 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/shards"
-	"github.com/rayvmm/rayvmm/shards/engine"
-	"github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/shards/cluster"
 )
 
 // etcdEndpoints is --etcd-endpoints: the cluster metadata of sharded
@@ -28,11 +25,7 @@ import (
 var etcdEndpoints []string
 
 func init() {
-	var def []string
-	if e := os.Getenv("RAYVMM_ETCD_ENDPOINTS"); e != "" {
-		def = strings.Split(e, ",")
-	}
-	rootCmd.PersistentFlags().StringSliceVar(&etcdEndpoints, "etcd-endpoints", def,
+	rootCmd.PersistentFlags().StringSliceVar(&etcdEndpoints, "etcd-endpoints", cluster.DefaultEndpoints(),
 		"etcd client URLs holding sharded-volume metadata (default: $RAYVMM_ETCD_ENDPOINTS, else an embedded etcd in the state directory)")
 }
 
@@ -56,9 +49,17 @@ func shardStore(ctx context.Context) (*shards.Store, error) {
 	return shards.Connect(ctx, connectOptions(true))
 }
 
-// signalContext is ctx cancelled on SIGINT or SIGTERM.
-func signalContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+// onStore runs f on the cluster metadata (see shardStore) with a context
+// that SIGINT and SIGTERM cancel.
+func onStore(cmd *cobra.Command, f func(context.Context, *shards.Store) error) error {
+	ctx, cancel := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer cancel()
+	st, err := shardStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return f(ctx, st)
 }
 
 func cmdLog(verbose bool) *slog.Logger {
@@ -94,19 +95,14 @@ maps place on node NAME, kept as sparse files under DIR. The node registers
 in etcd with a lease that it keeps alive, so a dead node is noticed within
 seconds. It runs until SIGINT or SIGTERM.`,
 		Example: `  rayvmm shard serve --listen 0.0.0.0:10809 --dir /srv/rayvmm --node a`,
-		Args:    args(),
+		Args:    command.Args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := signalContext(cmd.Context())
-			defer cancel()
-			st, err := shardStore(ctx)
-			if err != nil {
-				return err
-			}
-			defer st.Close()
-			return shards.ServeNode(ctx, shards.NodeConfig{Name: nodeName, Listen: listen, Advertise: advertise, Dir: dir,
-				Store: st, Log: cmdLog(verbose), Ready: func(addr string) {
-					fmt.Fprintf(cmd.OutOrStdout(), "shard node %s serving on %s\n", nodeName, addr)
-				}})
+			return onStore(cmd, func(ctx context.Context, st *shards.Store) error {
+				return shards.ServeNode(ctx, shards.NodeConfig{Name: nodeName, Listen: listen, Advertise: advertise, Dir: dir,
+					Store: st, Log: cmdLog(verbose), Ready: func(addr string) {
+						fmt.Fprintf(cmd.OutOrStdout(), "shard node %s serving on %s\n", nodeName, addr)
+					}})
+			})
 		},
 	}
 	serve.Flags().StringVar(&listen, "listen", "", "TCP address to serve NBD on, e.g. 127.0.0.1:10809")
@@ -122,7 +118,7 @@ seconds. It runs until SIGINT or SIGTERM.`,
 	nodes := &cobra.Command{
 		Use:   "nodes",
 		Short: "List the storage nodes, live or dead",
-		Args:  args(),
+		Args:  command.Args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := shardStore(cmd.Context())
 			if err != nil {
@@ -134,7 +130,7 @@ seconds. It runs until SIGINT or SIGTERM.`,
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd, ns)
+				return command.PrintJSON(cmd.OutOrStdout(), ns)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(w, "NAME\tADDRESS\tSTATE\tREPLICAS\tNOT HEALTHY")
@@ -158,7 +154,7 @@ seconds. It runs until SIGINT or SIGTERM.`,
 		Short: "Add an NBD server rayvmm does not run (qemu-nbd, nbdkit) as a static node",
 		Long: `Record an NBD server as node NAME. A static node has no lease and counts as
 live; its exports must be named VOLUME/SHARD and be the shard's size.`,
-		Args: args("NAME"),
+		Args: command.Args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return withStore(cmd, func(st *shards.Store) error { return st.AddStaticNode(cmd.Context(), a[0], address) }, "node %s added (static, %s)\n", a[0], address)
 		},
@@ -168,7 +164,7 @@ live; its exports must be named VOLUME/SHARD and be the shard's size.`,
 	rmNode := &cobra.Command{
 		Use:   "rm NAME",
 		Short: "Forget a node that holds no replicas",
-		Args:  args("NAME"),
+		Args:  command.Args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return withStore(cmd, func(st *shards.Store) error { return st.RemoveNode(cmd.Context(), a[0]) }, "node %s removed\n", a[0])
 		},
@@ -185,48 +181,43 @@ the emptiest node until counts differ by at most one. Each move adds a new
 replica, rebuilds it from a healthy one and then drops the old one. A
 volume attached to a VM is moved by that VM's rayvmm while the guest runs;
 others are moved by this command. --dry-run prints the plan only.`,
-		Args: args(),
+		Args: command.Args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := signalContext(cmd.Context())
-			defer cancel()
-			st, err := shardStore(ctx)
-			if err != nil {
-				return err
-			}
-			defer st.Close()
-			moves, err := st.Plan(ctx)
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if len(moves) == 0 {
-				fmt.Fprintln(out, "balanced: nothing to move")
-				return nil
-			}
-			for _, m := range moves {
-				from := m.From
-				if from == "" {
-					from = "(new)"
-				}
-				fmt.Fprintf(out, "move %s shard %d: %s -> %s (%s)\n", m.Volume, m.Shard, from, m.To, m.Reason)
-			}
-			if dryRun {
-				return nil
-			}
-			if err := st.Apply(ctx, moves); err != nil {
-				return err
-			}
-			vols := map[string]bool{}
-			for _, m := range moves {
-				vols[m.Volume] = true
-			}
-			for v := range vols {
-				if err := repairWithBar(ctx, st, v, "rebalancing "+v, "rayvmm shard rebalance"); err != nil {
+			return onStore(cmd, func(ctx context.Context, st *shards.Store) error {
+				moves, err := st.Plan(ctx)
+				if err != nil {
 					return err
 				}
-			}
-			fmt.Fprintf(out, "rebalanced: %d replicas moved\n", len(moves))
-			return nil
+				out := cmd.OutOrStdout()
+				if len(moves) == 0 {
+					fmt.Fprintln(out, "balanced: nothing to move")
+					return nil
+				}
+				for _, m := range moves {
+					from := m.From
+					if from == "" {
+						from = "(new)"
+					}
+					fmt.Fprintf(out, "move %s shard %d: %s -> %s (%s)\n", m.Volume, m.Shard, from, m.To, m.Reason)
+				}
+				if dryRun {
+					return nil
+				}
+				if err := st.Apply(ctx, moves); err != nil {
+					return err
+				}
+				vols := map[string]bool{}
+				for _, m := range moves {
+					vols[m.Volume] = true
+				}
+				for v := range vols {
+					if err := repairWithBar(ctx, st, v, "rebalancing "+v, "rayvmm shard rebalance"); err != nil {
+						return err
+					}
+				}
+				fmt.Fprintf(out, "rebalanced: %d replicas moved\n", len(moves))
+				return nil
+			})
 		},
 	}
 	rebalance.Flags().BoolVar(&dryRun, "dry-run", false, "print the moves, change nothing")
@@ -242,9 +233,9 @@ clients on the unix socket STATE/shards/etcd.sock (only the state directory's
 owner can reach it). rayvmm commands start it in the background when they
 need it; run it yourself (e.g. under systemd) to control its life, with
 --listen-client-urls http://ADDR:2379 to let nodes on other machines in.`,
-		Args: args(),
+		Args: command.Args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := signalContext(cmd.Context())
+			ctx, cancel := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer cancel()
 			return shards.RunEmbedded(ctx, stateDir, clientURLs, func() {
 				if readyFD > 0 {
@@ -263,7 +254,7 @@ need it; run it yourself (e.g. under systemd) to control its life, with
 	etcdStop := &cobra.Command{
 		Use:   "stop",
 		Short: "Stop the embedded etcd started in the background",
-		Args:  args(),
+		Args:  command.Args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			stopped, err := shards.StopEmbedded(stateDir)
 			if err != nil {
@@ -281,15 +272,6 @@ need it; run it yourself (e.g. under systemd) to control its life, with
 
 	shardCmd.AddCommand(serve, nodes, rebalance, etcdCmd)
 	rootCmd.AddCommand(shardCmd)
-}
-
-func printJSON(cmd *cobra.Command, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
-	return nil
 }
 
 // repairWithBar runs shards.Repair for a volume with a progress bar on a
@@ -314,92 +296,4 @@ func repairWithBar(ctx context.Context, st *shards.Store, name, what, holder str
 		bar.Finish()
 	}
 	return err
-}
-
-// shardedCreate is `volume create` with --replicas.
-func shardedCreate(cmd *cobra.Command, name string, size int64, shardSize, consistency string, replicas, minReplicas int, nodes []string) error {
-	ss, err := spec.ParseSize(shardSize)
-	if err != nil {
-		return fmt.Errorf("--shard-size: %w", err)
-	}
-	if local, err := store(); err == nil {
-		if _, err := local.Get(name); err == nil {
-			return fmt.Errorf("create %s: a local volume of that name exists", name)
-		}
-	}
-	opts := shards.CreateOptions{Size: size, ShardSize: ss, Replicas: replicas,
-		MinReplicas: minReplicas, Consistency: engine.Consistency(consistency), Nodes: nodes}
-	if _, err := opts.Volume(name); err != nil {
-		return err // bad flags: refused before etcd is started or written
-	}
-	st, err := shardStore(cmd.Context())
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	v, err := st.CreateVolume(cmd.Context(), name, opts)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(cmd.OutOrStdout(), "created sharded volume %s (%s, %d shards of %s, %d replicas, %s)\n",
-		v.Name, spec.FormatSize(v.Size), v.Shards(), spec.FormatSize(v.ShardSize), v.Replicas, v.Consistency)
-	return nil
-}
-
-// shardedOnly reports whether name is not a local volume and sharded
-// volumes are configured here: then volume commands go to etcd.
-func shardedOnly(name string) bool {
-	if !shards.Configured(connectOptions(false)) {
-		return false
-	}
-	local, err := store()
-	if err != nil {
-		return true
-	}
-	_, err = local.Get(name)
-	return err != nil
-}
-
-// listSharded returns the sharded volumes' statuses when sharded volumes
-// are configured here (and nothing otherwise).
-func listSharded(ctx context.Context) ([]*shards.VolumeStatus, error) {
-	if !shards.Configured(connectOptions(false)) {
-		return nil, nil
-	}
-	st, err := shardStore(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
-	vols, err := st.Volumes(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var out []*shards.VolumeStatus
-	for _, v := range vols {
-		s, err := st.Inspect(ctx, v.Name)
-		if err != nil {
-			if errors.Is(err, shards.ErrNotFound) {
-				continue // removed meanwhile
-			}
-			return nil, err
-		}
-		out = append(out, s)
-	}
-	return out, nil
-}
-
-// withStore runs f on the cluster metadata and prints the message
-// (format, args) when it succeeds.
-func withStore(cmd *cobra.Command, f func(*shards.Store) error, format string, a ...any) error {
-	st, err := shardStore(cmd.Context())
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	if err := f(st); err != nil {
-		return err
-	}
-	fmt.Fprintf(cmd.OutOrStdout(), format, a...)
-	return nil
 }
