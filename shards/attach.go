@@ -283,7 +283,7 @@ func (a *Attachment) keepOwner(ctx context.Context, lost chan struct{}) {
 func (a *Attachment) Close() error {
 	var err error
 	if a.Disk != nil {
-		err = a.Disk.Flush()
+		err = a.Disk.Flush(context.Background())
 	}
 	a.release()
 	if err == nil && a.unsynced.Load() == 0 { // else the next attachment resyncs what is left
@@ -734,7 +734,7 @@ func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *s
 		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
 	}
 	release := func() error {
-		err := vol.Flush()
+		err := vol.Flush(context.Background())
 		vol.Close()
 		vm.Close()
 		if err != nil {

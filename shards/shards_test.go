@@ -176,11 +176,11 @@ func TestAttachFailRebuild(t *testing.T) {
 		t.Fatal("attached twice")
 	}
 	want := bytes.Repeat([]byte("0123456789abcdef"), 1<<16)
-	if _, err := a.Disk.WriteAt(want[:512<<10], 0); err != nil {
+	if _, err := a.Disk.WriteAt(context.Background(), want[:512<<10], 0); err != nil {
 		t.Fatal(err)
 	}
 	c.stopNode("b")
-	if _, err := a.Disk.WriteAt(want[512<<10:], 512<<10); err != nil {
+	if _, err := a.Disk.WriteAt(context.Background(), want[512<<10:], 512<<10); err != nil {
 		t.Fatal(err)
 	}
 	shards, _, err := c.st.Shards(ctx, "vol")
@@ -206,7 +206,7 @@ func TestAttachFailRebuild(t *testing.T) {
 		a.Kick()
 		time.Sleep(100 * time.Millisecond) // polling etcd for the repair loop's result
 	}
-	if err := a.Disk.Flush(); err != nil {
+	if err := a.Disk.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 4 {
@@ -250,7 +250,7 @@ func TestRebalanceWhileAttached(t *testing.T) {
 			}
 			off := (i * 4096 * 7) % (1 << 20)
 			p := bytes.Repeat([]byte{byte(i)}, 4096)
-			if _, err := a.Disk.WriteAt(p, int64(off)); err != nil {
+			if _, err := a.Disk.WriteAt(context.Background(), p, int64(off)); err != nil {
 				wrote <- err
 				return
 			}
@@ -275,7 +275,7 @@ func TestRebalanceWhileAttached(t *testing.T) {
 	if err := <-wrote; err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Disk.Flush(); err != nil {
+	if err := a.Disk.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	ns, err := c.st.NodeStatuses(ctx)
@@ -333,7 +333,7 @@ func TestWipedReplicaIsNotRead(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Disk.WriteAt(want, 0); err != nil {
+	if _, err := a.Disk.WriteAt(context.Background(), want, 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Close(); err != nil {
@@ -355,7 +355,7 @@ func TestWipedReplicaIsNotRead(t *testing.T) {
 	defer a.Close()
 	for range 4 { // round-robin would reach b's empty replicas
 		got := make([]byte, 512<<10)
-		if _, err := a.Disk.ReadAt(got, 0); err != nil {
+		if _, err := a.Disk.ReadAt(context.Background(), got, 0); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, want) {

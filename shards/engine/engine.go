@@ -304,16 +304,52 @@ func each(pieces []piece, f func(piece) error) error {
 	return errors.Join(errs...)
 }
 
-// ReadAt reads len(p) bytes at off.
-func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+// ReadAt reads len(p) bytes at off (storage.Disk). When ctx ends first
+// it returns at once; the replica reads go on into a buffer of the
+// engine's, never into p.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if ctx.Done() == nil { // a context that cannot end: read in place
+		if err := v.read(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	b := getBuf(len(p))
+	if err := v.bounded(ctx, "read", func() error { return v.read(b.b, off) }); err != nil {
+		return 0, err // b is dropped: a read abandoned may still fill it
+	}
+	copy(p, b.b)
+	putBuf(b)
+	return len(p), nil
+}
+
+func (v *Volume) read(p []byte, off int64) error {
 	pieces, err := v.split(off, int64(len(p)), p)
 	if err != nil {
-		return 0, err
+		return err
 	}
-	if err := each(pieces, v.readPiece); err != nil {
-		return 0, err
+	return each(pieces, v.readPiece)
+}
+
+// bounded runs f, an operation on the replicas that is bounded by the
+// replica timeouts, and waits for it until ctx ends: a guest request
+// must not hold a device reset for as long as a replica takes to time
+// out. An operation left behind carries on in the background (Close
+// waits for it), so a write reaches every replica or fails them.
+func (v *Volume) bounded(ctx context.Context, what string, f func() error) error {
+	if ctx.Done() == nil {
+		return f()
 	}
-	return len(p), nil
+	done := make(chan error, 1)
+	if !v.bg.start(func() { done <- f() }) {
+		return fmt.Errorf("%s: volume closed: %w", what, ErrIO)
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%s: %w (it goes on in the background)", what, context.Cause(ctx))
+	}
 }
 
 func (v *Volume) readPiece(pc piece) error {
@@ -506,45 +542,63 @@ func (v *Volume) awaitReports(s *shard) error {
 	return nil
 }
 
-// WriteAt writes p at off.
-func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+// WriteAt writes p at off (storage.Disk). Every replica gets the same
+// bytes: when ctx can end, they are sent from a copy of p, so that a
+// write left behind when ctx ends (and carried on by the engine) cannot
+// see p change and give two replicas different data.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if ctx.Done() == nil {
+		if err := v.write(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	b := getBuf(len(p))
+	copy(b.b, p)
+	err := v.bounded(ctx, "write", func() error { return v.write(b.b, off) })
+	if err != nil {
+		return 0, err // b stays with the write if it goes on
+	}
+	putBuf(b)
+	return len(p), nil
+}
+
+func (v *Volume) write(p []byte, off int64) error {
 	pieces, err := v.split(off, int64(len(p)), p)
 	if err != nil {
-		return 0, err
+		return err
 	}
-	err = each(pieces, func(pc piece) error {
+	return each(pieces, func(pc piece) error {
 		return v.mutate(pc, "write", func(ctx context.Context, r *replica) error {
 			return r.c.WriteAt(ctx, pc.p, pc.off, false)
 		})
 	})
-	if err != nil {
-		return 0, err
-	}
-	return len(p), nil
 }
 
 // Discard deallocates a range (NBD TRIM on every replica).
-func (v *Volume) Discard(off, n int64) error {
-	pieces, err := v.split(off, n, nil)
-	if err != nil {
-		return err
-	}
-	return each(pieces, func(pc piece) error {
-		return v.mutate(pc, "discard", func(ctx context.Context, r *replica) error {
-			return r.c.Trim(ctx, pc.off, pc.n)
-		})
+func (v *Volume) Discard(ctx context.Context, off, n int64) error {
+	return v.mutateRange(ctx, "discard", off, n, func(ctx context.Context, r *replica, pc piece) error {
+		return r.c.Trim(ctx, pc.off, pc.n)
 	})
 }
 
 // WriteZeroes zeroes a range on every replica.
-func (v *Volume) WriteZeroes(off, n int64, unmap bool) error {
-	pieces, err := v.split(off, n, nil)
-	if err != nil {
-		return err
-	}
-	return each(pieces, func(pc piece) error {
-		return v.mutate(pc, "write zeroes", func(ctx context.Context, r *replica) error {
-			return r.c.WriteZeroes(ctx, pc.off, pc.n, !unmap)
+func (v *Volume) WriteZeroes(ctx context.Context, off, n int64, unmap bool) error {
+	return v.mutateRange(ctx, "write zeroes", off, n, func(ctx context.Context, r *replica, pc piece) error {
+		return r.c.WriteZeroes(ctx, pc.off, pc.n, !unmap)
+	})
+}
+
+// mutateRange runs a write-like request without data on every piece of
+// [off, off+n).
+func (v *Volume) mutateRange(ctx context.Context, what string, off, n int64, f func(context.Context, *replica, piece) error) error {
+	return v.bounded(ctx, what, func() error {
+		pieces, err := v.split(off, n, nil)
+		if err != nil {
+			return err
+		}
+		return each(pieces, func(pc piece) error {
+			return v.mutate(pc, what, func(ctx context.Context, r *replica) error { return f(ctx, r, pc) })
 		})
 	})
 }
@@ -664,7 +718,11 @@ func (v *Volume) acquireLag(s *shard, r *replica) bool {
 
 // Flush waits until every replica has every write the guest has been
 // acknowledged, then flushes all of them.
-func (v *Volume) Flush() error {
+func (v *Volume) Flush(ctx context.Context) error {
+	return v.bounded(ctx, "flush", v.flush)
+}
+
+func (v *Volume) flush() error {
 	if err := v.usable(); err != nil {
 		return fmt.Errorf("flush: %w", err)
 	}

@@ -187,7 +187,7 @@ func (w *writer) writeRandom(t *testing.T, v *Volume, g, n int, seed uint64) err
 				for i := range p {
 					p[i] = byte(rng.Uint32())
 				}
-				if _, err := v.WriteAt(p, off); err != nil {
+				if _, err := v.WriteAt(context.Background(), p, off); err != nil {
 					errs <- err
 					return
 				}
@@ -205,7 +205,7 @@ func (w *writer) writeRandom(t *testing.T, v *Volume, g, n int, seed uint64) err
 func (w *writer) check(t *testing.T, v *Volume) {
 	t.Helper()
 	got := make([]byte, len(w.want))
-	if _, err := v.ReadAt(got, 0); err != nil {
+	if _, err := v.ReadAt(context.Background(), got, 0); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, w.want) {
@@ -242,7 +242,7 @@ func TestStrongWritesReachEveryReplica(t *testing.T) {
 	if err := w.writeRandom(t, v, 8, 30, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.Flush(); err != nil {
+	if err := v.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	w.check(t, v)
@@ -290,7 +290,7 @@ func TestStrongNodeLossAndRebuild(t *testing.T) {
 	if werr != nil {
 		t.Fatal(werr)
 	}
-	if err := v.Flush(); err != nil {
+	if err := v.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	w.check(t, v)
@@ -310,7 +310,7 @@ func TestTwoOfThreeDown(t *testing.T) {
 	c.nodes["a"].stop()
 	c.nodes["b"].stop()
 	start := time.Now()
-	_, err := v.WriteAt(make([]byte, 4096), 0)
+	_, err := v.WriteAt(context.Background(), make([]byte, 4096), 0)
 	if !errors.Is(err, ErrIO) {
 		t.Fatalf("write with two of three replicas gone: %v", err)
 	}
@@ -334,7 +334,7 @@ func TestStrongWriteWaitsForReport(t *testing.T) {
 	c.mu.Unlock()
 	c.nodes["c"].stop()
 	done := make(chan error, 1)
-	go func() { _, err := v.WriteAt(make([]byte, 4096), 0); done <- err }()
+	go func() { _, err := v.WriteAt(context.Background(), make([]byte, 4096), 0); done <- err }()
 	select {
 	case err := <-done:
 		t.Fatalf("the write completed (%v) before the failure was recorded", err)
@@ -357,9 +357,9 @@ type slowBackend struct {
 	delay time.Duration
 }
 
-func (s slowBackend) WriteAt(p []byte, off int64) (int, error) {
+func (s slowBackend) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
 	time.Sleep(s.delay)
-	return s.Backend.WriteAt(p, off)
+	return s.Backend.WriteAt(ctx, p, off)
 }
 
 // TestEventualLagAndFlush: with one slow replica writes complete on the
@@ -390,7 +390,7 @@ func TestEventualLagAndFlush(t *testing.T) {
 		t.Logf("eventual writes took %v; the slow replica's delay alone is %v", d, 30*20*time.Millisecond)
 	}
 	w.check(t, v)
-	if err := v.Flush(); err != nil {
+	if err := v.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	c.identical(t, w.want)
@@ -417,7 +417,7 @@ func TestResyncAfterUncleanShutdown(t *testing.T) {
 	c := newCluster(t, []string{"a", "b", "c"}, 2, shardSize, Strong, 2)
 	// The crash left b and c with a block a never got.
 	for _, n := range []string{"b", "c"} {
-		if _, err := c.nodes[n].files["v/1"].WriteAt(bytes.Repeat([]byte{0xee}, 4096), 8192); err != nil {
+		if _, err := c.nodes[n].files["v/1"].WriteAt(context.Background(), bytes.Repeat([]byte{0xee}, 4096), 8192); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -432,7 +432,7 @@ func TestResyncAfterUncleanShutdown(t *testing.T) {
 	first := make([]byte, 4096) // the primary is a, the first in the layout
 	for range 6 {               // round-robin would hit every replica in six reads
 		got := make([]byte, 4096)
-		if _, err := v.ReadAt(got, shardSize+8192); err != nil {
+		if _, err := v.ReadAt(context.Background(), got, shardSize+8192); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, first) {

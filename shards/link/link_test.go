@@ -151,11 +151,11 @@ func TestEngineOverLink(t *testing.T) {
 	defer vm.Close()
 	defer vol.Close()
 	want := bytes.Repeat([]byte("link"), size/4)
-	if _, err := vol.WriteAt(want[:size/2], 0); err != nil {
+	if _, err := vol.WriteAt(context.Background(), want[:size/2], 0); err != nil {
 		t.Fatal(err)
 	}
 	ns.stop("b")
-	if _, err := vol.WriteAt(want[size/2:], size/2); err != nil {
+	if _, err := vol.WriteAt(context.Background(), want[size/2:], size/2); err != nil {
 		t.Fatal(err)
 	}
 	rep.mu.Lock()
@@ -172,12 +172,12 @@ func TestEngineOverLink(t *testing.T) {
 	if err := ctl.Rebuild(ctx, 0, r); err != nil {
 		t.Fatal(err)
 	}
-	if err := vol.Flush(); err != nil {
+	if err := vol.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	for _, name := range []string{"a", "b"} {
 		got := make([]byte, size)
-		if _, err := ns.files[name].ReadAt(got, 0); err != nil {
+		if _, err := ns.files[name].ReadAt(context.Background(), got, 0); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, want) {

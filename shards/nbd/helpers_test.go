@@ -26,19 +26,19 @@ type memBackend struct {
 	flushes int
 }
 
-func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
+func (m *memBackend) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return copy(p, m.b[off:]), nil
 }
 
-func (m *memBackend) WriteAt(p []byte, off int64) (int, error) {
+func (m *memBackend) WriteAt(_ context.Context, p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return copy(m.b[off:], p), nil
 }
 
-func (m *memBackend) Flush() error {
+func (m *memBackend) Flush(context.Context) error {
 	m.mu.Lock()
 	m.flushes++
 	m.mu.Unlock()

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -14,21 +15,25 @@ import (
 )
 
 // Backend is what an export serves; storage.Disk implements it. It must be
-// safe for concurrent use: a connection runs many requests at once.
+// safe for concurrent use: a connection runs many requests at once. The
+// server answers every request it read, also when the client leaves, so
+// the contexts it passes never end.
 type Backend interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Flush() error
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
+	WriteAt(ctx context.Context, p []byte, off int64) (int, error)
+	Flush(ctx context.Context) error
 	Size() int64
 }
 
 // Discarder is a Backend that can deallocate a range (NBD_CMD_TRIM).
-type Discarder interface{ Discard(off, n int64) error }
+type Discarder interface {
+	Discard(ctx context.Context, off, n int64) error
+}
 
 // ZeroWriter is a Backend that can zero a range without a buffer
 // (NBD_CMD_WRITE_ZEROES); unmap may deallocate it.
 type ZeroWriter interface {
-	WriteZeroes(off, n int64, unmap bool) error
+	WriteZeroes(ctx context.Context, off, n int64, unmap bool) error
 }
 
 // Export is one named block device a server offers.
@@ -516,36 +521,37 @@ var errNotSupported = errors.New("not supported by the backend")
 
 func (sc *serverConn) serve(r request, payload *[]byte) {
 	b := sc.exp.Backend
+	ctx := context.Background()
 	off, n := int64(r.offset), int64(r.length)
 	var err error
 	switch r.typ {
 	case CmdRead:
 		buf := getBuf(int(n))
 		defer putBuf(buf)
-		_, err = b.ReadAt(*buf, off)
+		_, err = b.ReadAt(ctx, *buf, off)
 		if err == nil {
 			sc.reply(r, 0, *buf)
 			return
 		}
 	case CmdWrite:
-		_, err = b.WriteAt(*payload, off)
+		_, err = b.WriteAt(ctx, *payload, off)
 		putBuf(payload)
 	case CmdFlush:
-		err = b.Flush()
+		err = b.Flush(ctx)
 	case CmdTrim:
 		if d, ok := b.(Discarder); ok {
-			err = d.Discard(off, n)
+			err = d.Discard(ctx, off, n)
 		} // TRIM is advisory: without a Discarder it does nothing
 	case CmdWriteZeroes:
 		if z, ok := b.(ZeroWriter); ok {
-			err = z.WriteZeroes(off, n, r.flags&CmdFlagNoHole == 0)
+			err = z.WriteZeroes(ctx, off, n, r.flags&CmdFlagNoHole == 0)
 		} else {
-			err = writeZeroes(b, off, n)
+			err = writeZeroes(ctx, b, off, n)
 		}
 	case CmdCache:
 	}
 	if err == nil && r.flags&CmdFlagFUA != 0 && (r.typ == CmdWrite || r.typ == CmdWriteZeroes || r.typ == CmdTrim) {
-		err = b.Flush()
+		err = b.Flush(ctx)
 	}
 	if err != nil {
 		sc.s.log().Warn("nbd request failed", "export", sc.exp.Name, "cmd", cmdName(r.typ), "offset", off, "length", n, "err", err)
@@ -553,11 +559,11 @@ func (sc *serverConn) serve(r request, payload *[]byte) {
 	sc.reply(r, errno(err), nil)
 }
 
-func writeZeroes(b Backend, off, n int64) error {
+func writeZeroes(ctx context.Context, b Backend, off, n int64) error {
 	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		c := min(n, int64(len(buf)))
-		if _, err := b.WriteAt(buf[:c], off); err != nil {
+		if _, err := b.WriteAt(ctx, buf[:c], off); err != nil {
 			return err
 		}
 		off, n = off+c, n-c
