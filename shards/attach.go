@@ -58,7 +58,7 @@ var (
 // (AttachLink).
 type Attachment struct {
 	Volume *Volume
-	Layout engine.Layout
+	layout engine.Layout // as read at attach
 	// Disk is the engine when it runs in this process (Attach).
 	Disk *engine.Volume
 
@@ -68,6 +68,7 @@ type Attachment struct {
 	log   *slog.Logger
 	lease clientv3.LeaseID
 	lost  chan struct{}
+	clean atomic.Bool // the linked engine detached cleanly
 
 	bg     context.Context
 	cancel context.CancelFunc
@@ -96,7 +97,7 @@ func Attach(ctx context.Context, st *Store, name string, o AttachOptions) (_ *At
 		return nil, err
 	}
 	cfg := o.Engine
-	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log, cfg.Resync = a.Layout, a, a, a.log, a.Dirty
+	cfg.Layout, cfg.Dialer, cfg.Reporter, cfg.Log, cfg.Resync = a.layout, a, a, a.log, a.Dirty
 	if a.Disk, err = engine.Open(ctx, cfg); err != nil {
 		a.release()
 		return nil, err
@@ -106,21 +107,68 @@ func Attach(ctx context.Context, st *Store, name string, o AttachOptions) (_ *At
 }
 
 // AttachLink opens a sharded volume for an engine in another process (a
-// VM process) at the other end of the link f: the control plane side of
-// the VM-process split. The VM process opens its engine with
-// link.OpenEngine on its end and a.Layout.
+// VM process) at the other end of the link f: the agent's side of the
+// VM-process split. The VM process opens its engine with link.OpenDisk on
+// its end, which asks for the layout. Serve then waits for the VM
+// process and gives the volume up.
 func AttachLink(ctx context.Context, st *Store, name string, o AttachOptions, f *os.File) (_ *Attachment, err error) {
 	a, err := prepare(ctx, st, name, o)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
-	if a.ctl, err = link.NewControl(f, a.dialExport, a, a.guard); err != nil {
+	if a.ctl, err = link.NewControl(f, a.dialExport, a, a.guard, a); err != nil {
 		a.release()
 		return nil, err
 	}
 	a.start(a.ctl)
 	return a, nil
+}
+
+// AttachVM is the agent role in a process that starts VM processes
+// itself (the pods daemon): it makes the link, attaches the volume on
+// one end (AttachLink) and returns the other end, for the VM process.
+// Run Serve for as long as the VM lives.
+func AttachVM(ctx context.Context, st *Store, name string, o AttachOptions) (vmEnd *os.File, _ *Attachment, err error) {
+	ctlEnd, vmEnd, err := link.Pair()
+	if err != nil {
+		return nil, nil, err
+	}
+	a, err := AttachLink(ctx, st, name, o, ctlEnd)
+	if err != nil {
+		vmEnd.Close()
+		return nil, nil, err
+	}
+	return vmEnd, a, nil
+}
+
+// Layout implements link.Session: the layout the VM process's engine
+// opens, and whether it resyncs (the last detach was not clean).
+func (a *Attachment) Layout() (engine.Layout, bool) { return a.layout, a.Dirty }
+
+// Detached implements link.Session: the VM process closed its engine,
+// after a final flush that worked (clean) or not.
+func (a *Attachment) Detached(clean bool) { a.clean.Store(clean) }
+
+// Serve waits until the VM process's end of the link is closed: the VM
+// process exited, cleanly or not, or was killed. Then it gives the volume
+// up, as a clean detach if the engine reported one (the next attach
+// needs no resync). If ctx ends first, the VM process's engine is fenced
+// and the volume given up uncleanly.
+func (a *Attachment) Serve(ctx context.Context) error {
+	select {
+	case <-a.ctl.Done():
+	case <-ctx.Done():
+		a.ctl.Fence(fmt.Errorf("the agent stops: %w", context.Cause(ctx)))
+		a.Abort()
+		return context.Cause(ctx)
+	}
+	if a.clean.Load() {
+		return a.Close()
+	}
+	a.log.Warn("the VM process ended without a clean detach; the next attach resyncs the replicas")
+	a.Abort()
+	return nil
 }
 
 // guard limits what the VM process may ask for to the replicas of this
@@ -169,7 +217,7 @@ func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *A
 		defer a.done.Done()
 		a.keepOwner(a.bg, a.lost)
 	}()
-	if a.Volume, a.Layout, err = st.Layout(ctx, name); err != nil {
+	if a.Volume, a.layout, err = st.Layout(ctx, name); err != nil {
 		a.release()
 		return nil, err
 	}
@@ -186,9 +234,9 @@ func prepare(ctx context.Context, st *Store, name string, o AttachOptions) (_ *A
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.Dirty = len(r.Responses[0].GetResponseRange().Kvs) > 0
-	a.resynced = make([]bool, len(a.Layout.Shards))
+	a.resynced = make([]bool, len(a.layout.Shards))
 	if a.Dirty {
-		a.unsynced.Store(int32(len(a.Layout.Shards)))
+		a.unsynced.Store(int32(len(a.layout.Shards)))
 		a.log.Warn("the volume was not detached cleanly; resyncing its replicas")
 	}
 	return a, nil
@@ -699,54 +747,33 @@ func (s *Store) Pending(ctx context.Context, name string) (int, error) {
 	return n, nil
 }
 
-var _ storage.Disk = (*engine.Volume)(nil)
+var (
+	_ storage.Disk       = (*engine.Volume)(nil)
+	_ storage.Disk       = (*link.Disk)(nil)
+	_ storage.ZeroWriter = (*link.Disk)(nil)
+	_ link.Session       = (*Attachment)(nil)
+)
 
-// OpenDisk resolves the sharded volume name into an opened disk for a
-// VM: it connects to the cluster metadata, attaches the volume (this
-// process owns it until release) and opens the engine behind a link, as
-// the VM-process split will: the engine gets its replica connections as
-// sockets passed over the link and reports replica state changes through
-// it (see package link). release flushes the disk, closes the engine,
-// gives the volume up and disconnects. It is the one seam rayvmm boot
-// uses; in the split, the part after AttachLink runs in the VM process.
-func OpenDisk(ctx context.Context, o ConnectOptions, name, holder string, log *slog.Logger) (storage.Disk, func() error, error) {
-	st, err := Connect(ctx, o)
+// VMs is the agent role for a control plane that links etcd and starts
+// VM processes itself (the pods daemon): each sharded disk's attachment
+// runs in this process (AttachVM, Serve). rayvmm, which links no etcd,
+// starts a rayvmmd agent process per disk instead (cluster.Agents); both
+// fit vmproc/control's ShardedVolumes.
+type VMs struct {
+	Store *Store
+	Log   *slog.Logger
+}
+
+// Attach owns the sharded volume name for the VM vm and returns the VM
+// process's end of its link, and a function that waits, once the VM
+// process is gone and every copy of that end is closed, until the volume
+// has been given up.
+func (v *VMs) Attach(ctx context.Context, name, vm string) (*os.File, func() error, error) {
+	end, a, err := AttachVM(ctx, v.Store, name, AttachOptions{Holder: "VM " + vm, Log: v.Log})
 	if err != nil {
-		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
-	}
-	st.log = log
-	ctlEnd, vmEnd, err := link.Pair()
-	if err != nil {
-		st.Close()
 		return nil, nil, err
 	}
-	a, err := AttachLink(ctx, st, name, AttachOptions{Holder: holder, Log: log}, ctlEnd)
-	if err != nil {
-		vmEnd.Close()
-		st.Close()
-		return nil, nil, err
-	}
-	// From here on: what the VM process does with its end and the layout.
-	vol, vm, err := link.OpenEngine(ctx, vmEnd, engine.Config{Layout: a.Layout, Log: log, Resync: a.Dirty})
-	if err != nil {
-		a.Abort()
-		st.Close()
-		return nil, nil, fmt.Errorf("sharded volume %s: %w", name, err)
-	}
-	release := func() error {
-		err := vol.Flush(context.Background())
-		vol.Close()
-		vm.Close()
-		if err != nil {
-			a.Abort()
-		} else {
-			a.Close()
-		}
-		st.Close()
-		if err != nil {
-			return fmt.Errorf("sharded volume %s: %w", name, err)
-		}
-		return nil
-	}
-	return vol, release, nil
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(context.WithoutCancel(ctx)) }()
+	return end, func() error { return <-done }, nil
 }

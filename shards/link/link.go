@@ -37,8 +37,15 @@ import (
 // maxMessage bounds a packet; larger ones are a protocol error.
 const maxMessage = 64 << 10
 
+// Version is the link protocol's version. Both ends come from one build
+// (rayvmm-vm, and rayvmmd or the daemon), and the VM process refuses a
+// control plane that speaks another.
+const Version = 1
+
 // Operations.
 const (
+	opLayout   = "layout"   // VM -> control: the volume's layout, a page of shards from Shard on
+	opDetach   = "detach"   // VM -> control: the engine is closed; Clean: its final flush worked
 	opDial     = "dial"     // VM -> control: connect to a replica; reply carries the socket
 	opFailed   = "failed"   // VM -> control: record a replica as failed
 	opRebuilt  = "rebuilt"  // VM -> control: record a rebuilt replica as healthy

@@ -9,7 +9,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,6 +112,30 @@ func (r *reporter) copy() engine.Shard {
 	return s
 }
 
+// session serves a fixed layout and records the detach.
+type session struct {
+	layout  engine.Layout
+	resync  bool
+	clean   chan bool
+	layouts atomic.Int32 // layout requests answered
+}
+
+func newSession(l engine.Layout) *session { return &session{layout: l, clean: make(chan bool, 1)} }
+
+func (s *session) Layout() (engine.Layout, bool) {
+	s.layouts.Add(1)
+	l := s.layout
+	l.Shards = append([]engine.Shard(nil), l.Shards...)
+	return l, s.resync
+}
+
+func (s *session) Detached(clean bool) {
+	select {
+	case s.clean <- clean:
+	default: // the fuzzer detaches again and again
+	}
+}
+
 func guardFor(rep *reporter) Guard {
 	return func(shard int, node, export string) error {
 		rep.mu.Lock()
@@ -135,21 +161,26 @@ func TestEngineOverLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctl, err := NewControl(ctlEnd, ns.dial, rep, guardFor(rep))
+	rep.mu.Lock()
+	sess := newSession(engine.Layout{Size: size, ShardSize: size, Consistency: engine.Strong, MinReplicas: 1, Shards: []engine.Shard{rep.copy()}})
+	rep.mu.Unlock()
+	ctl, err := NewControl(ctlEnd, ns.dial, rep, guardFor(rep), sess)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ctl.Close()
 	ctx := context.Background()
-	rep.mu.Lock()
-	layout := engine.Layout{Size: size, ShardSize: size, Consistency: engine.Strong, MinReplicas: 1, Shards: []engine.Shard{rep.copy()}}
-	rep.mu.Unlock()
-	vol, vm, err := OpenEngine(ctx, vmEnd, engine.Config{Layout: layout, Timeout: 2 * time.Second})
+	vol, err := OpenDisk(ctx, vmEnd, engine.Config{Timeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer vm.Close()
-	defer vol.Close()
+	vm := vol.vm
+	closed := false
+	defer func() {
+		if !closed {
+			vol.Close()
+		}
+	}()
 	want := bytes.Repeat([]byte("link"), size/4)
 	if _, err := vol.WriteAt(context.Background(), want[:size/2], 0); err != nil {
 		t.Fatal(err)
@@ -191,6 +222,68 @@ func TestEngineOverLink(t *testing.T) {
 	if _, err := vm.Dial(ctx, 3, engine.Replica{Node: "a", Export: "v/0"}); err == nil {
 		t.Fatal("dialled a shard the volume does not have")
 	}
+	// Close flushes and tells the control plane the detach was clean.
+	closed = true
+	if err := vol.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case clean := <-sess.clean:
+		if !clean {
+			t.Fatal("a detach after a good flush reported unclean")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no detach reached the control plane")
+	}
+}
+
+// TestLayoutPagesAndFence: a layout too large for one packet arrives in
+// pages; when the control end goes away (its agent killed) the engine
+// refuses I/O with ErrControlGone instead of writing on without an owner.
+func TestLayoutPagesAndFence(t *testing.T) {
+	const shards, shardSize = 3000, 64 << 10
+	l := engine.Layout{Size: shards * shardSize, ShardSize: shardSize, Consistency: engine.Strong, MinReplicas: 1}
+	for i := range shards {
+		// Replicas on nodes that do not exist: Open reports them failed.
+		l.Shards = append(l.Shards, engine.Shard{Index: i, Gen: 1, Replicas: []engine.Replica{
+			{Node: "gone", Export: fmt.Sprintf("v/%d", i), State: engine.Healthy, Gen: 1, Error: strings.Repeat("e", 100)}}})
+	}
+	sess := newSession(l)
+	rep := &reporter{}
+	ctlEnd, vmEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(context.Context, int, engine.Replica) (net.Conn, nbd.Info, error) {
+		return nil, nbd.Info{}, errors.New("no such node")
+	}
+	ctl, err := NewControl(ctlEnd, dial, rep, func(int, string, string) error { return nil }, sess)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := OpenDisk(context.Background(), vmEnd, engine.Config{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if got := d.Layout(); len(got.Shards) != shards || got.Shards[shards-1].Index != shards-1 {
+		t.Fatalf("the engine opened %d shards", len(got.Shards))
+	}
+	if n := sess.layouts.Load(); n < 2 {
+		t.Fatalf("a %d-shard layout came in %d reply", shards, n)
+	}
+	ctl.Close() // the agent is gone
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := d.ReadAt(context.Background(), make([]byte, 512), 0)
+		if errors.Is(err, ErrControlGone) && errors.Is(err, engine.ErrIO) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("I/O after the control end closed: %v, want ErrControlGone", err)
+		}
+		time.Sleep(10 * time.Millisecond) // the fence follows the link's EOF; poll, bounded
+	}
 }
 
 // TestHostileVM: packets that are not messages, oversized ones, and ones
@@ -218,7 +311,7 @@ func TestHostileVM(t *testing.T) {
 			defer vmEnd.Close()
 			ctl, err := NewControl(ctlEnd, func(context.Context, int, engine.Replica) (net.Conn, nbd.Info, error) {
 				return nil, nbd.Info{}, errors.New("no")
-			}, &reporter{}, func(int, string, string) error { return nil })
+			}, &reporter{}, func(int, string, string) error { return nil }, newSession(engine.Layout{}))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -242,6 +335,9 @@ func messageSeeds() []seedcorpus.Seed {
 		{Name: "rebuilt", Data: []byte(`{"id":3,"op":"rebuilt","shard":0,"node":"b"}`)},
 		{Name: "progress", Data: []byte(`{"id":4,"op":"progress","shard":0,"node":"b","copied":4096}`)},
 		{Name: "reply", Data: []byte(`{"id":9,"reply":true,"replicas":[{"node":"a"}]}`)},
+		{Name: "layout", Data: []byte(`{"id":5,"op":"layout","shard":0}`)},
+		{Name: "layout-past-end", Data: []byte(`{"id":6,"op":"layout","shard":99}`)},
+		{Name: "detach", Data: []byte(`{"id":7,"op":"detach","clean":true}`)},
 		{Name: "bad", Data: []byte(`{"id":"x","op":7}`)},
 	}
 }
@@ -255,7 +351,8 @@ func FuzzControlMessages(f *testing.F) {
 	rep := &reporter{sh: engine.Shard{Gen: 1, Replicas: []engine.Replica{{Node: "a", State: engine.Healthy, Gen: 1}, {Node: "b", State: engine.Rebuilding}}}}
 	c := &Control{rep: rep, guard: guardFor(rep), dial: func(context.Context, int, engine.Replica) (net.Conn, nbd.Info, error) {
 		return nil, nbd.Info{}, errors.New("no nodes in the fuzzer")
-	}}
+	}, sess: newSession(engine.Layout{Size: 4096, ShardSize: 4096, Consistency: engine.Strong, MinReplicas: 1,
+		Shards: []engine.Shard{{Gen: 1, Replicas: []engine.Replica{{Node: "a", State: engine.Healthy, Gen: 1}}}}})}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, fd, err := parse(data, nil, 0)
 		if fd != nil {

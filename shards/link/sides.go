@@ -2,11 +2,13 @@ package link
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"github.com/rayvmm/rayvmm/shards/engine"
 	"github.com/rayvmm/rayvmm/shards/nbd"
@@ -26,6 +28,13 @@ type message struct {
 	State   *engine.Shard    `json:"state,omitempty"`
 	List    []engine.Replica `json:"replicas,omitempty"`
 	Err     string           `json:"err,omitempty"`
+	// Layout replies: a page of the shards (Layout.Shards), how many
+	// there are, whether the engine must resync, the protocol version.
+	Layout  *engine.Layout `json:"layout,omitempty"`
+	Total   int            `json:"total,omitempty"`
+	Resync  bool           `json:"resync,omitempty"`
+	Version int            `json:"version,omitempty"`
+	Clean   bool           `json:"clean,omitempty"` // detach
 }
 
 func errReply(err error) *message { return &message{Err: err.Error()} }
@@ -34,8 +43,9 @@ func errReply(err error) *message { return &message{Err: err.Error()} }
 // Reporter, and carries out the control plane's commands on the engine
 // given to Serve.
 type VM struct {
-	p   *peer
-	vol atomic.Pointer[engine.Volume]
+	p       *peer
+	vol     atomic.Pointer[engine.Volume]
+	closing atomic.Bool
 }
 
 // NewVM starts the VM process's end on f (its half of Pair).
@@ -53,7 +63,10 @@ func NewVM(f *os.File) (*VM, error) {
 func (v *VM) Serve(vol *engine.Volume) { v.vol.Store(vol) }
 
 // Close ends the link.
-func (v *VM) Close() error { return v.p.Close() }
+func (v *VM) Close() error {
+	v.closing.Store(true)
+	return v.p.Close()
+}
 
 // Dial implements engine.Dialer: the control plane connects and
 // negotiates, and passes the socket.
@@ -141,6 +154,110 @@ func (v *VM) handle(ctx context.Context, m *message) (*message, *os.File) {
 	return errReply(fmt.Errorf("unknown operation %q: %w", m.Op, ErrProtocol)), nil
 }
 
+// layout asks the control plane for the volume's layout, page by page.
+func (v *VM) layout(ctx context.Context) (engine.Layout, bool, error) {
+	var l engine.Layout
+	for {
+		m, fd, err := v.p.call(ctx, &message{Op: opLayout, Shard: len(l.Shards)})
+		if fd != nil {
+			fd.Close()
+		}
+		if err != nil {
+			return l, false, fmt.Errorf("layout from the control plane: %w", err)
+		}
+		switch {
+		case m.Version != Version:
+			return l, false, fmt.Errorf("the control plane speaks link version %d, this VM process %d (rayvmm-vm and rayvmmd are from different builds): %w", m.Version, Version, ErrProtocol)
+		case m.Layout == nil || m.Total < 0 || len(m.Layout.Shards) > m.Total-len(l.Shards) || (len(m.Layout.Shards) == 0 && len(l.Shards) < m.Total):
+			return l, false, fmt.Errorf("layout reply at shard %d of %d: %w", len(l.Shards), m.Total, ErrProtocol)
+		}
+		page := m.Layout.Shards
+		m.Layout.Shards = append(l.Shards, page...)
+		l = *m.Layout
+		if len(l.Shards) == m.Total {
+			return l, m.Resync, nil
+		}
+	}
+}
+
+// ErrControlGone fences the engine of a VM process whose control plane
+// (the sharded volume's agent) went away: nobody keeps the volume's
+// ownership lease any more, so another process may take the volume
+// after the lease expires, and writing on could give two writers.
+var ErrControlGone = errors.New("the sharded volume's agent is gone; its ownership cannot be kept")
+
+// Disk is a sharded volume's engine in the VM process, as a storage.Disk
+// (with Discard and WriteZeroes): see OpenDisk.
+type Disk struct {
+	*engine.Volume
+	vm *VM
+}
+
+// OpenDisk is the VM process's side of a sharded disk: it starts its end
+// of the link on f, asks the control plane at the other end for the
+// volume's layout and opens the engine on it (cfg's Layout, Resync,
+// Dialer and Reporter are filled in), with the link as Dialer and
+// Reporter. If the link breaks before Close (the agent was killed), the
+// engine is fenced: every later request fails with an I/O error at once.
+func OpenDisk(ctx context.Context, f *os.File, cfg engine.Config) (*Disk, error) {
+	vm, err := NewVM(f)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Layout, cfg.Resync, err = vm.layout(ctx); err != nil {
+		vm.Close()
+		return nil, err
+	}
+	cfg.Dialer, cfg.Reporter = vm, vm
+	vol, err := engine.Open(ctx, cfg)
+	if err != nil {
+		vm.Close()
+		return nil, err
+	}
+	vm.Serve(vol)
+	go func() {
+		<-vm.p.done
+		if !vm.closing.Load() {
+			if cfg.Log != nil {
+				cfg.Log.Error("sharded volume: the link to its agent broke; refusing further I/O", "err", vm.p.failure())
+			}
+			vol.Fence(ErrControlGone)
+		}
+	}()
+	return &Disk{Volume: vol, vm: vm}, nil
+}
+
+// Close closes the engine after a last flush and tells the control plane
+// whether the detach was clean (every write durable on the replicas):
+// then the next attach needs no resync. It ends the link.
+func (d *Disk) Close() error {
+	ferr := d.Volume.Flush(context.Background())
+	d.Volume.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d.vm.closing.Store(true)
+	_, fd, err := d.vm.p.call(ctx, &message{Op: opDetach, Clean: ferr == nil})
+	if fd != nil {
+		fd.Close()
+	}
+	d.vm.Close()
+	if err != nil && ferr == nil && !errors.Is(err, ErrClosed) {
+		return fmt.Errorf("sharded volume: detach: %w", err)
+	}
+	return nil // a failed flush was the caller's Flush's error already
+}
+
+// Session is the volume a control end serves: the layout the VM
+// process's engine opens (and whether it must resync), and what to do
+// when the engine detaches.
+type Session interface {
+	Layout() (l engine.Layout, resync bool)
+	Detached(clean bool)
+}
+
+// maxPage bounds the shards of one layout reply, well under maxMessage.
+const maxPage = 32 << 10
+
 // DialFunc connects to a replica and negotiates its export.
 type DialFunc func(ctx context.Context, shard int, r engine.Replica) (net.Conn, nbd.Info, error)
 
@@ -156,11 +273,12 @@ type Control struct {
 	dial  DialFunc
 	rep   engine.Reporter
 	guard Guard
+	sess  Session
 }
 
-// NewControl starts the control plane's end on f.
-func NewControl(f *os.File, dial DialFunc, rep engine.Reporter, guard Guard) (*Control, error) {
-	c := &Control{dial: dial, rep: rep, guard: guard}
+// NewControl starts the control plane's end on f, for the volume sess.
+func NewControl(f *os.File, dial DialFunc, rep engine.Reporter, guard Guard, sess Session) (*Control, error) {
+	c := &Control{dial: dial, rep: rep, guard: guard, sess: sess}
 	p, err := newPeer(f, c.handle)
 	if err != nil {
 		return nil, err
@@ -177,6 +295,26 @@ func (c *Control) Done() <-chan struct{} { return c.p.done }
 
 func (c *Control) handle(ctx context.Context, m *message) (*message, *os.File) {
 	switch m.Op {
+	case opLayout:
+		l, resync := c.sess.Layout()
+		if m.Shard < 0 || m.Shard > len(l.Shards) {
+			return errReply(fmt.Errorf("layout from shard %d of %d: %w", m.Shard, len(l.Shards), ErrProtocol)), nil
+		}
+		end, size := m.Shard, 0
+		for end < len(l.Shards) {
+			b, err := json.Marshal(&l.Shards[end])
+			if err != nil || (end > m.Shard && size+len(b) > maxPage) {
+				break
+			}
+			size += len(b)
+			end++
+		}
+		total := len(l.Shards)
+		l.Shards = l.Shards[m.Shard:end]
+		return &message{Layout: &l, Total: total, Resync: resync, Version: Version}, nil
+	case opDetach:
+		c.sess.Detached(m.Clean)
+		return &message{}, nil
 	case opDial:
 		if m.Replica == nil {
 			return errReply(fmt.Errorf("dial without a replica: %w", ErrProtocol)), nil
@@ -268,22 +406,4 @@ func (c *Control) command(ctx context.Context, m *message) (*message, error) {
 		fd.Close() // the VM process never sends sockets
 	}
 	return r, err
-}
-
-// OpenEngine is the VM process's side of a sharded disk: it starts its
-// end of the link on f and opens the engine on layout (cfg.Layout) with
-// the link as Dialer and Reporter.
-func OpenEngine(ctx context.Context, f *os.File, cfg engine.Config) (*engine.Volume, *VM, error) {
-	vm, err := NewVM(f)
-	if err != nil {
-		return nil, nil, err
-	}
-	cfg.Dialer, cfg.Reporter = vm, vm
-	vol, err := engine.Open(ctx, cfg)
-	if err != nil {
-		vm.Close()
-		return nil, nil, err
-	}
-	vm.Serve(vol)
-	return vol, vm, nil
 }
