@@ -521,32 +521,59 @@ func startQemuNBD(t *testing.T, file, export string, port int) int {
 	return pid
 }
 
-// TestShardsVMKilled: the VM's rayvmm is killed with SIGKILL mid-blktest.
-// The volume can be attached again at once (the dead owner is reaped), it
-// is marked dirty, the next attachment resyncs the replicas, every block
-// flushed before the kill holds the guest's data, and all replicas end
-// identical.
-func TestShardsVMKilled(t *testing.T) {
-	e := newShardEnv(t, "a", "b", "c")
-	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
-	cmd, w := e.boot(blktest(13, "rayguest.flushevery=16"))
-	w.waitFor(t, "flushed blocks=64\n", 2*time.Minute)
-	cmd.Process.Signal(syscall.SIGKILL)
-	w.waitClosed(t, time.Minute)
-	var st struct {
-		Dirty bool `json:"dirty"`
+// shardStatus is the part of volume inspect about ownership.
+type shardStatus struct {
+	Owner *struct {
+		Holder string `json:"holder"`
+		PID    int    `json:"pid"`
+	} `json:"owner"`
+	Dirty bool `json:"dirty"`
+}
+
+func (e *shardEnv) status() shardStatus {
+	e.t.Helper()
+	var st shardStatus
+	if err := json.Unmarshal([]byte(e.rv("volume", "inspect", "vol")), &st); err != nil {
+		e.t.Fatal(err)
 	}
-	json.Unmarshal([]byte(e.rv("volume", "inspect", "vol")), &st)
-	if !st.Dirty {
-		t.Fatal("a volume whose VM was killed is not marked dirty")
+	return st
+}
+
+// bootMidBlktest starts blktest (seed) on an R=3 volume of 4 shards and
+// returns once the guest has flushed flushed blocks, with the pids of
+// rayvmm boot's VM process and of its sharded volume's agent.
+func bootMidBlktest(t *testing.T, seed, flushed int) (e *shardEnv, cmd *exec.Cmd, w *lineWatcher, vm, agent int) {
+	t.Helper()
+	e = newShardEnv(t, "a", "b", "c")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
+	cmd, w = e.boot(blktest(seed, "rayguest.flushevery=16"))
+	w.waitFor(t, fmt.Sprintf("flushed blocks=%d\n", flushed), 2*time.Minute)
+	return e, cmd, w, childRunning(t, cmd.Process.Pid, "rayvmm-vm"), childRunning(t, cmd.Process.Pid, "rayvmmd")
+}
+
+// TestShardsVMKilled: the VM process (the data path) is killed with
+// SIGKILL in the middle of blktest, after 64 blocks were flushed. rayvmm
+// boot says so, the agent gives the volume up and exits; the volume can
+// be attached again at once, it is marked dirty, the next attachment
+// resyncs the replicas, every block flushed before the kill holds the
+// guest's data, and all replicas end identical.
+func TestShardsVMKilled(t *testing.T) {
+	e, cmd, w, vm, agent := bootMidBlktest(t, 13, 64)
+	syscall.Kill(vm, syscall.SIGKILL)
+	w.waitClosed(t, time.Minute)
+	waitGone(t, agent, "the agent")
+	if code := cmd.ProcessState.ExitCode(); code == 0 || !strings.Contains(e.logs.String(), "killed") {
+		t.Fatalf("rayvmm boot after its VM process was killed: exit %d\n%s", code, e.logs.String())
+	}
+	if st := e.status(); !st.Dirty || st.Owner != nil {
+		t.Fatalf("a volume whose VM process was killed: %+v, want dirty and no owner", st)
 	}
 	out, code := e.bootWait("rayguest.run=blksum rayguest.blocks=256")
 	if code != 0 || !strings.Contains(out, "blk vda ok") {
 		t.Fatalf("re-attaching after the kill (exit %d):\n%s", code, out)
 	}
 	e.rv("volume", "rebuild", "vol")
-	json.Unmarshal([]byte(e.rv("volume", "inspect", "vol")), &st)
-	if st.Dirty {
+	if st := e.status(); st.Dirty {
 		t.Fatal("still dirty after the resync and a clean detach")
 	}
 	v := e.inspect()
@@ -565,6 +592,55 @@ func TestShardsVMKilled(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestShardsBootKilled: rayvmm boot is killed with SIGKILL in the middle
+// of blktest. Its VM process stops (its lifeline), flushing and detaching
+// the volume cleanly through the agent, and the agent exits: nothing is
+// left running, the volume has no owner and needs no resync, and every
+// block the guest flushed is there.
+func TestShardsBootKilled(t *testing.T) {
+	e, cmd, w, vm, agent := bootMidBlktest(t, 19, 64)
+	cmd.Process.Signal(syscall.SIGKILL)
+	w.waitClosed(t, time.Minute)
+	waitGone(t, vm, "the VM process")
+	waitGone(t, agent, "the agent")
+	if st := e.status(); st.Dirty || st.Owner != nil {
+		t.Fatalf("after rayvmm boot was killed: %+v, want a clean detach and no owner", st)
+	}
+	out, code := e.bootWait("rayguest.run=blksum rayguest.blocks=64")
+	if code != 0 || blkSums(t, out)["vda"] != guestSum(expectImage(64*4096, 19, 64)) {
+		t.Fatalf("the flushed blocks after rayvmm boot was killed (exit %d):\n%s", code, out)
+	}
+}
+
+// TestShardsAgentKilled: the agent (rayvmmd shard attach) is killed with
+// SIGKILL in the middle of blktest. Nobody keeps the volume's ownership
+// lease any more, so the VM process's engine fences itself: the guest
+// gets I/O errors at once (not a hang, and no write after another
+// process could own the volume), rayvmm boot says what happened and exits
+// non-zero when the guest is done, and nothing is left running. The
+// volume is dirty; the next attach takes it over at once and resyncs.
+func TestShardsAgentKilled(t *testing.T) {
+	e, cmd, w, vm, agent := bootMidBlktest(t, 23, 32)
+	syscall.Kill(agent, syscall.SIGKILL)
+	w.waitClosed(t, 2*time.Minute)
+	out := w.String()
+	if !regexp.MustCompile(`blk vda FAIL block \d+ (write|read|flush) status`).MatchString(out) || strings.Contains(out, "timeout") {
+		t.Fatalf("the guest did not see an I/O error after the agent was killed:\n%s", out)
+	}
+	waitGone(t, vm, "the VM process")
+	logs := e.logs.String()
+	if code := cmd.ProcessState.ExitCode(); code == 0 || !strings.Contains(logs, "its agent") {
+		t.Fatalf("rayvmm boot after its agent was killed: exit %d\n%s", code, logs)
+	}
+	if st := e.status(); !st.Dirty {
+		t.Fatalf("after the agent was killed: %+v, want dirty", st)
+	}
+	out, code := e.bootWait("rayguest.run=blksum rayguest.blocks=32")
+	if code != 0 || blkSums(t, out)["vda"] != guestSum(expectImage(32*4096, 23, 32)) {
+		t.Fatalf("re-attaching after the agent was killed (exit %d):\n%s", code, out)
 	}
 }
 
@@ -597,9 +673,9 @@ func TestShardsRebuildWhileAttached(t *testing.T) {
 	e.kill9("b")
 	e.waitReplicas(t, "b", func(state string) bool { return state != "healthy" }, "recorded failed", logs)
 	e.startNode("b")
-	e.waitReplicas(t, "b", func(state string) bool { return state == "healthy" }, "rebuilt by the VM's rayvmm", logs)
+	e.waitReplicas(t, "b", func(state string) bool { return state == "healthy" }, "rebuilt by the VM's agent", logs)
 	if !strings.Contains(logs.String(), "replica rebuilt") {
-		t.Fatalf("the VM's rayvmm did not log the rebuilds:\n%s", logs.String())
+		t.Fatalf("the VM's agent did not log the rebuilds:\n%s", logs.String())
 	}
 	io.WriteString(stdin, "quit\n")
 	w.waitFor(t, "rayguest: bye", time.Minute)
@@ -640,4 +716,56 @@ func TestShardsEventual(t *testing.T) {
 	want := expectImage(shVolSize, 17, shBlocks)
 	e.guestOK(out, code, want)
 	e.identical(want, nil)
+}
+
+// TestShardsUnknownVolume: rayvmm boot links no etcd, so a volume name
+// that is no local volume is handed to a sharded-volume agent when a
+// cluster is configured: a name etcd does not have either gets one line
+// saying so, a non-zero exit, and leaves no agent and no owner behind.
+// Without a cluster it is the local "no such volume".
+func TestShardsUnknownVolume(t *testing.T) {
+	e := newShardEnv(t, "a")
+	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "1")
+	for _, tc := range []struct{ disk, want string }{
+		{"volume=nope", `no such sharded volume "nope"`},
+		{"volume=vol,format=raw", "format=raw does not apply"},
+	} {
+		r := run(t, nil, time.Minute, e.args("boot", "--disk", tc.disk)...)
+		msg := strings.TrimSpace(r.stderr)
+		if r.code == 0 || strings.Contains(msg, "\n") || !strings.Contains(msg, tc.want) {
+			t.Errorf("boot --disk %s: exit %d, stderr %q; want one line with %q", tc.disk, r.code, r.stderr, tc.want)
+		}
+	}
+	if pids := processesWith(e.state, "shard\x00attach"); len(pids) > 0 {
+		t.Fatalf("agents left behind: %v", pids)
+	}
+	if st := e.status(); st.Owner != nil || st.Dirty {
+		t.Fatalf("a failed boot left the volume %+v", st)
+	}
+	r := run(t, nil, time.Minute, "--state-dir", t.TempDir(), "boot", "--disk", "volume=nope")
+	if r.code == 0 || !strings.Contains(r.stderr, `no such volume "nope"`) || strings.Contains(r.stderr, "sharded") {
+		t.Fatalf("without a cluster: exit %d, stderr %q; want the local volume error", r.code, r.stderr)
+	}
+}
+
+// processesWith lists the pids whose command line (arguments separated
+// by NULs) contains every one of subs.
+func processesWith(subs ...string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		all := err == nil
+		for _, s := range subs {
+			all = all && bytes.Contains(b, []byte(s))
+		}
+		if all && alive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }

@@ -70,11 +70,11 @@ func cmdLog(verbose bool) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 }
 
-func init() {
-	shardCmd := &cobra.Command{
-		Use:   "shard",
-		Short: "Run and manage the storage nodes of sharded volumes",
-		Long: `Sharded volumes ("rayvmm volume create NAME --replicas N") are split into
+// shardCmd is `shard`; its subcommands register themselves in init.
+var shardCmd = &cobra.Command{
+	Use:   "shard",
+	Short: "Run and manage the storage nodes of sharded volumes",
+	Long: `Sharded volumes ("rayvmm volume create NAME --replicas N") are split into
 shards, each kept as N replicas on distinct storage nodes. A storage node is
 "rayvmm shard serve", an NBD server with one export per replica it holds
 (qemu-nbd or nbdkit can stand in for one: "shard nodes add"). The shard maps,
@@ -82,8 +82,9 @@ nodes and their liveness live in etcd: --etcd-endpoints for a cluster, or by
 default a single-node etcd embedded in the state directory, which the first
 command that needs it starts in the background ("rayvmm shard etcd"; stop it
 with "rayvmm shard etcd stop").`,
-	}
+}
 
+func init() {
 	var listen, dir, nodeName, advertise string
 	var verbose bool
 	serve := &cobra.Command{

@@ -22,10 +22,13 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network/port"
+	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/link"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm"
 	"github.com/rayvmm/rayvmm/vmm/api"
@@ -48,7 +51,7 @@ func Run(r *vmproc.Received) int {
 		return fail(err)
 	}
 	defer closeAll(holds)
-	b, apiL, metrics, unmap, err := takeOver(h)
+	b, apiL, metrics, unmap, err := takeOver(h, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -137,7 +140,7 @@ func Run(r *vmproc.Received) int {
 // takeOver opens the handed-over descriptors as the VM's backends.
 // The kernel and initrd mappings are undone by unmap, once the guest is
 // loaded.
-func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
+func takeOver(h *vmproc.Handoff, log *slog.Logger) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
 	var undo []io.Closer
 	defer func() {
 		if err != nil {
@@ -167,6 +170,15 @@ func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os
 		maps = append(maps, um)
 	}
 	for i, d := range h.Disks {
+		if d.Link != nil {
+			disk, err := openSharded(*d.Link, log)
+			if err != nil {
+				return b, nil, nil, nil, fmt.Errorf("disk %s (%s): %w", h.Spec.Disks[i].ID, d.Source, err)
+			}
+			undo = append(undo, disk)
+			b.Disks = append(b.Disks, vmm.DiskBackend{Disk: disk, Source: d.Source})
+			continue
+		}
 		files := make([]storage.ImageFile, len(d.Files))
 		for j, f := range d.Files {
 			of, err := f.Open()
@@ -209,6 +221,22 @@ func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os
 		}
 	}
 	return b, apiL, metrics, unmap, nil
+}
+
+// shardedOpenWait bounds opening a sharded disk: the layout from its
+// agent, and a connection to every replica it reads (each dial bounded by
+// the engine's request timeout).
+const shardedOpenWait = time.Minute
+
+// openSharded opens a sharded volume's engine on its link to the agent.
+func openSharded(ref vmproc.File, log *slog.Logger) (storage.Disk, error) {
+	f, err := ref.Open()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shardedOpenWait)
+	defer cancel()
+	return link.OpenDisk(ctx, f, engine.Config{Log: log})
 }
 
 // openNIC makes a NIC's port from its TAP descriptors: the TAP itself, or
