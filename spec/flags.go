@@ -6,10 +6,11 @@ import (
 	"strings"
 )
 
-// The flag forms of disks and NICs (rayvmm boot --disk and --net): a
-// comma-separated list of key=value options. They parse into the same
-// Disk and NIC entries as a spec file; the parsers check only the syntax,
-// and VM.Validate checks the values for both forms.
+// The flag forms of disks, NICs and the vsock device (rayvmm boot --disk,
+// --net and --vsock): a comma-separated list of key=value options. They
+// parse into the same Disk, NIC and Vsock entries as a spec file; the
+// parsers check only the syntax, and VM.Validate checks the values for
+// both forms.
 
 // DiskFlagHelp lists the --disk options.
 const DiskFlagHelp = "path=FILE or volume=NAME, then optional id=ID, readonly, format=raw|qcow2, iops=N, bps=N, burst=N, serial=ID"
@@ -215,6 +216,52 @@ func (n NIC) String() string {
 		}
 	}
 	return strings.Join(parts, ",")
+}
+
+// VsockFlagHelp is the --vsock form.
+const VsockFlagHelp = "cid=N,uds=PATH"
+
+// ParseVsock parses a --vsock value: cid=N,uds=PATH.
+func ParseVsock(s string) (Vsock, error) {
+	var v Vsock
+	bad := func(format string, args ...any) (Vsock, error) {
+		return Vsock{}, fieldErr("", "--vsock %q: %s", s, fmt.Sprintf(format, args...))
+	}
+	seen := map[string]bool{}
+	for _, kv := range strings.Split(s, ",") {
+		k, val, ok := strings.Cut(kv, "=")
+		if !ok || val == "" {
+			return bad("%q is not key=value; want %s", kv, VsockFlagHelp)
+		}
+		if seen[k] {
+			return bad("%s given twice", k)
+		}
+		seen[k] = true
+		switch k {
+		case "cid":
+			n, err := strconv.ParseUint(val, 10, 32)
+			if err != nil {
+				return bad("cid: %q is not a guest CID (a number from 3 to %d)", val, ^uint32(0)-1)
+			}
+			v.CID = uint32(n)
+		case "uds":
+			v.UDS = val
+		default:
+			return bad("unknown key %q; want %s", k, VsockFlagHelp)
+		}
+	}
+	if !seen["cid"] {
+		return bad("cid=N is missing")
+	}
+	if !seen["uds"] {
+		return bad("uds=PATH is missing")
+	}
+	return v, nil
+}
+
+// String renders v in the form ParseVsock reads.
+func (v Vsock) String() string {
+	return "cid=" + strconv.FormatUint(uint64(v.CID), 10) + ",uds=" + v.UDS
 }
 
 // parseCount reads a whole number (a negative one is left to Validate,

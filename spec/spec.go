@@ -1,6 +1,6 @@
 // Package spec is the VM spec: one Go type, VM, that says what a microVM
-// is — kernel, command line, vCPUs, memory, disks, NICs, its API socket —
-// and its strict JSON form. `rayvmm boot` builds one from a file
+// is — kernel, command line, vCPUs, memory, disks, NICs, vsock, its API
+// socket, its sandbox — and its strict JSON form. `rayvmm boot` builds one from a file
 // (--config, YAML or JSON) and its flags, the pods daemon embeds one in
 // each pod VM, and the VM process (rayvmm-vm) is handed the effective one.
 //
@@ -58,10 +58,35 @@ type VM struct {
 	APISocket string `json:"apiSocket,omitempty"`
 	// MetricsFile receives the VM's device metrics (JSON) when it exits.
 	MetricsFile string `json:"metricsFile,omitempty"`
-
-	// The sandbox (seccomp, capabilities, landlock, jail) joins here as
-	// `sandbox`, added by the seccap work.
+	// Sandbox confines the VM process (seccomp, capabilities, landlock,
+	// and optionally a jail).
+	Sandbox Sandbox `json:"sandbox,omitzero"`
 }
+
+// Sandbox is how the VM process is confined (package seccap).
+type Sandbox struct {
+	// Mode is strict (refused calls kill the VM process), log (they are
+	// only logged by the kernel) or off; empty means strict where the
+	// kernel has seccomp filters, else off (the control plane decides).
+	Mode string `json:"mode,omitempty"`
+	// Jail also confines the VM process as Firecracker's jailer does: a
+	// root of its own (Dir/NAME/root), new mount, pid, ipc and uts
+	// namespaces, resource limits, and an unprivileged uid and gid. It
+	// needs mode strict or log, and root.
+	Jail *Jail `json:"jail,omitempty"`
+}
+
+// Jail is where and as whom a jailed VM process runs.
+type Jail struct {
+	// Dir holds the jails: the VM's root is Dir/NAME/root.
+	Dir string `json:"dir"`
+	// UID and GID the VM process runs as (not 0).
+	UID int `json:"uid"`
+	GID int `json:"gid"`
+}
+
+// SandboxModes are the values Sandbox.Mode takes ("" is the default).
+var SandboxModes = []string{"strict", "log", "off"}
 
 // Disk is one virtio-blk device.
 type Disk struct {
@@ -134,9 +159,17 @@ type NICRateLimit struct {
 type Vsock struct {
 	// CID is the guest's context ID (at least 3).
 	CID uint32 `json:"cid"`
-	// UDS is the Unix socket the VM process listens on.
+	// UDS is the Unix socket host programs connect to ("CONNECT
+	// <port>\n"); a guest connection to host port P is connected to the
+	// Unix socket UDS_P. The control plane makes it (mode 0600) and
+	// removes it when the VM is gone; a relative path is taken from the
+	// control plane's working directory.
 	UDS string `json:"uds"`
 }
+
+// VsockPortSuffixMax is the longest suffix a guest connection adds to
+// Vsock.UDS: a connection to host port P goes to the socket UDS_P.
+const VsockPortSuffixMax = "_4294967295"
 
 // Defaults.
 const (
@@ -241,6 +274,9 @@ func (v *VM) Validate() error {
 			return err
 		}
 	}
+	if err := v.Sandbox.Validate("sandbox"); err != nil {
+		return err
+	}
 	if v.Vsock != nil {
 		if v.Vsock.CID < 3 || v.Vsock.CID == ^uint32(0) {
 			return fieldErr("vsock.cid", "%d: want 3 to %d (0-2 are reserved)", v.Vsock.CID, ^uint32(0)-1)
@@ -251,9 +287,44 @@ func (v *VM) Validate() error {
 		if err := checkSocketPath("vsock.uds", v.Vsock.UDS); err != nil {
 			return err
 		}
+		// Guest connections to host port P go to UDS_P: the longest of
+		// those must fit in a socket address too.
+		if n := len(v.Vsock.UDS) + len(VsockPortSuffixMax); n > maxSocketPath {
+			return fieldErr("vsock.uds", "%q is too long: with %s behind it (the sockets guest connections go to) it is %d bytes, and a Unix socket path holds %d",
+				abbreviate(v.Vsock.UDS), VsockPortSuffixMax, n, maxSocketPath)
+		}
 	}
 	return nil
 }
+
+// Validate reports the first problem in a sandbox, naming it under path p.
+func (sb *Sandbox) Validate(p string) error {
+	if sb.Mode != "" && !slices.Contains(SandboxModes, sb.Mode) {
+		return fieldErr(p+".mode", "%q: want strict, log or off", sb.Mode)
+	}
+	j := sb.Jail
+	if j == nil {
+		return nil
+	}
+	switch {
+	case sb.Mode == "off":
+		return fieldErr(p+".jail", "needs mode strict or log (the sandbox enters the jail)")
+	case j.Dir == "":
+		return fieldErr(p+".jail.dir", "a directory is required")
+	case strings.ContainsRune(j.Dir, 0):
+		return fieldErr(p+".jail.dir", "contains a NUL byte")
+	case !strings.HasPrefix(j.Dir, "/"):
+		return fieldErr(p+".jail.dir", "%q is not an absolute path", j.Dir)
+	case j.UID < 1 || int64(j.UID) > maxID:
+		return fieldErr(p+".jail.uid", "%d: want an unprivileged uid, 1 to %d", j.UID, maxID)
+	case j.GID < 1 || int64(j.GID) > maxID:
+		return fieldErr(p+".jail.gid", "%d: want an unprivileged gid, 1 to %d", j.GID, maxID)
+	}
+	return nil
+}
+
+// maxID is the largest uid or gid (2^32-2; -1 means "unchanged").
+const maxID = 1<<32 - 2
 
 // maxSocketPath is sun_path's size less its NUL.
 const maxSocketPath = 107
@@ -429,6 +500,10 @@ func (v *VM) Clone() *VM {
 	if v.Vsock != nil {
 		vs := *v.Vsock
 		c.Vsock = &vs
+	}
+	if v.Sandbox.Jail != nil {
+		j := *v.Sandbox.Jail
+		c.Sandbox.Jail = &j
 	}
 	return &c
 }

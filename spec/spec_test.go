@@ -62,6 +62,14 @@ func TestDecodeErrorsNamePaths(t *testing.T) {
 		{"vsock low cid", `{"vsock": {"cid": 2, "uds": "v.sock"}}`, `vsock.cid: 2: want 3 to`},
 		{"api socket too long", `{"apiSocket": "/` + strings.Repeat("a", 120) + `"}`, `apiSocket: "`},
 		{"name", `{"name": "web server"}`, `name: "web server": use 1 to 64`},
+		{"sandbox mode", `{"sandbox": {"mode": "lax"}}`, `sandbox.mode: "lax": want strict, log or off`},
+		{"sandbox unknown", `{"sandbox": {"seccomp": true}}`, `sandbox.seccomp: unknown field`},
+		{"jail with sandbox off", `{"sandbox": {"mode": "off", "jail": {"dir": "/j", "uid": 1, "gid": 1}}}`, `sandbox.jail: needs mode strict or log`},
+		{"jail dir", `{"sandbox": {"jail": {"dir": "j", "uid": 1, "gid": 1}}}`, `sandbox.jail.dir: "j" is not an absolute path`},
+		{"jail no dir", `{"sandbox": {"jail": {"uid": 1, "gid": 1}}}`, `sandbox.jail.dir: a directory is required`},
+		{"jail root", `{"sandbox": {"jail": {"dir": "/j", "uid": 0, "gid": 1}}}`, `sandbox.jail.uid: 0: want an unprivileged uid`},
+		{"jail gid", `{"sandbox": {"jail": {"dir": "/j", "uid": 1000}}}`, `sandbox.jail.gid: 0: want an unprivileged gid`},
+		{"jail uid range", `{"sandbox": {"jail": {"dir": "/j", "uid": 4294967295, "gid": 1}}}`, `sandbox.jail.uid: 4294967295: want an unprivileged uid`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -280,6 +288,72 @@ func TestParseDiskFlags(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestParseVsockFlags(t *testing.T) {
+	tests := []struct {
+		name, in, want string // want: Vsock.String(), or the error
+		wantErr        bool
+	}{
+		{name: "ok", in: "cid=3,uds=/run/v.sock", want: "cid=3,uds=/run/v.sock"},
+		{name: "order", in: "uds=/run/v.sock,cid=4294967294", want: "cid=4294967294,uds=/run/v.sock"},
+		{name: "relative", in: "cid=7,uds=v.sock", want: "cid=7,uds=v.sock"},
+		{name: "cid 2", in: "cid=2,uds=/v", want: "vsock.cid: 2: want 3 to 4294967294", wantErr: true},
+		{name: "cid any", in: "cid=4294967295,uds=/v", want: "vsock.cid: 4294967295: want 3 to", wantErr: true},
+		{name: "cid past 32 bits", in: "cid=4294967296,uds=/v", want: "not a guest CID", wantErr: true},
+		{name: "cid text", in: "cid=three,uds=/v", want: `cid: "three" is not a guest CID`, wantErr: true},
+		{name: "no cid", in: "uds=/v", want: "cid=N is missing", wantErr: true},
+		{name: "no uds", in: "cid=3", want: "uds=PATH is missing", wantErr: true},
+		{name: "twice", in: "cid=3,cid=4,uds=/v", want: "cid given twice", wantErr: true},
+		{name: "unknown key", in: "cid=3,uds=/v,port=5", want: `unknown key "port"`, wantErr: true},
+		{name: "empty value", in: "cid=,uds=/v", want: "not key=value", wantErr: true},
+		{name: "no equals", in: "cid3", want: "not key=value", wantErr: true},
+		{name: "empty", in: "", want: "not key=value", wantErr: true},
+		{name: "too long", in: "cid=3,uds=/" + strings.Repeat("x", 96), want: "with _4294967295 behind it", wantErr: true},
+		{name: "longest", in: "cid=3,uds=/" + strings.Repeat("x", 95), want: "cid=3,uds=/" + strings.Repeat("x", 95)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := vsockEntry(tt.in)
+			if tt.wantErr {
+				if err == nil || !strings.Contains(err.Error(), tt.want) || !errors.Is(err, ErrInvalid) {
+					t.Fatalf("ParseVsock(%q) error = %v, want one containing %q", tt.in, err, tt.want)
+				}
+				return
+			}
+			if err != nil || got.String() != tt.want {
+				t.Fatalf("ParseVsock(%q) = %q, %v; want %q", tt.in, got.String(), err, tt.want)
+			}
+		})
+	}
+}
+
+// vsockEntry parses a --vsock value into a validated entry.
+func vsockEntry(s string) (Vsock, error) {
+	vs, err := ParseVsock(s)
+	if err != nil {
+		return Vsock{}, err
+	}
+	v := VM{Vsock: &vs}
+	v.Defaults()
+	return vs, v.Validate()
+}
+
+// FuzzParseVsock: as FuzzParseNIC for --vsock.
+func FuzzParseVsock(f *testing.F) {
+	f.Fuzz(func(t *testing.T, s string) {
+		vs, err := vsockEntry(s)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("ParseVsock(%q) error %v has no category", s, err)
+			}
+			return
+		}
+		again, err := vsockEntry(vs.String())
+		if err != nil || vs != again {
+			t.Fatalf("ParseVsock(%q) = %q, which reads back as %q, %v", s, vs.String(), again.String(), err)
+		}
+	})
 }
 
 // FuzzParse: any document either fails with an ErrInvalid error of one

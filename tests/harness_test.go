@@ -29,6 +29,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(detachHelperEnv) != "" {
 		os.Exit(detachHelper())
 	}
+	if os.Getenv(gateHelperEnv) != "" {
+		os.Exit(gateHelper())
+	}
 	_, file, _, _ := runtime.Caller(0)
 	repoRoot = filepath.Dir(filepath.Dir(file))
 	dir, err := os.MkdirTemp("", "rayvmm-tests-")
@@ -37,6 +40,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	rayvmm = filepath.Join(dir, "rayvmm")
+	// Runs without --state-dir (every boot writes the audit log) stay out
+	// of the host's /var/lib/rayvmm.
+	os.Setenv("RAYVMM_STATE_DIR", filepath.Join(dir, "state"))
 	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
 	// rayvmm finds rayvmm-vm and rayvmmd next to itself.
 	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm", filepath.Join(dir, "rayvmmd"): "./cmd/rayvmmd"} {

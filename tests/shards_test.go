@@ -114,7 +114,7 @@ func (e *shardEnv) kill9(name string) {
 // (stderr), kept apart so that log lines cannot split a guest line.
 func (e *shardEnv) boot(cmdline string) (*exec.Cmd, *lineWatcher) {
 	e.t.Helper()
-	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--disk", "volume=vol", "--cmdline", cmdline)...)
+	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--sandbox", "strict", "--disk", "volume=vol", "--cmdline", cmdline)...)
 	w := newLineWatcher()
 	e.logs = newLineWatcher()
 	cmd.Stdout, cmd.Stderr = w, e.logs
@@ -645,9 +645,11 @@ func TestShardsAgentKilled(t *testing.T) {
 }
 
 // TestShardsRebuildWhileAttached: a VM has the volume attached (idle, in
-// rayguest's echo job); a node is killed and its replicas are recorded
-// failed without any guest I/O; when it restarts, the VM's rayvmm
-// rebuilds them by itself, and the replicas are identical again.
+// rayguest's echo job) and its VM process is sandboxed (strict); a node
+// is killed and its replicas are recorded failed without any guest I/O;
+// when it restarts, the VM's agent and engine rebuild them by themselves
+// (new sockets reach the sandboxed engine over its link), and the
+// replicas are identical again.
 func TestShardsRebuildWhileAttached(t *testing.T) {
 	e := newShardEnv(t, "a", "b", "c")
 	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "3")
@@ -655,7 +657,7 @@ func TestShardsRebuildWhileAttached(t *testing.T) {
 	want := expectImage(shVolSize, 21, shBlocks)
 	e.guestOK(out, code, want)
 
-	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--disk", "volume=vol", "--cmdline", "rayguest.run=echo")...)
+	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--sandbox", "strict", "--disk", "volume=vol", "--cmdline", "rayguest.run=echo")...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -669,6 +671,10 @@ func TestShardsRebuildWhileAttached(t *testing.T) {
 	go func() { cmd.Wait(); w.close() }()
 	t.Cleanup(func() { cmd.Process.Kill(); w.waitClosed(t, 20*time.Second) })
 	w.waitFor(t, "rayguest: ready", time.Minute)
+	// The engine runs in the sandboxed VM process: the rebuild below
+	// gets its sockets to the restarted node over the link, after the
+	// sandbox was applied.
+	checkSandboxed(t, childRunning(t, cmd.Process.Pid, "rayvmm-vm"), 1)
 
 	e.kill9("b")
 	e.waitReplicas(t, "b", func(state string) bool { return state != "healthy" }, "recorded failed", logs)

@@ -50,7 +50,8 @@ func TestSpecFileAndFlags(t *testing.T) {
 			[]string{"--disk", "path=/img/a.qcow2,readonly,format=qcow2,serial=s1", "--disk", "volume=data,id=data,iops=100,bps=1000000,burst=10"}},
 		{"nets", "nets:\n- network: lan\n  mac: 02:00:00:00:00:01\n  trunk: [10, 20]\n  rateLimit: {txBps: 1000000, txBurst: 65536, rxPps: 100}\n- tap: tap0\n  id: uplink\n- network: lan\n  vlan: 30\n",
 			[]string{"--net", "network=lan,mac=02:00:00:00:00:01,trunk=10:20,tx-bps=1M,tx-burst=64Ki,rx-pps=100", "--net", "tap=tap0,id=uplink", "--net", "network=lan,vlan=30"}},
-		{"sockets and files", "apiSocket: /run/vm.sock\nmetricsFile: /tmp/m.json\n", []string{"--api-socket", "/run/vm.sock", "--metrics-file", "/tmp/m.json"}},
+		{"sockets and files", "apiSocket: /run/vm.sock\nmetricsFile: /tmp/m.json\nvsock: {cid: 3, uds: /run/v.sock}\n",
+			[]string{"--api-socket", "/run/vm.sock", "--metrics-file", "/tmp/m.json", "--vsock", "cid=3,uds=/run/v.sock"}},
 	}
 	for _, tt := range same {
 		t.Run(tt.name, func(t *testing.T) {
@@ -105,7 +106,8 @@ func TestSpecFileAndFlags(t *testing.T) {
 		{"template", "cpuTemplate: fast\n", []string{"--cpu-template", "fast"}, `cpuTemplate: unknown CPU template "fast"`, ""},
 		{"memory", "memory: lots\n", nil, `memory: invalid size "lots"`, ""},
 		{"cpus type", "cpus: two\n", nil, "cpus: want a whole number", ""},
-		{"vsock cid", "vsock: {cid: 2, uds: /run/v.sock}\n", nil, "vsock.cid: 2: want 3 to", ""},
+		{"vsock cid", "vsock: {cid: 2, uds: /run/v.sock}\n", []string{"--vsock", "cid=2,uds=/run/v.sock"}, "vsock.cid: 2: want 3 to", ""},
+		{"vsock uds", "vsock: {cid: 3}\n", nil, "vsock.uds: a Unix socket path is required", ""},
 		{"repeated key", "cpus: 1\ncpus: 2\n", nil, `key "cpus" already set`, `{"cpus": 1, "cpus": 2}`},
 	}
 	for _, tt := range bad {

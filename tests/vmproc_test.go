@@ -144,10 +144,13 @@ func waitGone(t *testing.T, pid int, what string) {
 // TestVMProcessIsRayvmmVM: the guest runs in bin/rayvmm-vm, a child of
 // rayvmm boot, and its descriptors are only the kinds it needs: the KVM
 // device and KVM's anonymous descriptors, its disk images (with their
-// backing chain) and the volume's lock, its TAPs, its API socket,
-// eventfds, the Go runtime's epoll, the console (stdin, stdout and stderr:
-// pipes here) and the lifeline pipe. Nothing else: no kernel file, no
-// state directory, no netlink socket, nothing inherited from elsewhere.
+// backing chain) and the volume's lock, its TAPs, its API socket and its
+// vsock socket (each told apart by the address it was bound to, in
+// /proc/PID/net/unix), eventfds, the Go runtime's epoll, the console
+// (stdin, stdout and stderr: pipes here), the lifeline pipe, the one it
+// reports how the VM ended on and the sandbox's SIGSYS report pipe.
+// Nothing else: no kernel file, no state directory, no netlink socket,
+// nothing inherited from elsewhere.
 func TestVMProcessIsRayvmmVM(t *testing.T) {
 	requireKVM(t)
 	h := newHost(t)
@@ -158,11 +161,20 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	top := filepath.Join(dir, "top.qcow2")
 	qemuImg(t, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
 	h.must(t, "volume", "create", "data", "--size", "16M")
-	sock := filepath.Join(dir, "api.sock")
+	// The sockets in directories of their own: /proc/net/unix shows the
+	// address each was bound to, in a private directory beside it.
+	apiDir, vsockDir := filepath.Join(dir, "api"), filepath.Join(dir, "vsock")
+	for _, d := range []string{apiDir, vsockDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(apiDir, "api.sock")
 	b := startCmd(t, h.command(context.Background(), "boot", "--cmdline", "rayguest.run=echo",
 		"--disk", "path="+top, "--disk", "volume=data", "--net", "network=lan,trunk=10:20", "--net", "network=lan",
-		"--api-socket", sock), "rayguest: ready")
+		"--api-socket", sock, "--vsock", "cid=3,uds="+filepath.Join(vsockDir, "v.sock")), "rayguest: ready")
 	vm := vmProcess(t, b.cmd.Process.Pid)
+	bound := unixSockets(t, vm)
 	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", vm))
 	if exe != rayvmmVM {
 		t.Fatalf("the VM process is %s, want %s", exe, rayvmmVM)
@@ -174,7 +186,8 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		"eventfd":               regexp.MustCompile(`^anon_inode:\[eventfd\]$`),
 		"Go's poller":           regexp.MustCompile(`^anon_inode:\[eventpoll\]$`),
 		"TAP":                   regexp.MustCompile(`^/dev/net/tun$`),
-		"API socket":            regexp.MustCompile(`^socket:\[\d+\]$`),
+		"API socket":            regexp.MustCompile(`^` + regexp.QuoteMeta(apiDir) + `/`),
+		"vsock socket":          regexp.MustCompile(`^` + regexp.QuoteMeta(vsockDir) + `/`),
 		"pipe":                  regexp.MustCompile(`^pipe:\[\d+\]$`),
 		"disk images":           regexp.MustCompile(`^(` + regexp.QuoteMeta(top) + `|` + regexp.QuoteMeta(base) + `|` + regexp.QuoteMeta(vol.Path) + `)$`),
 		"the volume's lock":     regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "volumes", "data.lock")) + `$`),
@@ -189,6 +202,9 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", vm, fd.Name()))
 		if err != nil {
 			continue // closed meanwhile
+		}
+		if m := regexp.MustCompile(`^socket:\[(\d+)\]$`).FindStringSubmatch(target); m != nil {
+			target = bound[m[1]] // its address, "" if it has none
 		}
 		kind := ""
 		for k, re := range allowed {
@@ -205,7 +221,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 4}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 6}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}
@@ -217,6 +233,24 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	if code := b.wait(t); code != 0 {
 		t.Fatalf("exit %d\n%s", code, b.out.String())
 	}
+}
+
+// unixSockets maps the inode of each Unix socket in pid's network
+// namespace to the address it is bound to (/proc/PID/net/unix).
+func unixSockets(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/unix", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n")[1:] {
+		// Num RefCount Protocol Flags Type St Inode [Path]
+		if f := strings.Fields(l); len(f) >= 8 {
+			out[f[6]] = f[7]
+		}
+	}
+	return out
 }
 
 // TestVMProcessDiesWithBoot: kill -9 of rayvmm boot leaves nothing
@@ -362,7 +396,7 @@ func TestAPISocketReclaimed(t *testing.T) {
 		t.Fatalf("API socket %v, %v; want a socket of mode 0600", st, err)
 	}
 	r := run(t, nil, time.Minute, "boot", "--api-socket", sock)
-	if r.code == 0 || !strings.Contains(r.stderr, "in use by a running VM") || strings.Contains(r.stdout, "rayguest: ready") {
+	if r.code == 0 || !strings.Contains(r.stderr, "in use: a running VM") || strings.Contains(r.stdout, "rayguest: ready") {
 		t.Fatalf("second VM on a live socket: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	b.cmd.Process.Signal(syscall.SIGKILL)

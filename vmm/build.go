@@ -23,6 +23,8 @@ type Backends struct {
 	Disks []DiskBackend
 	// NICs back s.Nets, in the same order.
 	NICs []NICBackend
+	// Vsock is the listening Unix socket of s.Vsock (at s.Vsock.UDS).
+	Vsock *os.File
 }
 
 // DiskBackend is one opened disk image.
@@ -39,6 +41,8 @@ type Options struct {
 	Started   time.Time
 	CPUBefore time.Duration
 	BootTimer bool
+	// VCPUThread: see Config.
+	VCPUThread func(id, vcpuFD, vmFD int) error
 }
 
 // Build makes a VM from an effective spec (defaulted, validated, every
@@ -53,27 +57,27 @@ func Build(s *spec.VM, b Backends, o Options) (_ *VM, err error) {
 	for _, n := range b.NICs {
 		owned = append(owned, n.Port)
 	}
+	if b.Vsock != nil {
+		// The device keeps a duplicate of the listener.
+		owned = append(owned, b.Vsock)
+	}
 	defer func() {
 		for _, c := range owned {
 			c.Close()
 		}
 	}()
-	if len(b.Disks) != len(s.Disks) || len(b.NICs) != len(s.Nets) {
+	if len(b.Disks) != len(s.Disks) || len(b.NICs) != len(s.Nets) || (b.Vsock != nil) != (s.Vsock != nil) {
 		if b.KVM != nil {
 			b.KVM.Close()
 		}
-		return nil, fmt.Errorf("%w: %d disk and %d NIC backends for %d disks and %d NICs", ErrConfig, len(b.Disks), len(b.NICs), len(s.Disks), len(s.Nets))
-	}
-	if s.Vsock != nil {
-		if b.KVM != nil {
-			b.KVM.Close()
-		}
-		return nil, fmt.Errorf("%w: vsock: this rayvmm has no virtio-vsock device yet", ErrConfig)
+		return nil, fmt.Errorf("%w: %d disk, %d NIC and %d vsock backends for %d disks, %d NICs and %d vsock devices", ErrConfig,
+			len(b.Disks), len(b.NICs), btoi(b.Vsock != nil), len(s.Disks), len(s.Nets), btoi(s.Vsock != nil))
 	}
 	v, err := New(Config{
 		KVM: b.KVM, MemoryBytes: uint64(s.Memory), CPUs: s.CPUs, CPUTemplate: s.CPUTemplate,
 		Kernel: b.Kernel, Initrd: b.Initrd, Cmdline: s.Cmdline,
 		Console: o.Console, Log: o.Log, Started: o.Started, CPUBefore: o.CPUBefore, BootTimer: o.BootTimer,
+		VCPUThread: o.VCPUThread,
 	})
 	if err != nil {
 		return nil, err
@@ -95,6 +99,11 @@ func Build(s *spec.VM, b Backends, o Options) (_ *VM, err error) {
 			return nil, err
 		}
 	}
+	if s.Vsock != nil {
+		if _, err := v.AttachVsock(VsockConfig{CID: s.Vsock.CID, Listener: b.Vsock, Path: s.Vsock.UDS}); err != nil {
+			return nil, err
+		}
+	}
 	if err := v.Prepare(); err != nil {
 		return nil, err
 	}
@@ -104,3 +113,10 @@ func Build(s *spec.VM, b Backends, o Options) (_ *VM, err error) {
 type nopCloser struct{}
 
 func (nopCloser) Close() error { return nil }
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -46,6 +46,11 @@ func (c *vcpu) loop(ready chan<- error, start <-chan struct{}) {
 	// The thread stays locked: when this goroutine ends the runtime
 	// discards it, so no other goroutine ever inherits its signal state.
 	err := c.setup()
+	if err == nil && c.vm.cfg.VCPUThread != nil {
+		if err = c.vm.cfg.VCPUThread(c.id, c.cpu.FD(), c.vm.vm.FD()); err != nil {
+			err = fmt.Errorf("vcpu %d: %w", c.id, err)
+		}
+	}
 	c.mu.Lock()
 	c.tid = unix.Gettid()
 	c.mu.Unlock()

@@ -61,6 +61,11 @@ type Config struct {
 	// BootTimer logs the time to first KVM_RUN and to the guest's ready
 	// write on BootTimerPort.
 	BootTimer bool
+	// VCPUThread, if set, is called on each vCPU's locked OS thread once
+	// the vCPU is set up and before its first KVM_RUN, with its id and
+	// the vCPU's and the VM's descriptors: where the VM process stacks
+	// the sandbox's per-vCPU filter. An error fails the VM's start.
+	VCPUThread func(id, vcpuFD, vmFD int) error
 }
 
 // ErrConfig is the category of errors in a Config.
@@ -83,6 +88,7 @@ type VM struct {
 	virtio   []*VirtioSlot
 	disks    []*Disk
 	nics     []*NIC
+	vsock    *Vsock
 	vcpus    []*vcpu
 	stopping atomic.Bool
 	exitOnce sync.Once

@@ -1,8 +1,8 @@
 // Package vmproc is the hand-over between a control plane (rayvmm boot, the
 // pods daemon) and a VM process (rayvmm-vm): the control plane resolves
 // names and state, opens every resource the VM needs — /dev/kvm, the
-// kernel, each disk image with its backing chain, each TAP, the API socket,
-// the metrics file — and execs rayvmm-vm with them as inherited
+// kernel, each disk image with its backing chain, each TAP, the API and
+// vsock sockets, the metrics file — and execs rayvmm-vm with them as inherited
 // descriptors; the VM process reads a Handoff (the effective spec and a
 // table mapping each resource to its descriptor) from descriptor 3, opens
 // nothing by path and never touches the state directory.
@@ -21,20 +21,24 @@
 //     and no lifeline, so it survives the daemon; the daemon finds it again
 //     by pid, process start time and API socket (see Process.StartTime).
 //
-// The package links only the standard library, spec and x/sys, because
-// both sides link it.
+// The package links only the standard library, spec, seccap (the
+// sandbox's plain-data config, and the fork thread's preparation) and
+// x/sys, because both sides link it.
 package vmproc
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/spec"
 )
 
@@ -68,17 +72,33 @@ type Handoff struct {
 	NICs  []NIC  `json:"nics"`
 	// API is the listening API socket (Spec.APISocket), if any.
 	API *File `json:"api,omitempty"`
+	// Vsock is the listening vsock socket (Spec.Vsock.UDS), if any.
+	Vsock *File `json:"vsock,omitempty"`
 	// Metrics is a file to write the device metrics (JSON) to when the VM
 	// exits, if any.
 	Metrics *File `json:"metrics,omitempty"`
+	// Sandbox is how the VM process confines itself once the VM is built
+	// and before the guest runs (nil: not at all). Its ReportFD is a
+	// handed-over descriptor (the SIGSYS report pipe of strict mode).
+	Sandbox *seccap.Config `json:"sandbox,omitempty"`
 	// Holds are descriptors the VM process only keeps open for as long as
 	// it runs, such as a volume's lock, so that the state they stand for
 	// lasts exactly as long as the VM.
 	Holds []File `json:"holds,omitempty"`
 
+	// Outcome is a pipe on which the VM process reports how the VM ended
+	// (WriteOutcome), just before it exits, for the control plane's
+	// audit log.
+	Outcome *File `json:"outcome,omitempty"`
+
 	// Console: stdin and stdout are the guest's serial console (raw mode
 	// on a terminal, Ctrl-A x quits).
 	Console bool `json:"console"`
+	// Gate: the guest's first instruction waits for the control plane's
+	// go (one byte on the handoff descriptor, Process.Go), so that the
+	// control plane can record the boot durably while the VM process
+	// builds the VM. EOF instead of the go means the guest must not run.
+	Gate bool `json:"gate"`
 	// Lifeline: descriptor 3 stays open in the control plane; EOF on it
 	// means the control plane is gone and the VM stops.
 	Lifeline bool `json:"lifeline"`
@@ -151,6 +171,10 @@ type TAP struct {
 // ErrNoHandoff means the process was not started by a control plane.
 var ErrNoHandoff = errors.New("no handoff: rayvmm-vm runs one VM for rayvmm and is started by `rayvmm boot` or the rayvmm daemon with the VM's resources already open; it is not meant to be run by hand")
 
+// GoByte is the control plane's go on the handoff descriptor (see
+// Handoff.Gate).
+const GoByte = 'g'
+
 // Received is a handoff read by the VM process, with the descriptor it
 // came on.
 type Received struct {
@@ -158,6 +182,10 @@ type Received struct {
 	// At is when the handoff was read.
 	At   time.Time
 	pipe *os.File
+	// rest is what was read past the handoff (the go, if it came early).
+	rest []byte
+	goCh chan struct{} // closed by the go (at once without a gate)
+	gone chan struct{} // closed by EOF on the handoff descriptor
 }
 
 // Receive reads the handoff in the VM process. It fails with ErrNoHandoff
@@ -193,17 +221,53 @@ func Receive() (*Received, error) {
 		pipe.Close()
 		return nil, fmt.Errorf("handoff: %w", err)
 	}
-	if h.Lifeline && os.Getppid() != h.ParentPID {
+	// A jailed VM process is pid 1 of a pid namespace of its own, where
+	// its parent has no pid (getppid returns 0); the lifeline still holds.
+	jailed := h.Sandbox != nil && h.Sandbox.Jail != nil
+	if ppid := os.Getppid(); h.Lifeline && ppid != h.ParentPID && !(jailed && ppid == 0) {
 		pipe.Close()
 		return nil, fmt.Errorf("handoff: the control plane (pid %d) exited before the VM started", h.ParentPID)
 	}
-	r := &Received{Handoff: &h, At: time.Now(), pipe: pipe}
-	if !h.Lifeline {
+	r := &Received{Handoff: &h, At: time.Now(), pipe: pipe, goCh: make(chan struct{}), gone: make(chan struct{})}
+	if !h.Lifeline && !h.Gate {
 		pipe.Close()
 		r.pipe = nil
+		close(r.goCh)
+		return r, nil
 	}
+	r.rest, _ = io.ReadAll(dec.Buffered())
+	if !h.Gate {
+		close(r.goCh)
+	}
+	go r.watch()
 	return r, nil
 }
+
+// watch reads the handoff descriptor after the handoff: the go, then
+// nothing until EOF, which means the control plane is gone (or, before
+// the go, that the guest must not run).
+func (r *Received) watch() {
+	b := make([]byte, 1)
+	waiting := r.Gate
+	for {
+		if len(r.rest) > 0 {
+			b[0], r.rest = r.rest[0], r.rest[1:]
+		} else if n, err := r.pipe.Read(b); err != nil {
+			close(r.gone)
+			return
+		} else if n == 0 {
+			continue
+		}
+		if waiting && b[0] == GoByte {
+			waiting = false
+			close(r.goCh)
+		}
+	}
+}
+
+// Go returns a channel closed once the control plane lets the guest run
+// (at once when the handoff has no gate).
+func (r *Received) Go() <-chan struct{} { return r.goCh }
 
 // check refuses a handoff that does not fit its spec.
 func (h *Handoff) check() error {
@@ -215,8 +279,22 @@ func (h *Handoff) check() error {
 	case len(h.Disks) != len(h.Spec.Disks) || len(h.NICs) != len(h.Spec.Nets):
 		return fmt.Errorf("%d disks and %d NICs handed over for a spec with %d and %d", len(h.Disks), len(h.NICs), len(h.Spec.Disks), len(h.Spec.Nets))
 	}
+	if (h.Vsock != nil) != (h.Spec.Vsock != nil) {
+		return fmt.Errorf("vsock socket handed over: %v, in the spec: %v", h.Vsock != nil, h.Spec.Vsock != nil)
+	}
+	if (h.API != nil) != (h.Spec.APISocket != "") {
+		return fmt.Errorf("API socket handed over: %v, in the spec: %v", h.API != nil, h.Spec.APISocket != "")
+	}
 	if err := h.Spec.Validate(); err != nil {
 		return fmt.Errorf("spec: %w", err)
+	}
+	if sb := h.Sandbox; sb != nil {
+		if _, err := seccap.ParseMode(string(sb.Mode)); err != nil || sb.Mode == "" {
+			return fmt.Errorf("sandbox: mode %q", sb.Mode)
+		}
+		if sb.Jail != nil && sb.Mode == seccap.ModeOff {
+			return errors.New("sandbox: a jail with the sandbox off")
+		}
 	}
 	for i, d := range h.Disks {
 		if (len(d.Files) == 0) == (d.Link == nil) {
@@ -232,22 +310,78 @@ func (h *Handoff) check() error {
 }
 
 // Lifeline returns a channel that is closed when the control plane is
-// gone (EOF on the handoff descriptor); nil without a lifeline.
+// gone (EOF on the handoff descriptor); nil without a lifeline. With a
+// gate and no lifeline (a detached VM process), EOF before the go still
+// stops the VM: that channel is Refused.
 func (r *Received) Lifeline() <-chan struct{} {
+	if !r.Handoff.Lifeline {
+		return nil
+	}
+	return r.gone
+}
+
+// Refused returns a channel closed when the control plane closed the
+// handoff descriptor; before the go, that means the guest must not run.
+// nil when nothing is read after the handoff.
+func (r *Received) Refused() <-chan struct{} {
 	if r.pipe == nil {
 		return nil
 	}
-	gone := make(chan struct{})
-	go func() {
-		b := make([]byte, 1)
-		for {
-			if _, err := r.pipe.Read(b); err != nil {
-				close(gone)
-				return
-			}
+	return r.gone
+}
+
+// Outcome is how a VM ended, as its VM process reports it on
+// Handoff.Outcome just before it exits (the control plane's audit log
+// records it).
+type Outcome struct {
+	// Status is the VM process's exit status.
+	Status int `json:"status"`
+	// Reason is one line: how the guest ended ("guest powered off", "guest
+	// shut down (triple fault) on vcpu 0 ..."), or the error that ended
+	// the VM.
+	Reason string `json:"reason"`
+	// Ran: the guest ran; false for a VM that ended before its first
+	// instruction (it failed to build, or was stopped before the go).
+	Ran bool `json:"ran"`
+}
+
+// maxOutcome bounds an outcome report.
+const maxOutcome = 64 << 10
+
+// WriteOutcome reports o on f (the Handoff.Outcome pipe), one JSON line.
+func WriteOutcome(f *os.File, o Outcome) error {
+	b, err := json.Marshal(o)
+	if err != nil {
+		return err
+	}
+	if len(b) >= maxOutcome {
+		o.Reason = o.Reason[:min(len(o.Reason), 4096)] + "..."
+		if b, err = json.Marshal(o); err != nil {
+			return err
 		}
-	}()
-	return gone
+	}
+	_, err = f.Write(append(b, '\n'))
+	return err
+}
+
+// ReadOutcome reads the report from the Outcome pipe's read end once the
+// VM process has exited; nil when it wrote none (it was killed, or died
+// before it could).
+func ReadOutcome(f *os.File) (*Outcome, error) {
+	b, err := io.ReadAll(io.LimitReader(f, maxOutcome))
+	if err != nil {
+		return nil, fmt.Errorf("VM process outcome: %w", err)
+	}
+	if len(b) == 0 {
+		return nil, nil
+	}
+	var o Outcome
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&o); err != nil {
+		return nil, fmt.Errorf("VM process outcome %q: %w", b, err)
+	}
+	return &o, nil
 }
 
 // Open makes an *os.File of an inherited descriptor the handoff names.

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rayvmm/rayvmm/seccap"
 )
 
 // Binary is the VM process's executable name.
@@ -99,6 +101,8 @@ type Options struct {
 	Detached bool
 	// Env is the VM process's environment (nil: none but the handoff's).
 	Env []string
+	// Gate holds the guest back until Process.Go (see Handoff.Gate).
+	Gate bool
 }
 
 // Process is a started VM process.
@@ -110,7 +114,8 @@ type Process struct {
 	StartTime uint64
 
 	proc     *os.Process
-	lifeline *os.File // foreground mode: the handoff pipe's write end
+	lifeline *os.File // the handoff pipe's write end: foreground mode, or until the go
+	detached bool
 	waited   chan struct{}
 	state    *os.ProcessState
 	waitErr  error
@@ -127,9 +132,18 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 			return nil, err
 		}
 	}
+	sandboxed := h.Sandbox != nil && h.Sandbox.Mode != seccap.ModeOff
+	jailed := sandboxed && h.Sandbox.Jail != nil
+	// Not jailed, the VM process starts landlocked (from the thread that
+	// forks it): its sandbox then stops no world while it builds the VM.
+	landlock := sandboxed && !jailed && seccap.LandlockABI() > 0
+	if landlock {
+		h.Sandbox.Landlocked = true
+	}
 	h.Version = Version
 	h.ParentPID = os.Getpid()
 	h.Lifeline = !o.Detached
+	h.Gate = o.Gate
 	h.LaunchedAt = time.Now()
 	payload, err := json.Marshal(h)
 	if err != nil {
@@ -162,6 +176,10 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	} else {
 		attr.Sys.Pdeathsig = syscall.SIGTERM
 	}
+	if jailed {
+		// A new pid namespace takes a fork: this one (see seccap.Jail).
+		attr.Sys.Cloneflags = seccap.Cloneflags
+	}
 	// Descriptors this process inherited without close-on-exec (from a
 	// shell, a test harness) would leak into the VM process, which must
 	// hold only what the handoff lists: mark them all; the ones in
@@ -170,7 +188,7 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		w.Close()
 		return nil, fmt.Errorf("launch VM process: %w", err)
 	}
-	p := &Process{waited: make(chan struct{})}
+	p := &Process{waited: make(chan struct{}), detached: o.Detached}
 	started := make(chan error, 1)
 	// The parent-death signal is sent when the thread that forked exits,
 	// so fork from a thread locked for the child's whole life: this
@@ -178,6 +196,22 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	// only after the child is gone.
 	go func() {
 		runtime.LockOSThread()
+		if sandboxed {
+			// The VM process starts with no capability it does not need
+			// and no_new_privs on every thread, so that its sandbox need
+			// not stop the world to change them. This thread is never
+			// unlocked: the runtime discards it when the goroutine ends.
+			if err := seccap.PrepareForkThread(jailed); err != nil {
+				started <- fmt.Errorf("sandbox: %w", err)
+				return
+			}
+			if landlock {
+				if err := seccap.LandlockForkThread(*h.Sandbox, bin); err != nil {
+					started <- fmt.Errorf("sandbox: %w", err)
+					return
+				}
+			}
+		}
 		proc, err := os.StartProcess(bin, []string{Binary}, attr)
 		if err != nil {
 			started <- err
@@ -199,12 +233,29 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 		<-p.waited
 		return nil, fmt.Errorf("launch VM process: write handoff: %w", err)
 	}
-	if o.Detached {
+	if o.Detached && !o.Gate {
 		w.Close()
 	} else {
 		p.lifeline = w
 	}
 	return p, nil
+}
+
+// Go lets a gated VM process run its guest (see Options.Gate); a detached
+// one's handoff descriptor is closed with it.
+func (p *Process) Go() error {
+	if p.lifeline == nil {
+		return errors.New("VM process: go: no gate")
+	}
+	_, err := p.lifeline.Write([]byte{GoByte})
+	if p.detached {
+		p.lifeline.Close()
+		p.lifeline = nil
+	}
+	if err != nil {
+		return fmt.Errorf("VM process: go: %w", err)
+	}
+	return nil
 }
 
 // closeOnExecAll sets FD_CLOEXEC on every descriptor from 3 up.
@@ -246,7 +297,8 @@ func (p *Process) Signal(sig os.Signal) error {
 }
 
 // CutLifeline closes the lifeline (foreground mode): the VM process stops
-// cleanly, as if the control plane had exited.
+// cleanly, as if the control plane had exited; before the go, its guest
+// never runs.
 func (p *Process) CutLifeline() error {
 	if p.lifeline == nil {
 		return nil

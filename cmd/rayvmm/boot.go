@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -34,6 +36,9 @@ type bootFlags struct {
 	name                    string
 	metricsFile             string
 	apiSocket               string
+	vsock                   string
+	sandbox, jail           string
+	uid, gid                int
 }
 
 func init() {
@@ -53,6 +58,12 @@ volumes, networks and MACs, opens every image, TAP and socket, and runs the
 guest in a VM process of its own (rayvmm-vm, next to the rayvmm binary),
 which never outlives this command.
 
+The VM process is sandboxed before the guest runs (--sandbox, default
+strict): no capabilities, no_new_privs, landlock, and a seccomp allow-list
+on every thread with a tighter one on each vCPU thread; a refused system
+call kills it and rayvmm names the call. --jail DIR --uid N --gid N also
+jails it, as Firecracker's jailer does (see seccap/README.md).
+
 The VM ends when the guest powers off or resets (exit status 0), when it
 crashes (non-zero, with the reason, RIP and instruction bytes), on
 SIGINT/SIGTERM, or on the API's Shutdown. On a terminal, stdin is in raw
@@ -60,10 +71,22 @@ mode: keys go to the guest, and Ctrl-A x quits (Ctrl-A Ctrl-A sends one
 Ctrl-A). With --api-socket, "rayvmm vm status|pause|resume|shutdown" and
 curl --unix-socket control it while it runs.
 
+--vsock adds a virtio-vsock device with Firecracker's hybrid vsock host side:
+a host program connects to the Unix socket PATH and writes "CONNECT <port>\n";
+when a guest program listens on that port it reads "OK <hostport>\n" and then
+has a byte stream (else the socket is closed). A guest connection to CID 2
+port P is connected to the Unix socket PATH_P (RST when nothing listens).
+rayvmm makes PATH (mode 0600, a stale one left by a killed VM reclaimed, a
+live one refused) and removes it when the VM is gone.
+
 rayguest reads its job from the command line: rayguest.run=poweroff (default),
 echo, crash, pio:N, blktest, blksum, blkwrite (virtio-blk; rayguest.seed=,
 rayguest.blocks=), serve and ping:ADDR (virtio-net; rayguest.ip=A.B.C.D/N,
-rayguest.gw=). The full list is in guestkernel/README.md.`,
+rayguest.gw=), vsock-echo (echoes on vsock port 52) and vsock-connect:PORT
+(sends 64 KiB to host port PORT and checks the echo). rayguest.health=PORT
+answers "ping" with "pong" on a vsock port beside any job
+(rayguest.health.failafter=S: silent after S seconds). The full list is in
+guestkernel/README.md.`,
 		Example: `  rayvmm boot
   rayvmm boot --cpus 2 --memory 256M
   rayvmm boot --cmdline rayguest.run=echo --api-socket /tmp/vm.sock
@@ -71,7 +94,10 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
   rayvmm boot --disk path=disk.img --cmdline "rayguest.run=blktest rayguest.seed=7"
   rayvmm boot --disk volume=data,iops=100 --disk path=base.qcow2,readonly
   rayvmm boot --config vm.yaml --memory 256M
-  rayvmm boot --config vm.yaml --print-config`,
+  rayvmm boot --config vm.yaml --print-config
+  rayvmm boot --jail /srv/jail --uid 10000 --gid 10000 --disk path=disk.img
+  rayvmm boot --vsock cid=3,uds=/tmp/v.sock --cmdline rayguest.run=vsock-echo
+      (then: socat - UNIX-CONNECT:/tmp/v.sock, type CONNECT 52, get OK 1073741824)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runBoot(cmd, &f) },
 	}
@@ -92,6 +118,14 @@ rayguest.gw=). The full list is in guestkernel/README.md.`,
 	fl.StringVar(&f.name, "name", "", "VM name; generated MACs are derived from it, so a name keeps them stable (default: rayvmm-PID)")
 	fl.StringVar(&f.metricsFile, "metrics-file", "", "write device metrics (JSON) to this file when the VM exits")
 	fl.StringVar(&f.apiSocket, "api-socket", "", "serve the VM's control API (HTTP/1.1, JSON) on this Unix socket")
+	fl.StringVar(&f.sandbox, "sandbox", "", "confine the VM process: strict (refused system calls kill it), log (the kernel only logs them) or off\n"+
+		"(default strict where the kernel has seccomp filters, else off)")
+	fl.StringVar(&f.jail, "jail", "", "also jail the VM process, as Firecracker's jailer: a root of its own under DIR/NAME/root, new\n"+
+		"namespaces, resource limits; needs root and --uid and --gid")
+	fl.IntVar(&f.uid, "uid", 0, "with --jail: the unprivileged uid the VM process runs as")
+	fl.IntVar(&f.gid, "gid", 0, "with --jail: the unprivileged gid the VM process runs as")
+	fl.StringVar(&f.vsock, "vsock", "", "attach a virtio-vsock device: "+spec.VsockFlagHelp+" (Firecracker's hybrid vsock: host programs\n"+
+		"connect to PATH and send \"CONNECT <port>\\n\"; guest connections to port P go to PATH_P)")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -111,6 +145,9 @@ func bootSpec(cmd *cobra.Command, f *bootFlags) (*spec.VM, error) {
 			return nil
 		}
 		if err := apply(); err != nil {
+			if strings.HasPrefix(err.Error(), "--"+name+" ") {
+				return err // it names the flag already
+			}
 			return fmt.Errorf("--%s: %w", name, err)
 		}
 		return nil
@@ -136,6 +173,33 @@ func bootSpec(cmd *cobra.Command, f *bootFlags) (*spec.VM, error) {
 				return fmt.Errorf("%d: need at least 1", f.cpus)
 			}
 			s.CPUs = f.cpus
+			return nil
+		}),
+		set("vsock", func() error {
+			vs, err := spec.ParseVsock(f.vsock)
+			s.Vsock = &vs
+			return err
+		}),
+		str("sandbox", &s.Sandbox.Mode, f.sandbox),
+		set("jail", func() error {
+			if s.Sandbox.Jail == nil {
+				s.Sandbox.Jail = &spec.Jail{}
+			}
+			s.Sandbox.Jail.Dir = f.jail
+			return nil
+		}),
+		set("uid", func() error {
+			if s.Sandbox.Jail == nil {
+				return errors.New("needs --jail (or sandbox.jail in --config)")
+			}
+			s.Sandbox.Jail.UID = f.uid
+			return nil
+		}),
+		set("gid", func() error {
+			if s.Sandbox.Jail == nil {
+				return errors.New("needs --jail (or sandbox.jail in --config)")
+			}
+			s.Sandbox.Jail.GID = f.gid
 			return nil
 		}),
 		set("disk", func() error {
@@ -194,6 +258,10 @@ func runBoot(cmd *cobra.Command, f *bootFlags) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	ba := control.NewBootAudit(openAudit, s, os.Stderr)
+	if err := ba.Check(); err != nil {
+		return err
+	}
 	o := control.Options{StateDir: stateDir, KVMDevice: f.kvmDevice, BuiltinKernel: guestkernel.ELF, Log: log}
 	if clusterConfigured() {
 		// A volume that is not a local one may be a sharded volume: its
@@ -202,10 +270,10 @@ func runBoot(cmd *cobra.Command, f *bootFlags) error {
 	}
 	res, err := control.Open(ctx, s, o)
 	if err != nil {
-		return err
+		return ba.Failed(ctx, err)
 	}
-	code, err := control.Foreground(res, control.ForegroundOptions{
-		Started: started, BootTimer: f.bootTimer, LogLevel: level.String(), Version: version,
+	code, err := control.Foreground(ctx, res, control.ForegroundOptions{
+		Started: started, BootTimer: f.bootTimer, LogLevel: level.String(), Version: version, Audit: ba,
 	})
 	if err != nil {
 		return err

@@ -55,11 +55,14 @@ func defaultStateDir() string { return command.DefaultStateDir() }
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&stateDir, "state-dir", defaultStateDir(),
-		"directory for volumes, networks and other state rayvmm keeps between runs")
+		"directory for volumes, networks, the audit log and other state rayvmm keeps between runs ($RAYVMM_STATE_DIR)")
 }
 
 func main() {
 	err := rootCmd.Execute()
+	if cerr := closeAudit(); err == nil {
+		err = cerr
+	}
 	if err == nil {
 		return
 	}

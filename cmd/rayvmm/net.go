@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/network"
 )
 
@@ -32,8 +33,8 @@ its own bridge "rv-NAME.N", created on first use.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.Name = args[0]
-			n, err := network.Create(cmd.Context(), stateDir, opts)
-			if err != nil {
+			var n *network.Network
+			if err := auditAction(cmd.Context(), audit.NetCreate, netObj(args[0]), netParams(opts), func() (err error) { n, err = network.Create(cmd.Context(), stateDir, opts); return err }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created network %s: bridge %s, subnet %s%s\n", n.Name, n.Bridge, n.Subnet, describe(n))
@@ -92,7 +93,7 @@ its own bridge "rv-NAME.N", created on first use.`,
 		Short: "Remove a network: its bridges, overlay device and NAT rule (refused while a VM is attached)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := network.Remove(cmd.Context(), stateDir, args[0]); err != nil {
+			if err := auditAction(cmd.Context(), audit.NetRemove, netObj(args[0]), nil, func() error { return network.Remove(cmd.Context(), stateDir, args[0]) }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed network %s\n", args[0])

@@ -4,12 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
@@ -75,8 +77,8 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 			if err != nil {
 				return err
 			}
-			v, err := s.Create(a[0], n, format)
-			if err != nil {
+			var v *volume.Volume
+			if err := auditAction(cmd.Context(), audit.VolumeCreate, volumeObj(a[0]), audit.Params{"size": strconv.FormatInt(n, 10), "format": format}, func() (err error) { v, err = s.Create(a[0], n, format); return err }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s (%s, %s)\n", v.Name, v.Format, spec.FormatSize(v.Size))
@@ -146,7 +148,7 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 			if err != nil {
 				return err
 			}
-			if _, err := s.Snapshot(a[0], a[1]); err != nil {
+			if err := auditAction(cmd.Context(), audit.VolumeSnapshot, volumeObj(a[0]), audit.Params{audit.ParamSnapshot: a[1]}, func() error { _, err := s.Snapshot(a[0], a[1]); return err }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s of volume %s created\n", a[1], a[0])
@@ -163,7 +165,7 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 			if err != nil {
 				return err
 			}
-			if _, err := s.Clone(a[0], a[1]); err != nil {
+			if err := auditAction(cmd.Context(), audit.VolumeClone, volumeObj(a[1]), audit.Params{audit.ParamFrom: a[0]}, func() error { _, err := s.Clone(a[0], a[1]); return err }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "volume %s cloned from snapshot %s\n", a[1], a[0])
@@ -181,10 +183,10 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 			if err != nil {
 				return err
 			}
-			if err := s.Remove(a[0]); err != nil {
-				if shardedName(err) {
-					return handOver() // rayvmmd removes it from etcd
-				}
+			if _, err := s.Get(a[0]); shardedName(err) {
+				return handOver() // rayvmmd removes it from etcd
+			}
+			if err := auditAction(cmd.Context(), audit.VolumeRemove, volumeObj(a[0]), nil, func() error { return s.Remove(a[0]) }); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "volume %s removed\n", a[0])
@@ -219,7 +221,8 @@ shown on a terminal for large files.`,
 					bar.Set64(done)
 				}
 			}
-			v, err := s.Import(a[0], a[1], opts)
+			var v *volume.Volume
+			err = auditAction(cmd.Context(), audit.VolumeImport, volumeObj(a[1]), audit.Params{"source": a[0], "format": importFormat}, func() (err error) { v, err = s.Import(a[0], a[1], opts); return err })
 			if bar != nil {
 				bar.Finish()
 			}

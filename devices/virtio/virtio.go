@@ -24,6 +24,7 @@ type DeviceType uint32
 const (
 	TypeNet   DeviceType = 1
 	TypeBlock DeviceType = 2
+	TypeVsock DeviceType = 19
 )
 
 func (t DeviceType) String() string {
@@ -32,6 +33,8 @@ func (t DeviceType) String() string {
 		return "net"
 	case TypeBlock:
 		return "block"
+	case TypeVsock:
+		return "vsock"
 	}
 	return "unknown"
 }

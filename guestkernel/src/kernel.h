@@ -126,6 +126,9 @@ void timer_irq(void);
  * wake-ups. poll, when set, runs before each check. timeout_us = 0 waits
  * forever. Returns 1 when cond held, 0 on timeout. */
 int wait_for(int (*cond)(void *), void *arg, u64 timeout_us, void (*poll)(void));
+/* bg_poll, when set, runs in every wait_for round as well (the vsock
+ * driver, so the health responder answers whatever the job waits for). */
+extern void (*bg_poll)(void);
 
 /* main.c: configuration from the command line */
 #define MAX_VIRTIO 16
@@ -136,11 +139,14 @@ struct virtio_cmdline {
 struct config {
 	const char *run;
 	u64 blocks, seed, flushevery;
+	u64 health, failafter;	/* rayguest.health=PORT (0: off), .failafter=S */
 	const char *ip, *gw, *vlan;
 	struct virtio_cmdline virtio[MAX_VIRTIO];
 	u32 nvirtio;
 };
 extern struct config cfg;
+/* ram_covers reports whether [base, base+len) is RAM in the boot memory map. */
+int ram_covers(u64 base, u64 len);
 
 /* virtio.c */
 void virtio_irq(u32 gsi);
@@ -155,5 +161,11 @@ u64 splitmix64(u64 x);
 /* net.c */
 NORETURN void job_serve(void);
 NORETURN void job_ping(const char *spec);
+
+/* vsock.c */
+void vsock_poll(void);
+void vsock_health_start(void);
+NORETURN void job_vsock_echo(void);
+NORETURN void job_vsock_connect(const char *port);
 
 #endif

@@ -11,6 +11,29 @@ static char cmdline[CMDLINE_MAX];
 static u64 mem_usable;
 static u64 rsdp;
 
+#define MAX_RAM 16
+static struct { u64 base, len; } ram[MAX_RAM];	/* RAM entries of the memory map */
+static u32 nram;
+
+static void add_ram(u64 base, u64 len)
+{
+	mem_usable += len;
+	if (nram < MAX_RAM) {
+		ram[nram].base = base;
+		ram[nram].len = len;
+		nram++;
+	}
+}
+
+int ram_covers(u64 base, u64 len)
+{
+	for (u32 i = 0; i < nram; i++)
+		if (base >= ram[i].base && base - ram[i].base <= ram[i].len &&
+		    len <= ram[i].len - (base - ram[i].base))
+			return 1;
+	return 0;
+}
+
 static int low4g(u64 a, u64 n) { return a != 0 && a < 0x100000000ULL && n <= 0x100000000ULL - a; }
 
 static void copy_cmdline(u64 p)
@@ -40,7 +63,7 @@ static void boot_info(u64 info, u32 kind)
 		for (u32 i = 0; i < n; i++) {
 			const u8 *e = b + 0x2d0 + 20 * i;
 			if (le32(e + 16) == E820_RAM)
-				mem_usable += le64(e + 8);
+				add_ram(le64(e), le64(e + 8));
 		}
 		rsdp = le64(b + 0x070);
 	} else if (kind == BOOT_PVH && le32(b) == PVH_MAGIC) {
@@ -55,7 +78,7 @@ static void boot_info(u64 info, u32 kind)
 				for (u32 i = 0; i < n; i++) {
 					const u8 *e = (const u8 *)mm + 24 * i;
 					if (le32(e + 16) == E820_RAM)
-						mem_usable += le64(e + 8);
+						add_ram(le64(e), le64(e + 8));
 				}
 		}
 	}
@@ -138,6 +161,10 @@ static void parse_cmdline(void)
 			cfg.gw = v;
 		else if (streq(tok, "rayguest.vlan"))
 			cfg.vlan = v;
+		else if (streq(tok, "rayguest.health"))
+			parse_u64_key(tok, v, &cfg.health);
+		else if (streq(tok, "rayguest.health.failafter"))
+			parse_u64_key(tok, v, &cfg.failafter);
 		else if (streq(tok, "virtio_mmio.device"))
 			parse_virtio(v);
 	}
@@ -213,6 +240,12 @@ NORETURN void kmain(u64 info, u32 kind)
 	kprintf("rayguest: rayguest %s memory %lu bytes (%lu MiB) cpus %u\n", RAYGUEST_VERSION,
 		mem_usable, mem_usable >> 20, ncpus_online);
 
+	if (cfg.health) {
+		if (cfg.health > 0xffffffffULL)
+			kprintf("rayguest: bad rayguest.health=%lu\n", cfg.health);
+		else
+			vsock_health_start();
+	}
 	const char *run = cfg.run;
 	if (streq(run, "poweroff")) {
 		kputs("rayguest: poweroff\n");
@@ -240,6 +273,10 @@ NORETURN void kmain(u64 info, u32 kind)
 		job_serve();
 	if (startswith(run, "ping:"))
 		job_ping(run + 5);
+	if (streq(run, "vsock-echo"))
+		job_vsock_echo();
+	if (startswith(run, "vsock-connect:"))
+		job_vsock_connect(run + 14);
 	kprintf("rayguest: unknown job %s\n", run);
 	poweroff();
 }

@@ -112,6 +112,8 @@ static void timer_arm_us(u64 us)
 
 void timer_irq(void) { timer_fired = 1; }
 
+void (*bg_poll)(void);
+
 int wait_for(int (*cond)(void *), void *arg, u64 timeout_us, void (*poll)(void))
 {
 	u64 deadline = 0;
@@ -124,6 +126,8 @@ int wait_for(int (*cond)(void *), void *arg, u64 timeout_us, void (*poll)(void))
 		u32 seen = irq_count;
 		if (poll)
 			poll();
+		if (bg_poll)
+			bg_poll();
 		cli();
 		if (cond(arg)) {
 			sti();

@@ -105,10 +105,10 @@ func (a *Agents) Attach(ctx context.Context, name, vm string) (_ *os.File, detac
 	// fails or is killed before is reported at once: the VM's I/O to the
 	// volume fails from then on (its engine is fenced).
 	exited := make(chan error, 1)
-	var detaching atomic.Bool
+	var attached atomic.Bool // from its ready line to the detach
 	go func() {
 		err := cmd.Wait()
-		if err != nil && !detaching.Load() && a.Stderr != nil {
+		if err != nil && attached.Load() && a.Stderr != nil {
 			fmt.Fprintf(a.Stderr, "rayvmm: sharded volume %s: its agent (pid %d) ended while the VM runs (%v); the VM's I/O to the volume fails from now on\n", name, cmd.Process.Pid, err)
 		}
 		exited <- err
@@ -119,7 +119,6 @@ func (a *Agents) Attach(ctx context.Context, name, vm string) (_ *os.File, detac
 		line <- strings.TrimSpace(s)
 	}()
 	fail := func(err error) (*os.File, func() error, error) {
-		detaching.Store(true)
 		cmd.Process.Kill()
 		<-exited
 		return nil, nil, err
@@ -130,7 +129,6 @@ func (a *Agents) Attach(ctx context.Context, name, vm string) (_ *os.File, detac
 	case l := <-line:
 		if l != agentReady {
 			if l == "" {
-				detaching.Store(true)
 				err := <-exited
 				return nil, nil, fmt.Errorf("sharded volume %s: its agent (%s shard attach) exited without attaching it: %v", name, bin, err)
 			}
@@ -141,8 +139,9 @@ func (a *Agents) Attach(ctx context.Context, name, vm string) (_ *os.File, detac
 	case <-ctx.Done():
 		return fail(fmt.Errorf("sharded volume %s: %w", name, context.Cause(ctx)))
 	}
+	attached.Store(true)
 	detach = func() error {
-		detaching.Store(true)
+		attached.Store(false)
 		t := time.NewTimer(a.exitWait())
 		defer t.Stop()
 		select {

@@ -150,7 +150,13 @@ func (p *peer) send(m *message, fd *os.File) error {
 	}
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	_, _, err = p.conn.WriteMsgUnix(b, oob, nil)
+	if oob == nil {
+		// write(2), one packet on SOCK_SEQPACKET: the sandboxed VM
+		// process, which never passes descriptors, has no sendmsg.
+		_, err = p.conn.Write(b)
+	} else {
+		_, _, err = p.conn.WriteMsgUnix(b, oob, nil)
+	}
 	if err != nil {
 		return fmt.Errorf("link: send: %w", err)
 	}
@@ -290,6 +296,12 @@ func parse(b, oob []byte, flags int) (*message, *os.File, error) {
 	}
 	var fd *os.File
 	if len(fds) == 1 {
+		// The sender's descriptor was made blocking by its os.File.Fd;
+		// a non-blocking one is an os.File the Go poller serves.
+		if err := unix.SetNonblock(fds[0], true); err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("link: received descriptor: %w", err)
+		}
 		fd = os.NewFile(uintptr(fds[0]), "link-fd")
 	}
 	if len(b) == 0 {

@@ -81,12 +81,33 @@ func (v *VM) Dial(ctx context.Context, shard int, r engine.Replica) (*nbd.Client
 		}
 		return nil, fmt.Errorf("dial shard %d on %s: reply without a socket: %w", shard, r.Node, ErrProtocol)
 	}
-	defer fd.Close()
-	conn, err := net.FileConn(fd)
-	if err != nil {
-		return nil, fmt.Errorf("dial shard %d on %s: %w", shard, r.Node, err)
+	return nbd.NewClient(fileConn{fd}, *m.Info), nil
+}
+
+// fileConn is a received socket as a net.Conn for the NBD client: read,
+// written and closed as an os.File (through the Go poller, deadlines
+// work), not net.FileConn, whose getsockopt, getpeername and setsockopt
+// the VM process's sandbox refuses. TCP_NODELAY is the dialler's.
+type fileConn struct{ *os.File }
+
+// fileAddr stands in for the addresses, which the engine never asks for.
+type fileAddr string
+
+func (a fileAddr) Network() string { return "fd" }
+func (a fileAddr) String() string  { return string(a) }
+
+func (c fileConn) LocalAddr() net.Addr  { return fileAddr(c.Name()) }
+func (c fileConn) RemoteAddr() net.Addr { return fileAddr(c.Name()) }
+
+// FD is the link's descriptor number in this process, the one it
+// receives sockets on: the VM process's sandbox allows recvmsg on it
+// alone (seccap.Config.RecvFDSockets).
+func (v *VM) FD() int {
+	fd := -1
+	if rc, err := v.p.conn.SyscallConn(); err == nil {
+		rc.Control(func(d uintptr) { fd = int(d) })
 	}
-	return nbd.NewClient(conn, *m.Info), nil
+	return fd
 }
 
 // Failed implements engine.Reporter.
@@ -204,6 +225,13 @@ func OpenDisk(ctx context.Context, f *os.File, cfg engine.Config) (*Disk, error)
 	if err != nil {
 		return nil, err
 	}
+	return vm.Open(ctx, cfg)
+}
+
+// Open is OpenDisk on a link already started (NewVM), whose descriptor
+// the sandbox had to know first (FD). On error the link is closed.
+func (vm *VM) Open(ctx context.Context, cfg engine.Config) (*Disk, error) {
+	var err error
 	if cfg.Layout, cfg.Resync, err = vm.layout(ctx); err != nil {
 		vm.Close()
 		return nil, err

@@ -11,8 +11,8 @@ import (
 )
 
 // DeviceBench is one benchmark of the device packages: the device path
-// through the mock driver against raw pread/pwrite or raw TAP I/O in the
-// same run. Ratio is device rate / raw rate (1.0: the device costs nothing
+// through the mock driver against raw pread/pwrite, raw TAP I/O or a raw
+// Unix-socket copy in the same run. Ratio is device rate / raw rate (1.0: the device costs nothing
 // over the raw path).
 type DeviceBench struct {
 	Name    string             `json:"name"`
@@ -29,16 +29,16 @@ type DeviceResult struct {
 	rawOutput string
 }
 
-// deviceBenches runs the virtio-blk and virtio-net benchmarks, and the
-// sharded-volume data path (shards/engine: R=1,2,3 against a raw file)
-// and NBD server (shards/nbd: rayvmm's server against qemu-nbd, same
-// clients; there "raw" is qemu-nbd).
-func deviceBenches(ctx context.Context, repo string, blkN, netN int) []*DeviceResult {
+// deviceBenches runs the virtio-blk, virtio-net and virtio-vsock
+// benchmarks, and the sharded-volume data path (shards/engine: R=1,2,3
+// against a raw file) and NBD server (shards/nbd: rayvmm's server against
+// qemu-nbd, same clients; there "raw" is qemu-nbd).
+func deviceBenches(ctx context.Context, repo string, blkN, netN, vsockN int) []*DeviceResult {
 	var out []*DeviceResult
 	for _, p := range []struct {
 		pkg string
 		n   int
-	}{{"./devices/virtio/blk", blkN}, {"./devices/virtio/net", netN}, {"./shards/engine", blkN}, {"./shards/nbd", blkN}} {
+	}{{"./devices/virtio/blk", blkN}, {"./devices/virtio/net", netN}, {"./devices/virtio/vsock", vsockN}, {"./shards/engine", blkN}, {"./shards/nbd", blkN}} {
 		args := []string{"test", "-run", "^$", "-bench", ".", "-benchtime", fmt.Sprintf("%dx", p.n), "-count", "1", p.pkg}
 		r := &DeviceResult{Package: p.pkg, Command: "go " + strings.Join(args, " ")}
 		cmd := exec.CommandContext(ctx, "go", args...)

@@ -31,12 +31,28 @@ type ExitResult struct {
 	Rounds int       `json:"rounds"`
 	Rayvmm *ExitSide `json:"rayvmm"`
 	Raw    *ExitSide `json:"raw_loop"`
+	// RayvmmOff is rayvmm with the sandbox off (Rayvmm runs strict, the
+	// default).
+	RayvmmOff *ExitSide `json:"rayvmm_sandbox_off,omitempty"`
 	// Ratio is rayvmm's median per-exit time over the raw loop's.
 	Ratio float64 `json:"ratio"`
+	// SandboxRatio is rayvmm's (strict) median per-exit time over rayvmm's
+	// with the sandbox off: what the two seccomp filters cost an exit.
+	SandboxRatio float64 `json:"sandbox_ratio,omitempty"`
 }
 
-// exitCompare runs rayguest's pio:N job at two N under rayvmm and the raw
-// loop, interleaved, rounds times.
+// sides lists the sides that ran.
+func (e *ExitResult) sides() []*ExitSide {
+	out := []*ExitSide{e.Rayvmm}
+	if e.RayvmmOff != nil {
+		out = append(out, e.RayvmmOff)
+	}
+	return append(out, e.Raw)
+}
+
+// exitCompare runs rayguest's pio:N job at two N under rayvmm (sandbox
+// strict, the default, and off) and the raw loop, interleaved, rounds
+// times.
 func exitCompare(ctx context.Context, rayvmm, rawloop string, memMiB, nLow, nHigh, rounds int) *ExitResult {
 	res := &ExitResult{NLow: nLow, NHigh: nHigh, Rounds: rounds}
 	type side struct {
@@ -53,6 +69,9 @@ func exitCompare(ctx context.Context, rayvmm, rawloop string, memMiB, nLow, nHig
 		}},
 		{out: &ExitSide{Name: "raw KVM loop"}, argv: func(n int) []string {
 			return []string{rawloop, "-memory", fmt.Sprint(memMiB << 20), "-n", fmt.Sprint(n)}
+		}},
+		{out: &ExitSide{Name: nameRayvmmOff}, argv: func(n int) []string {
+			return []string{rayvmm, "boot", "--sandbox", "off", "--memory", fmt.Sprintf("%dM", memMiB), "--cmdline", fmt.Sprintf("rayguest.run=pio:%d", n)}
 		}},
 	}
 	for _, s := range sides {
@@ -104,9 +123,12 @@ func exitCompare(ctx context.Context, rayvmm, rawloop string, memMiB, nLow, nHig
 			s.out.InternalPerExitNS = &in
 		}
 	}
-	res.Rayvmm, res.Raw = sides[0].out, sides[1].out
+	res.Rayvmm, res.Raw, res.RayvmmOff = sides[0].out, sides[1].out, sides[2].out
 	if res.Rayvmm.PerExitNS.N > 0 && res.Raw.PerExitNS.N > 0 {
 		res.Ratio = res.Rayvmm.PerExitNS.Median / res.Raw.PerExitNS.Median
+	}
+	if res.Rayvmm.PerExitNS.N > 0 && res.RayvmmOff.PerExitNS.N > 0 {
+		res.SandboxRatio = res.Rayvmm.PerExitNS.Median / res.RayvmmOff.PerExitNS.Median
 	}
 	return res
 }

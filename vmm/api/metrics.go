@@ -9,6 +9,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/devices/virtio/blk"
 	vnet "github.com/rayvmm/rayvmm/devices/virtio/net"
+	"github.com/rayvmm/rayvmm/devices/virtio/vsock"
 )
 
 // The metrics are written in the Prometheus text exposition format
@@ -171,7 +172,45 @@ func (a *Server) metrics() []byte {
 			drops.sample("", float64(d.v), "nic", n.Spec.ID, "direction", d.dir, "reason", d.reason)
 		}
 	}
+	if vs := v.Vsock(); vs != nil {
+		vsockMetrics(fam, vs.Device.Metrics().Snapshot())
+	}
 	return b.Bytes()
+}
+
+// vsockMetrics writes the vsock device's counters (a VM has at most one).
+func vsockMetrics(fam func(name, typ, help string) *family, s vsock.Snapshot) {
+	for _, m := range []struct {
+		name, typ, help string
+		v               uint64
+	}{
+		{"rayvmm_vsock_rx_packets_total", "counter", "Packets delivered to the guest.", s.RxPackets},
+		{"rayvmm_vsock_rx_bytes_total", "counter", "Data bytes delivered to the guest.", s.RxBytes},
+		{"rayvmm_vsock_tx_packets_total", "counter", "Packets sent by the guest.", s.TxPackets},
+		{"rayvmm_vsock_tx_bytes_total", "counter", "Data bytes from the guest written to host sockets.", s.TxBytes},
+		{"rayvmm_vsock_connections", "gauge", "Connections open now (both directions, handshakes included).", s.ConnsAdded - s.ConnsRemoved},
+		{"rayvmm_vsock_host_connects_total", "counter", "Host connections accepted on the vsock socket.", s.HostConnects},
+		{"rayvmm_vsock_host_connects_established_total", "counter", "Host connections the guest accepted (OK sent).", s.HostConnectsOK},
+		{"rayvmm_vsock_guest_connects_total", "counter", "Guest connection requests to the host.", s.GuestConnects},
+		{"rayvmm_vsock_guest_connects_refused_total", "counter", "Guest connection requests nothing listened for (RST).", s.GuestRefused},
+		{"rayvmm_vsock_interrupts_total", "counter", "Interrupts raised to the guest.", s.Interrupts},
+	} {
+		fam(m.name, m.typ, m.help).sample("", float64(m.v))
+	}
+	errs := fam("rayvmm_vsock_errors_total", "counter", "Packets, connections and host clients refused or failed, by kind (none stops the device).")
+	for _, e := range []struct {
+		kind string
+		v    uint64
+	}{
+		{"handshake", s.HandshakeErrors}, {"handshake_timeout", s.HandshakeTimeouts}, {"conn_limit", s.ConnLimit},
+		{"request_timeout", s.RequestTimeouts}, {"shutdown_timeout", s.ShutdownTimeouts},
+		{"bad_chain", s.BadChain}, {"bad_header", s.BadHeader}, {"bad_type", s.BadType}, {"bad_cid", s.BadCID},
+		{"bad_op", s.BadOp}, {"unroutable", s.Unroutable}, {"credit_overflow", s.CreditOverflow}, {"rst_dropped", s.RstDropped},
+		{"host_read", s.HostReadErrors}, {"host_write", s.HostWriteErrors}, {"interrupt", s.InterruptErrors},
+		{"queue", s.QueueErrors}, {"loop", s.LoopErrors}, {"config_write", s.ConfigWrites},
+	} {
+		errs.sample("", float64(e.v), "kind", e.kind)
+	}
 }
 
 func sortedKeys(m map[string]uint64) []string {

@@ -139,6 +139,9 @@ func (s *System) CreateVM() (*VM, error) {
 // Close closes the VM fd. vCPUs must be closed first.
 func (vm *VM) Close() error { return unix.Close(vm.fd) }
 
+// FD is the VM's descriptor (for a seccomp filter that names it).
+func (vm *VM) FD() int { return vm.fd }
+
 // SetMemoryRegion maps host memory at hostAddr as guest RAM at gpa in a new
 // slot (KVM_SET_USER_MEMORY_REGION).
 func (vm *VM) SetMemoryRegion(gpa, size uint64, hostAddr uintptr) error {
@@ -235,6 +238,9 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 	}
 	return &VCPU{ID: id, fd: int(fd), run: run}, nil
 }
+
+// FD is the vCPU's descriptor (for a seccomp filter that names it).
+func (c *VCPU) FD() int { return c.fd }
 
 // Close unmaps kvm_run and closes the vCPU fd.
 func (c *VCPU) Close() error {

@@ -1,7 +1,8 @@
 // Package control is the control plane's side of a VM: it resolves the
 // names and state a spec refers to — volumes (locked for the VM), networks
-// (bridges, VLAN ports, NAT; TAPs created), generated MACs, the API socket
-// (a stale one reclaimed), the metrics file — opens every resource, and
+// (bridges, VLAN ports, NAT; TAPs created), generated MACs, the API and
+// vsock sockets (made by ListenSocket, removed when the VM is gone), the
+// metrics file — opens every resource, and
 // hands them to a VM process (rayvmm-vm) through package vmproc. It also
 // reads specs from YAML or JSON files.
 //
@@ -14,14 +15,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/storage/volume"
@@ -67,6 +67,8 @@ type Resources struct {
 	afterExit  []func() error // in reverse order once the VM process is gone
 	metricsTmp string
 	metricsDst string
+	outcome    *os.File     // the read end of Handoff.Outcome
+	report     *report.Pipe // strict mode's SIGSYS report
 }
 
 // Open resolves and opens everything s names. s must be defaulted and
@@ -80,8 +82,15 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	eff := s.Clone()
-	if eff.Name == "" {
-		eff.Name = fmt.Sprintf("rayvmm-%d", os.Getpid())
+	eff.Name = VMName(s)
+	if eff.Vsock != nil && !filepath.IsAbs(eff.Vsock.UDS) {
+		// The VM process connects guest connections to UDS_P by path.
+		if eff.Vsock.UDS, err = filepath.Abs(eff.Vsock.UDS); err != nil {
+			return nil, fmt.Errorf("vsock.uds: %w", err)
+		}
+		if err := eff.Validate(); err != nil { // its length, now
+			return nil, err
+		}
 	}
 	r := &Resources{Handoff: &vmproc.Handoff{Spec: eff}, Files: &vmproc.Files{}}
 	defer func() {
@@ -90,6 +99,17 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		}
 	}()
 	h := r.Handoff
+
+	// How the VM ended comes back on a pipe (for the audit log).
+	or, ow, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("outcome pipe: %w", err)
+	}
+	r.outcome = or
+	r.afterExit = append(r.afterExit, or.Close)
+	r.own(ow)
+	ref := r.Files.Ref(ow, "outcome pipe")
+	h.Outcome = &ref
 
 	kvm, err := os.OpenFile(o.KVMDevice, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -111,26 +131,17 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		h.Initrd = &ref
 	}
 	if eff.APISocket != "" {
-		l, err := ListenAPI(eff.APISocket)
-		if err != nil {
+		if h.API, err = r.listen(eff.APISocket); err != nil {
 			return nil, fmt.Errorf("apiSocket: %w", err)
 		}
-		f, err := l.File()
-		l.Close() // the path stays: SetUnlinkOnClose(false)
-		if err != nil {
-			os.Remove(eff.APISocket)
-			return nil, fmt.Errorf("apiSocket: %w", err)
+	}
+	if eff.Vsock != nil {
+		if h.Vsock, err = r.listen(eff.Vsock.UDS); err != nil {
+			return nil, fmt.Errorf("vsock.uds: %w", err)
 		}
-		r.own(f)
-		ref := r.Files.Ref(f, eff.APISocket)
-		h.API = &ref
-		path := eff.APISocket
-		r.afterExit = append(r.afterExit, func() error {
-			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return fmt.Errorf("remove API socket: %w", err)
-			}
-			return nil
-		})
+	}
+	if err := r.openSandbox(eff); err != nil {
+		return nil, err
 	}
 	if eff.MetricsFile != "" {
 		f, err := os.CreateTemp(filepath.Dir(eff.MetricsFile), ".metrics-*")
@@ -170,6 +181,30 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		}
 	}
 	return r, nil
+}
+
+// listen makes a listening socket at path (see ListenSocket) for the VM
+// process; the control plane removes the file once the VM is gone.
+func (r *Resources) listen(path string) (*vmproc.File, error) {
+	l, remove, err := ListenSocket(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := l.File()
+	l.Close() // the path stays: the VM process listens on f
+	if err != nil {
+		remove()
+		return nil, err
+	}
+	r.own(f)
+	r.afterExit = append(r.afterExit, func() error {
+		if err := remove(); err != nil {
+			return fmt.Errorf("remove socket: %w", err)
+		}
+		return nil
+	})
+	ref := r.Files.Ref(f, path)
+	return &ref, nil
 }
 
 // own makes f one of this process's copies, closed once launched.
@@ -310,6 +345,21 @@ func (r *Resources) Launched() error {
 	return errors.Join(errs...)
 }
 
+// Outcome reads how the VM ended, as its VM process reported it; call it
+// once the process has exited. It is nil when the process reported
+// nothing (it was killed).
+func (r *Resources) Outcome() (*vmproc.Outcome, error) { return vmproc.ReadOutcome(r.outcome) }
+
+// SandboxKill tells whether the sandbox killed the exited VM process: nil
+// unless st is death by SIGSYS, else a *report.KilledError naming the
+// refused call when the process reported it.
+func (r *Resources) SandboxKill(st *os.ProcessState) error {
+	if r.report == nil {
+		return nil
+	}
+	return r.report.Explain(st)
+}
+
 // Close releases what the VM held once its process is gone: volume locks,
 // the hold on networks, the API socket. It puts the metrics file in place
 // if the VM process wrote it, and removes it otherwise.
@@ -335,61 +385,3 @@ func (r *Resources) Close() error {
 func (r *Resources) abandon() {
 	r.Close()
 }
-
-// ErrSocketInUse means a live process serves the API socket path.
-var ErrSocketInUse = errors.New("in use by a running VM")
-
-// ListenAPI makes the API's listening socket at path, mode 0600. A stale
-// socket left by a killed process (nothing accepts on it) is removed
-// first; a live one, or anything that is not a socket, is refused. The
-// socket is made in a private directory and renamed into place, so it is
-// never reachable with looser permissions.
-func ListenAPI(path string) (*net.UnixListener, error) {
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		c, err := net.Dial("unix", path)
-		if err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s: %w", path, ErrSocketInUse)
-		}
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("%s: probe: %w", path, err)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("%s: remove stale socket: %w", path, err)
-		}
-	}
-	dir, err := os.MkdirTemp(filepath.Dir(path), ".rv")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	tmp := filepath.Join(dir, "s")
-	if len(tmp) > maxSocketPath {
-		// No room for the detour: bind in place. The socket has the
-		// umask's mode until the chmod; connecting needs write permission,
-		// which a usual umask (022) gives no one else.
-		tmp = path
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
-	if err != nil {
-		return nil, err
-	}
-	l.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		l.Close()
-		return nil, err
-	}
-	if tmp != path {
-		if err := os.Rename(tmp, path); err != nil {
-			l.Close()
-			return nil, err
-		}
-	}
-	return l, nil
-}
-
-// maxSocketPath is sun_path's size less its NUL.
-const maxSocketPath = 107

@@ -1,8 +1,12 @@
 package control
 
 import (
+	"errors"
 	"io"
+	"net"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/rayvmm/rayvmm/guestkernel"
@@ -42,35 +46,100 @@ func BenchmarkSealedMemfd(b *testing.B) {
 	}
 }
 
-// TestListenAPI: the socket is 0600; a stale one is replaced, a live one
-// refused, anything else refused.
-func TestListenAPI(t *testing.T) {
+// TestListenSocket: the API and vsock sockets are 0600; a stale one is
+// reclaimed, a live one refused and left alone, anything else refused;
+// the first owner's remove leaves a successor's socket alone; nothing is
+// left behind.
+func TestListenSocket(t *testing.T) {
 	dir := t.TempDir()
-	p := dir + "/api.sock"
-	l, err := ListenAPI(p)
+	path := filepath.Join(dir, "v.sock")
+	empty := func(dir string) {
+		t.Helper()
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			t.Fatalf("left behind: %v", ents)
+		}
+	}
+
+	l, remove, err := ListenSocket(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st, err := os.Stat(p); err != nil || st.Mode().Perm() != 0o600 || st.Mode().Type() != os.ModeSocket {
-		t.Fatalf("socket %v, %v", st, err)
+	if fi, err := os.Lstat(path); err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket file: %v, %v", fi, err)
 	}
-	if _, err := ListenAPI(p); err == nil {
-		t.Fatal("a live socket was taken over")
-	}
-	l.Close() // SetUnlinkOnClose(false): the path stays, stale
-	l2, err := ListenAPI(p)
-	if err != nil {
-		t.Fatalf("stale socket not reclaimed: %v", err)
-	}
-	l2.Close()
-	os.Remove(p)
-	if err := os.WriteFile(p, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ListenAPI(p); err == nil {
-		t.Fatal("a regular file was replaced by a socket")
+	if c, err := net.Dial("unix", path); err != nil {
+		t.Fatalf("connect to the new socket: %v", err)
+	} else {
+		c.Close()
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Fatalf("left behind: %v", ents)
 	}
+
+	// A live socket is refused and left alone.
+	if _, _, err := ListenSocket(path); !errors.Is(err, ErrSocketInUse) {
+		t.Fatalf("second listen on a live socket: %v", err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("the live socket was removed: %v", err)
+	}
+
+	// Closed without removing the file, as after kill -9: reclaimed.
+	l.Close()
+	l2, remove2, err := ListenSocket(path)
+	if err != nil {
+		t.Fatalf("reclaiming a stale socket: %v", err)
+	}
+	// The first owner's remove must not delete its successor's socket.
+	if err := remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("the old owner removed the new socket: %v", err)
+	}
+	if err := remove2(); err != nil {
+		t.Fatal(err)
+	}
+	if err := remove2(); err != nil {
+		t.Fatalf("a second remove: %v", err)
+	}
+	l2.Close()
+	empty(dir)
+
+	// Anything but a socket is refused.
+	if err := os.WriteFile(path, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ListenSocket(path); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("listen over a regular file: %v", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "data" {
+		t.Fatal("the regular file was touched")
+	}
+	os.Remove(path)
+
+	// A path at the length limit: no room for the private directory's
+	// detour, so it is bound in place, still 0600.
+	deep := filepath.Join(dir, strings.Repeat("d", 101-len(dir)-1))
+	if err := os.Mkdir(deep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	long := filepath.Join(deep, "v") // 103 bytes; the detour would need at least 108
+	l3, remove3, err := ListenSocket(long)
+	if err != nil {
+		t.Fatalf("listen at the length limit: %v", err)
+	}
+	if fi, err := os.Lstat(long); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket at the length limit: %v, %v", fi, err)
+	}
+	remove3()
+	l3.Close()
+	empty(deep)
+	os.Remove(deep)
+
+	// A directory that does not exist: an error, nothing made.
+	if _, _, err := ListenSocket(filepath.Join(dir, "nope", "v.sock")); err == nil {
+		t.Fatal("listen in a missing directory succeeded")
+	}
+	empty(dir)
 }

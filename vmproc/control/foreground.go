@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/signal"
@@ -9,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rayvmm/rayvmm/seccap/forbidden"
 	"github.com/rayvmm/rayvmm/vmproc"
 )
 
@@ -22,6 +24,9 @@ type ForegroundOptions struct {
 	BootTimer bool
 	LogLevel  string
 	Version   string
+	// Audit records the boot, before the guest runs, and how it ended
+	// (nil: nothing is recorded).
+	Audit *BootAudit
 }
 
 // Foreground runs the VM process for r as rayvmm boot does: its console is
@@ -30,13 +35,23 @@ type ForegroundOptions struct {
 // returns the VM process's exit status; the VM process reports how the VM
 // ended itself, on stderr. A VM process killed by a signal is an error
 // wrapping vmproc.ErrKilled, and the terminal is restored for it. r is closed
-// once the VM process is gone.
-func Foreground(r *Resources, o ForegroundOptions) (code int, err error) {
-	defer func() {
-		if cerr := r.Close(); cerr != nil && err == nil {
-			err = cerr
+// once the VM process is gone, and then the end is recorded (o.Audit).
+func Foreground(ctx context.Context, r *Resources, o ForegroundOptions) (code int, err error) {
+	var e ending
+	code, err = foreground(ctx, r, o, &e)
+	if cerr := r.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	if o.Audit != nil {
+		e.code, e.err = code, err
+		if aerr := o.Audit.end(ctx, e); aerr != nil && err == nil {
+			code, err = 1, aerr
 		}
-	}()
+	}
+	return code, err
+}
+
+func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *ending) (int, error) {
 	h := r.Handoff
 	h.Console = true
 	h.Started = o.Started
@@ -54,18 +69,37 @@ func Foreground(r *Resources, o ForegroundOptions) (code int, err error) {
 
 	p, err := vmproc.Launch(h, r.Files, vmproc.Options{
 		Binary: o.Binary, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-		Env: passEnv(),
+		Env: passEnv(), Gate: o.Audit != nil,
 	})
 	if err != nil {
 		return 1, err
 	}
 	r.Launched()
-	for {
+	// The boot record is written while the VM process builds the VM; the
+	// guest runs once it is on disk.
+	booted := make(chan error, 1)
+	if o.Audit != nil {
+		go func() { booted <- o.Audit.boot(ctx, r) }()
+	}
+	var auditErr error
+	for waiting := o.Audit != nil; ; {
 		select {
 		case s := <-sigs:
 			p.Signal(s)
 			continue
+		case err := <-booted:
+			waiting = false
+			if err != nil {
+				auditErr = err
+				p.CutLifeline() // the VM process stops before the guest runs
+			} else {
+				p.Go() // an error: it is gone already, and Wait says how
+			}
+			continue
 		case <-p.Done():
+		}
+		if waiting {
+			auditErr = <-booted
 		}
 		break
 	}
@@ -73,20 +107,35 @@ func Foreground(r *Resources, o ForegroundOptions) (code int, err error) {
 	if err != nil {
 		return 1, fmt.Errorf("wait for VM process: %w", err)
 	}
-	if kerr := vmproc.KilledError(st); kerr != nil {
+	if e.sandboxKill = r.SandboxKill(st); e.sandboxKill != nil {
 		if tty != nil {
 			unix.IoctlSetTermios(int(os.Stdin.Fd()), unix.TCSETS, tty)
 		}
-		return 1, kerr
+		return 1, e.sandboxKill
+	}
+	if e.killed = vmproc.KilledError(st); e.killed != nil {
+		if tty != nil {
+			unix.IoctlSetTermios(int(os.Stdin.Fd()), unix.TCSETS, tty)
+		}
+		return 1, e.killed
+	}
+	e.outcome, err = r.Outcome()
+	if auditErr != nil {
+		return 1, auditErr
+	}
+	if err != nil {
+		return 1, err
 	}
 	return st.ExitCode(), nil
 }
 
 // passEnv is the environment the VM process keeps: nothing but what the
-// Go runtime reads.
+// Go runtime reads, and the sandbox tests' request.
 func passEnv() []string {
 	var env []string
-	for _, k := range []string{"GODEBUG", "GOTRACEBACK", "GOMAXPROCS", "GOGC", "GOMEMLIMIT"} {
+	// forbidden.Env: a seccaptest build of rayvmm-vm makes the forbidden
+	// call it names (the sandbox's tests); other builds ignore it.
+	for _, k := range []string{"GODEBUG", "GOTRACEBACK", "GOMAXPROCS", "GOGC", "GOMEMLIMIT", forbidden.Env} {
 		if v, ok := os.LookupEnv(k); ok {
 			env = append(env, k+"="+v)
 		}

@@ -8,6 +8,7 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio/blk"
 	"github.com/rayvmm/rayvmm/devices/virtio/mmio"
 	vnet "github.com/rayvmm/rayvmm/devices/virtio/net"
+	"github.com/rayvmm/rayvmm/devices/virtio/vsock"
 	"github.com/rayvmm/rayvmm/vmm"
 )
 
@@ -31,11 +32,19 @@ type nicMetrics struct {
 	Transport mmio.Stats    `json:"transport"`
 }
 
+type vsockMetrics struct {
+	CID       uint32         `json:"cid"`
+	UDS       string         `json:"uds"`
+	Metrics   vsock.Snapshot `json:"metrics"`
+	Transport mmio.Stats     `json:"transport"`
+}
+
 type vmMetrics struct {
 	Exit      string        `json:"exit"`
 	BootTimes vmm.BootTimes `json:"boot_times"`
 	Disks     []diskMetrics `json:"disks"`
 	NICs      []nicMetrics  `json:"nics"`
+	Vsock     *vsockMetrics `json:"vsock,omitempty"`
 }
 
 // writeMetrics writes the VM's device metrics as JSON to f.
@@ -49,6 +58,10 @@ func writeMetrics(f *os.File, v *vmm.VM) error {
 			Metrics:   n.Device.Metrics().Snapshot(),
 			Transport: n.Slot.Transport.Stats(),
 		})
+	}
+	if vs := v.Vsock(); vs != nil {
+		m.Vsock = &vsockMetrics{CID: vs.Device.CID(), UDS: vs.Device.Path(),
+			Metrics: vs.Device.Metrics().Snapshot(), Transport: vs.Slot.Transport.Stats()}
 	}
 	if e := v.Exit(); e != nil {
 		m.Exit = e.String()

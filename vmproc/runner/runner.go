@@ -1,9 +1,16 @@
 // Package runner is the VM process (rayvmm-vm): from a handoff it takes
 // over the inherited descriptors — the KVM device, the kernel, the disk
-// images, the TAPs, the API socket, the metrics file — builds the VM
-// (vmm.Build), serves its API, connects the console and runs the guest
-// until it powers off, crashes or is stopped (a signal, Ctrl-A x, the API's
-// Shutdown, or the control plane going away). It opens nothing by path.
+// images, the TAPs, the API and vsock sockets, the metrics file — builds
+// the VM (vmm.Build), serves its API, connects the console and runs the
+// guest until it powers off, crashes or is stopped (a signal, Ctrl-A x,
+// the API's Shutdown, or the control plane going away). It opens nothing
+// by path; the one thing it connects to by path is what a guest vsock
+// connection to host port P asks for, the Unix socket <vsock.uds>_P.
+//
+// Before the guest's first instruction the process sandboxes itself
+// (package seccap, the handoff's Sandbox: prepared while the VM is built,
+// applied once it is, a tighter filter on each vCPU thread) and waits for
+// the control plane's go (the boot is in the audit log).
 //
 // How the VM ended is reported as rayvmm boot always did: one line on
 // stderr ("rayvmm: ...") and the exit status (0 for a power off, a reset or
@@ -27,6 +34,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network/port"
+	"github.com/rayvmm/rayvmm/seccap"
+	"github.com/rayvmm/rayvmm/seccap/forbidden"
 	"github.com/rayvmm/rayvmm/shards/engine"
 	"github.com/rayvmm/rayvmm/shards/link"
 	"github.com/rayvmm/rayvmm/storage"
@@ -36,22 +45,73 @@ import (
 )
 
 // Run runs the VM r describes and returns the process's exit status,
-// having printed how the VM ended.
+// having printed how the VM ended and reported it on the outcome pipe.
 func Run(r *vmproc.Received) int {
 	h := r.Handoff
+	var report *os.File
+	if h.Outcome != nil {
+		// First: every way out reports through it.
+		f, err := h.Outcome.Open()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "rayvmm: outcome pipe: %v\n", err)
+			return 1
+		}
+		report = f
+		defer report.Close()
+	}
+	o := run(r)
+	if report != nil {
+		if err := vmproc.WriteOutcome(report, o); err != nil {
+			fmt.Fprintf(os.Stderr, "rayvmm: outcome pipe: %v\n", err)
+		}
+	}
+	return o.Status
+}
+
+// run runs the VM and says how it ended.
+func run(r *vmproc.Received) vmproc.Outcome {
+	h := r.Handoff
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level(h.LogLevel)}))
-	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "rayvmm: %v\n", oneLine(err))
-		return 1
+	ran := false
+	fail := func(err error) vmproc.Outcome {
+		msg := oneLine(err)
+		fmt.Fprintf(os.Stderr, "rayvmm: %s\n", msg)
+		return vmproc.Outcome{Status: 1, Reason: msg, Ran: ran}
+	}
+	// Half of the sandbox needs nothing the VM is built from: prepare it
+	// while the VM is built (seccap.Prepare).
+	type prepared struct {
+		p   *seccap.Prepared
+		err error
+	}
+	preparing := make(chan prepared, 1)
+	// Sharded disks' links first: the sandbox allows recvmsg on their
+	// descriptors only.
+	links, err := openLinks(h)
+	if err != nil {
+		return fail(err)
+	}
+	if h.Sandbox != nil {
+		c := *h.Sandbox
+		for _, l := range links {
+			c.RecvFDSockets = append(c.RecvFDSockets, l.FD())
+		}
+		go func() {
+			p, err := seccap.Prepare(c)
+			preparing <- prepared{p, err}
+		}()
 	}
 	// Everything the control plane handed over, so that whatever is not
 	// taken over by the VM is closed if building it fails.
 	holds, err := openHolds(h.Holds)
 	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
 		return fail(err)
 	}
 	defer closeAll(holds)
-	b, apiL, metrics, unmap, err := takeOver(h, log)
+	b, apiL, metrics, unmap, err := takeOver(h, links, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -62,8 +122,18 @@ func Run(r *vmproc.Received) int {
 	if h.Console {
 		stdout = os.Stdout
 	}
+	// The sandbox is applied after the VM is built; each vCPU thread,
+	// made when the VM runs, stacks its own filter then.
+	var sandbox *seccap.Applied
 	v, err := vmm.Build(h.Spec, b, vmm.Options{
 		Console: stdout, Log: log, Started: h.Started, CPUBefore: h.CPUBefore, BootTimer: h.BootTimer,
+		VCPUThread: func(id, vcpuFD, vmFD int) error {
+			if err := sandbox.VCPUFilter(vcpuFD, vmFD); err != nil {
+				return err
+			}
+			forbidden.OnVCPU(id)
+			return nil
+		},
 	})
 	unmap() // the guest is loaded (or will not be)
 	if err != nil {
@@ -105,16 +175,59 @@ func Run(r *vmproc.Received) int {
 	if h.Console {
 		c := &console{in: os.Stdin}
 		if restore, err = c.start(v.Serial(), func() { stop(errors.New("Ctrl-A x pressed")) }); err != nil {
+			if srv != nil {
+				srv.Close()
+			}
 			v.Close()
 			return fail(err)
 		}
 	}
-	exit, err := v.Run(ctx)
+	// Everything is open: from here on the process can do almost
+	// nothing (package seccap).
+	if h.Sandbox != nil {
+		pr := <-preparing
+		err := pr.err
+		if err == nil {
+			sandbox, err = pr.p.Apply()
+		}
+		if err != nil {
+			restore()
+			if srv != nil {
+				srv.Close()
+			}
+			v.Close()
+			return fail(err)
+		}
+		log.Info(sandbox.String())
+		forbidden.AfterSandbox()
+	}
+	// The guest's first instruction waits for the control plane's go,
+	// which comes once the boot is in the audit log (see Handoff.Gate).
+	select {
+	case <-r.Go():
+	case <-ctx.Done():
+	case <-r.Refused():
+		stop(errors.New("the control plane did not let the guest run"))
+	}
+	var exit *vmm.Exit
+	if ctx.Err() == nil {
+		ran = true
+		exit, err = v.Run(ctx)
+	}
 	restore()
 	if srv != nil {
 		srv.Close()
 	}
 	closeErr := v.Close()
+	if !ran {
+		// Nothing ran; whoever stopped it (a signal, the control plane)
+		// says why.
+		log.Info("stopped before the guest ran", "cause", context.Cause(ctx))
+		if closeErr != nil {
+			return fail(closeErr)
+		}
+		return vmproc.Outcome{Reason: "stopped before the guest ran: " + context.Cause(ctx).Error()}
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -134,16 +247,19 @@ func Run(r *vmproc.Received) int {
 	case closeErr != nil:
 		return fail(closeErr)
 	}
-	return 0
+	return vmproc.Outcome{Reason: exit.String(), Ran: true}
 }
 
 // takeOver opens the handed-over descriptors as the VM's backends.
 // The kernel and initrd mappings are undone by unmap, once the guest is
 // loaded.
-func takeOver(h *vmproc.Handoff, log *slog.Logger) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
+func takeOver(h *vmproc.Handoff, links map[int]*link.VM, log *slog.Logger) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
 	var undo []io.Closer
 	defer func() {
 		if err != nil {
+			for _, l := range links {
+				l.Close() // those not opened as disks (Close is idempotent)
+			}
 			closeAll(undo)
 		}
 	}()
@@ -171,7 +287,8 @@ func takeOver(h *vmproc.Handoff, log *slog.Logger) (b vmm.Backends, apiL net.Lis
 	}
 	for i, d := range h.Disks {
 		if d.Link != nil {
-			disk, err := openSharded(*d.Link, log)
+			disk, err := openSharded(links[i], log)
+			delete(links, i)
 			if err != nil {
 				return b, nil, nil, nil, fmt.Errorf("disk %s (%s): %w", h.Spec.Disks[i].ID, d.Source, err)
 			}
@@ -215,6 +332,12 @@ func takeOver(h *vmproc.Handoff, log *slog.Logger) (b vmm.Backends, apiL net.Lis
 		}
 		undo = append(undo, apiL)
 	}
+	if h.Vsock != nil {
+		if b.Vsock, err = h.Vsock.Open(); err != nil {
+			return b, nil, nil, nil, fmt.Errorf("vsock socket: %w", err)
+		}
+		undo = append(undo, b.Vsock)
+	}
 	if h.Metrics != nil {
 		if metrics, err = h.Metrics.Open(); err != nil {
 			return b, nil, nil, nil, fmt.Errorf("metrics file: %w", err)
@@ -228,15 +351,33 @@ func takeOver(h *vmproc.Handoff, log *slog.Logger) (b vmm.Backends, apiL net.Lis
 // the engine's request timeout).
 const shardedOpenWait = time.Minute
 
-// openSharded opens a sharded volume's engine on its link to the agent.
-func openSharded(ref vmproc.File, log *slog.Logger) (storage.Disk, error) {
-	f, err := ref.Open()
-	if err != nil {
-		return nil, err
+// openLinks starts the VM process's end of each sharded disk's link to
+// its agent, by disk index.
+func openLinks(h *vmproc.Handoff) (map[int]*link.VM, error) {
+	links := map[int]*link.VM{}
+	for i, d := range h.Disks {
+		if d.Link == nil {
+			continue
+		}
+		f, err := d.Link.Open()
+		if err == nil {
+			links[i], err = link.NewVM(f)
+		}
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return nil, fmt.Errorf("disk %d (%s): %w", i, d.Source, err)
+		}
 	}
+	return links, nil
+}
+
+// openSharded opens a sharded volume's engine on its link to the agent.
+func openSharded(l *link.VM, log *slog.Logger) (storage.Disk, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), shardedOpenWait)
 	defer cancel()
-	return link.OpenDisk(ctx, f, engine.Config{Log: log})
+	return l.Open(ctx, engine.Config{Log: log})
 }
 
 // openNIC makes a NIC's port from its TAP descriptors: the TAP itself, or

@@ -20,9 +20,13 @@ import (
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
 
-// DefaultStateDir is --state-dir's default: /var/lib/rayvmm for root,
-// else under $XDG_DATA_HOME or ~/.local/share.
+// DefaultStateDir is --state-dir's default: $RAYVMM_STATE_DIR if set,
+// else /var/lib/rayvmm for root, else under $XDG_DATA_HOME or
+// ~/.local/share.
 func DefaultStateDir() string {
+	if d := os.Getenv("RAYVMM_STATE_DIR"); d != "" {
+		return d
+	}
 	if os.Geteuid() == 0 {
 		return "/var/lib/rayvmm"
 	}
