@@ -37,6 +37,7 @@ type shardEnv struct {
 	state string
 	nodes map[string]*shardNode
 	logs  *lineWatcher // the last boot's stderr
+	boots []string     // more flags for rayvmm boot (a jail)
 }
 
 type shardNode struct {
@@ -114,7 +115,7 @@ func (e *shardEnv) kill9(name string) {
 // (stderr), kept apart so that log lines cannot split a guest line.
 func (e *shardEnv) boot(cmdline string) (*exec.Cmd, *lineWatcher) {
 	e.t.Helper()
-	cmd := exec.Command(rayvmm, e.args("boot", "-v", "--sandbox", "strict", "--disk", "volume=vol", "--cmdline", cmdline)...)
+	cmd := exec.Command(rayvmm, e.args(append(append([]string{"boot", "-v", "--sandbox", "strict"}, e.boots...), "--disk", "volume=vol", "--cmdline", cmdline)...)...)
 	w := newLineWatcher()
 	e.logs = newLineWatcher()
 	cmd.Stdout, cmd.Stderr = w, e.logs
@@ -713,15 +714,25 @@ func (e *shardEnv) waitReplicas(t *testing.T, node string, ok func(string) bool,
 	}
 }
 
-// TestShardsEventual: an eventual volume (R=2) passes blktest, and once
-// the VM has flushed and detached both replicas hold every block.
+// TestShardsEventual: an eventual volume (R=2) passes blktest with its
+// VM process jailed as nobody (the engine needs no path: its sockets come
+// over the link), and once the VM has flushed and detached both replicas
+// hold every block; the jail goes with the VM.
 func TestShardsEventual(t *testing.T) {
 	e := newShardEnv(t, "a", "b")
 	e.rv("volume", "create", "vol", "--size", "1M", "--shard-size", "256K", "--replicas", "2", "--consistency", "eventual")
+	dir, jail := jailFlags(t)
+	e.boots = jail
 	out, code := e.bootWait(blktest(17, ""))
 	want := expectImage(shVolSize, 17, shBlocks)
 	e.guestOK(out, code, want)
+	if !strings.Contains(e.logs.String(), "jailed in") {
+		t.Fatalf("the VM process was not jailed:\n%s", e.logs.String())
+	}
 	e.identical(want, nil)
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("jail left behind: %v", ents)
+	}
 }
 
 // TestShardsUnknownVolume: rayvmm boot links no etcd, so a volume name
