@@ -208,6 +208,19 @@ func (w *lineWatcher) waitUntil(t testing.TB, what string, timeout time.Duration
 	}
 }
 
+// waitClosed waits until the process behind the watcher has exited.
+func (w *lineWatcher) waitClosed(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for !w.isClosed() {
+		select {
+		case <-w.cond:
+		case <-deadline:
+			t.Fatalf("the process did not exit within %v; output so far:\n%s", timeout, w.String())
+		}
+	}
+}
+
 // proc is a rayvmm process a test started and talks to while it runs.
 type proc struct {
 	cmd  *exec.Cmd

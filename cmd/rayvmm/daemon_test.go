@@ -8,8 +8,9 @@ import (
 	"testing"
 )
 
-// rayvmm daemon runs rayvmmd: found next to rayvmm, else through
-// $RAYVMMD_BINARY; missing, it says where it looked, on one line.
+// rayvmm daemon runs rayvmmd with the same arguments: found next to
+// rayvmm, else through $RAYVMMD_BINARY; missing, it says where it looked,
+// on one line.
 func TestDaemonExec(t *testing.T) {
 	bin := buildRayvmm(t)
 	run := func(env []string, args ...string) (string, string, error) {
@@ -30,7 +31,7 @@ func TestDaemonExec(t *testing.T) {
 		t.Fatal(err)
 	}
 	stdout, stderr, err := run([]string{"RAYVMMD_BINARY=" + fake}, "--state-dir", "/tmp/s", "daemon", "--socket", "/tmp/x.sock", "-v")
-	if err != nil || strings.TrimSpace(stdout) != "daemon --state-dir /tmp/s --socket /tmp/x.sock -v" {
+	if err != nil || strings.TrimSpace(stdout) != "--state-dir /tmp/s daemon --socket /tmp/x.sock -v" {
 		t.Errorf("rayvmm daemon ran rayvmmd with %q (%v, %s)", stdout, err, stderr)
 	}
 }

@@ -19,19 +19,12 @@ import (
 	"github.com/rayvmm/rayvmm/pods/daemon"
 )
 
-func defaultStateDir() string {
-	if d := os.Getenv("RAYVMM_STATE_DIR"); d != "" {
-		return d
-	}
-	return "/var/lib/rayvmm"
-}
-
 type daemonFlags struct {
-	socket, stateDir, socketGroup string
-	cgroupParent, kvmDevice       string
-	policy                        string
-	backoffScale                  float64
-	verbose                       bool
+	socket, socketGroup     string
+	cgroupParent, kvmDevice string
+	policy                  string
+	backoffScale            float64
+	verbose                 bool
 }
 
 func init() {
@@ -75,7 +68,6 @@ state directory.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.socket, "socket", daemon.DefaultSocket, "the API's Unix socket")
-	fl.StringVar(&f.stateDir, "state-dir", defaultStateDir(), "the state directory (as rayvmm's --state-dir; $RAYVMM_STATE_DIR)")
 	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) that may use the socket (default: the daemon's)")
 	fl.StringVar(&f.cgroupParent, "cgroup-parent", cgroup.DefaultParent, "cgroup directory the pods' groups go under")
 	fl.StringVar(&f.kvmDevice, "kvm-device", "/dev/kvm", "KVM device")
@@ -121,7 +113,7 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 	if err != nil {
 		return err
 	}
-	aud, err := openAuditor(f.stateDir)
+	aud, err := openAuditor(stateDir)
 	if err != nil {
 		return err
 	}
@@ -132,12 +124,12 @@ func runDaemon(cmd *cobra.Command, f *daemonFlags) (err error) {
 	}()
 	d, err := daemon.New(daemon.Config{
 		Authorizer: authz,
-		StateDir:   f.stateDir, Socket: f.socket, SocketGID: gid, BackoffScale: f.backoffScale,
+		StateDir:   stateDir, Socket: f.socket, SocketGID: gid, BackoffScale: f.backoffScale,
 		Cgroups: cg, Kernel: guestkernel.ELF, KVMDevice: f.kvmDevice, Version: version, Log: log,
 		Auditor: aud,
 		Ready: func() {
 			fmt.Fprintf(os.Stderr, "rayvmmd: %s\n", authz.Describe())
-			fmt.Fprintf(os.Stderr, "rayvmmd: serving pods on %s (state directory %s)\n", f.socket, f.stateDir)
+			fmt.Fprintf(os.Stderr, "rayvmmd: serving pods on %s (state directory %s)\n", f.socket, stateDir)
 			sdNotify("READY=1")
 		},
 	})

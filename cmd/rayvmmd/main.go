@@ -1,18 +1,24 @@
-// Command rayvmmd is rayvmm's daemon binary: the commands that link what
-// the rayvmm CLI must not (the Prometheus client, the cgroup library,
-// etcd), so that every rayvmm command starts fast. `rayvmm daemon ...`
-// execs `rayvmmd daemon ...`.
+// Command rayvmmd is rayvmm's third executable, beside rayvmm (the CLI and
+// foreground control plane) and rayvmm-vm (the VM process): the pods
+// daemon and everything that links etcd, the Prometheus client or the
+// cgroup library. Keeping them out of rayvmm keeps every rayvmm command's
+// start (and rayvmm boot's boot-to-ready) fast. rayvmm runs rayvmmd in its
+// own place (syscall.Exec, same arguments) for the commands that need it
+// (`rayvmm daemon ...` runs `rayvmmd daemon ...`), so users type rayvmm;
+// rayvmmd names itself after argv[0] in help and errors.
 //
 // Each command lives in its own file and registers itself on rootCmd in
 // init.
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
+
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 )
 
 // version is set by the build (-X main.version=...).
@@ -20,29 +26,24 @@ var version = "dev"
 
 var rootCmd = &cobra.Command{
 	Use:           "rayvmmd",
-	Short:         "rayvmmd runs rayvmm's long-running services (the pods daemon)",
+	Short:         "rayvmm's daemon and sharded-volume commands (run through rayvmm)",
 	SilenceUsage:  true,
 	SilenceErrors: true,
 }
 
-// exitError carries an exit status out of a command.
-type exitError struct {
-	code int
-	err  error
+// stateDir is the directory for everything rayvmm keeps between runs.
+var stateDir string
+
+func init() {
+	rootCmd.PersistentFlags().StringVar(&stateDir, "state-dir", command.DefaultStateDir(),
+		"directory for volumes, networks and other state rayvmm keeps between runs")
 }
 
-func (e *exitError) Error() string { return e.err.Error() }
-func (e *exitError) Unwrap() error { return e.err }
-
 func main() {
-	err := rootCmd.Execute()
-	if err == nil {
-		return
+	name := filepath.Base(os.Args[0])
+	rootCmd.Use = name
+	if err := rootCmd.Execute(); err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		os.Exit(1)
 	}
-	fmt.Fprintf(os.Stderr, "rayvmmd: %v\n", err)
-	var ee *exitError
-	if errors.As(err, &ee) {
-		os.Exit(ee.code)
-	}
-	os.Exit(1)
 }
