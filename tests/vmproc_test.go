@@ -144,7 +144,8 @@ func waitGone(t *testing.T, pid int, what string) {
 // backing chain) and the volume's lock, its TAPs, its API socket and its
 // vsock socket (each told apart by the address it was bound to, in
 // /proc/PID/net/unix), eventfds, the Go runtime's epoll, the console
-// (stdin, stdout and stderr: pipes here), the lifeline pipe, the one it
+// (stdin, stdout and stderr: pipes here), the handoff socket (the lifeline;
+// unbound), the pipe it
 // reports how the VM ended on and the sandbox's SIGSYS report pipe.
 // Nothing else: no kernel file, no state directory, no netlink socket,
 // nothing inherited from elsewhere.
@@ -186,6 +187,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		"API socket":            regexp.MustCompile(`^` + regexp.QuoteMeta(apiDir) + `/`),
 		"vsock socket":          regexp.MustCompile(`^` + regexp.QuoteMeta(vsockDir) + `/`),
 		"pipe":                  regexp.MustCompile(`^pipe:\[\d+\]$`),
+		"handoff socket":        regexp.MustCompile(`^$`), // unbound: a socket pair's end
 		"disk images":           regexp.MustCompile(`^(` + regexp.QuoteMeta(top) + `|` + regexp.QuoteMeta(base) + `|` + regexp.QuoteMeta(vol.Path) + `)$`),
 		"the volume's lock":     regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "volumes", "data.lock")) + `$`),
 		"console (stdin /null)": regexp.MustCompile(`^/dev/null$`),
@@ -218,7 +220,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 6}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 5}, {"handoff socket", 1}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}

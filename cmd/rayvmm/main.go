@@ -11,6 +11,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/rayvmm/rayvmm/cmd/rayvmm/internal/prestart"
 )
 
 // exitError carries a specific exit status out of a command (a guest that
@@ -72,6 +74,7 @@ func init() {
 
 func main() {
 	err := rootCmd.Execute()
+	prestart.Discard() // the VM process started ahead, if unused
 	if cerr := closeAudit(); err == nil {
 		err = cerr
 	}
