@@ -2,10 +2,11 @@
 // plane (rayvmm boot, the rayvmm daemon), which resolved the VM's spec and
 // opened every resource it needs, and handed them over as file descriptors
 // on its handoff socket (package vmproc). A control plane may start it
-// before it knows the VM (package vmproc/spawn); one that then needs no
-// VM closes the socket, and rayvmm-vm exits quietly with status 0. It opens nothing by path, never touches
-// rayvmm's state directory, and links only what running a guest needs:
-// vmm, the virtio devices, the disk backends and the network data path.
+// before it knows the VM (package vmproc/spawn); one that then needs no VM
+// closes the socket, and rayvmm-vm exits quietly with status 0. It opens
+// nothing by path, never touches rayvmm's state directory, and links only
+// what running a guest needs: vmm, the virtio devices, the disk backends
+// and the network data path.
 //
 // Run by hand, it says so and exits with status 2.
 package main
