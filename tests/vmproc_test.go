@@ -115,15 +115,26 @@ func vmProcess(t *testing.T, pid int) int {
 	return 0
 }
 
-// alive reports whether pid exists and is not a zombie.
+// alive reports whether pid exists and one of its threads is neither a
+// zombie nor dead. The thread group's leader turns zombie as soon as it
+// exits itself, while its other threads may still be exiting and still
+// hold the process's descriptors (and so its locks).
 func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return false
 	}
-	i := bytes.LastIndexByte(b, ')')
-	f := strings.Fields(string(b[i+1:]))
-	return len(f) > 0 && f[0] != "Z"
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(b, ')')
+		if f := strings.Fields(string(b[i+1:])); len(f) > 0 && f[0] != "Z" && f[0] != "X" {
+			return true
+		}
+	}
+	return false
 }
 
 // waitGone waits until pid has exited.
