@@ -4,17 +4,21 @@ export CGO_ENABLED = 0
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: all rayvmm rayvmm-vm guestkernel test test-repeat unit integration bench vet fmt clean
+.PHONY: all rayvmm rayvmm-vm rayvmmd guestkernel test test-repeat unit integration bench vet fmt clean
 
-all: rayvmm rayvmm-vm
+all: rayvmm rayvmm-vm rayvmmd
 
 # rayvmm is the CLI and control plane; rayvmm-vm the VM process it starts
-# for each guest (found next to rayvmm).
+# for each guest (found next to rayvmm); rayvmmd the daemon and everything
+# that links etcd (sharded volumes), which rayvmm runs for those commands.
 rayvmm:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm ./cmd/rayvmm
 
 rayvmm-vm:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm-vm ./cmd/rayvmm-vm
+
+rayvmmd:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmmd ./cmd/rayvmmd
 
 # make guestkernel: rebuild rayguest from scratch, rewriting
 # guestkernel/rayguest.elf and guestkernel/toolchain.txt (commit both).
@@ -26,7 +30,7 @@ vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 # make test: every test (unit, fuzz seed corpora, integration on /dev/kvm).
-test: rayvmm rayvmm-vm vet
+test: rayvmm rayvmm-vm rayvmmd vet
 	$(GO) test -count=1 -timeout 30m ./...
 
 # make test-repeat [N=5]: the whole suite N times over (each a separate
@@ -38,7 +42,7 @@ test-repeat:
 
 # make bench: side-by-side benchmarks (tests/bench); writes
 # tests/bench/results and the README's Performance section. Needs root.
-bench: rayvmm rayvmm-vm
+bench: rayvmm rayvmm-vm rayvmmd
 	$(GO) run ./tests/bench $(BENCHFLAGS)
 
 clean:

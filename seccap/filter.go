@@ -155,9 +155,15 @@ func processGroups(c Config, landlockFS bool, pid int) []group {
 		g = append(g, group{"the vsock device: its epoll loop (one per activation), host sockets read with readv, the CONNECT line peeked, a peer's shutdown polled", []call{
 			argIn("epoll_create1", 0, unix.EPOLL_CLOEXEC), {name: "readv"}, argIn("recvfrom", 3, unix.MSG_PEEK), {name: "ppoll"}}})
 	}
-	if c.RecvFDSocket > 0 {
-		g = append(g, group{"the sharded data path: NBD sockets received over its socketpair (SCM_RIGHTS), on that descriptor only", []call{
-			argIn("recvmsg", 0, uint64(c.RecvFDSocket))}})
+	var links []uint64
+	for _, fd := range c.RecvFDSockets {
+		if fd > 0 {
+			links = append(links, uint64(fd))
+		}
+	}
+	if len(links) > 0 {
+		g = append(g, group{"the sharded data path: NBD sockets received over its links (SCM_RIGHTS), on those descriptors only", []call{
+			argIn("recvmsg", 0, links...)}})
 	}
 	if landlockFS {
 		g = append(g, group{"files by path: landlock refuses every one (only allowed here because landlock is enforced)", calls("openat")})

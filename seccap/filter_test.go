@@ -97,7 +97,7 @@ func TestProcessFilter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withShards, err := processProgram(Config{Mode: ModeStrict, RecvFDSocket: 9, DialTCP: []uint16{10809}}, strict)
+	withShards, err := processProgram(Config{Mode: ModeStrict, RecvFDSockets: []int{9, 11}, DialTCP: []uint16{10809}}, strict)
 	if err != nil {
 		t.Fatal(err)
 	}

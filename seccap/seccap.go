@@ -177,13 +177,13 @@ type Config struct {
 	// recvfrom(MSG_PEEK) (the CONNECT line) and ppoll (has the peer
 	// shut down).
 	Vsock bool `json:"vsock,omitempty"`
-	// RecvFDSocket is the hook of the sharded data path: a Unix socket
-	// (a socketpair end handed over) on which the VM process receives
-	// descriptors, the NBD sockets of a sharded volume, with recvmsg and
-	// SCM_RIGHTS, also to reconnect. recvmsg is allowed on this
-	// descriptor only; 0 (or negative) for none. (Reconnects by TCP need
-	// their ports in DialTCP.)
-	RecvFDSocket int `json:"recv_fd_socket,omitempty"`
+	// RecvFDSockets are the sharded data path's links (package
+	// shards/link): Unix sockets, one per sharded disk, on which the VM
+	// process receives the NBD sockets of its replicas with recvmsg and
+	// SCM_RIGHTS, also to reconnect. recvmsg is allowed on these
+	// descriptors only; the VM process sets them itself (the numbers its
+	// links have once opened), before the filter is made.
+	RecvFDSockets []int `json:"recv_fd_sockets,omitempty"`
 	// Jail, when set, confines the process first (see Jail).
 	Jail *Jail `json:"jail,omitempty"`
 	// Landlocked: the process was started landlocked with this config's

@@ -1,6 +1,7 @@
 package storage_test
 
 import (
+	"context"
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
@@ -23,7 +24,7 @@ func benchDisk(b *testing.B, format string) storage.Disk {
 		buf[i] = byte(i*7 + 1)
 	}
 	for off := int64(0); off < benchDiskSize; off += int64(len(buf)) {
-		if _, err := d.WriteAt(buf, off); err != nil {
+		if _, err := d.WriteAt(context.Background(), buf, off); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -51,9 +52,9 @@ func BenchmarkRandom4K(b *testing.B) {
 					off := r.Int64N(benchDiskSize/4096) * 4096
 					var err error
 					if write {
-						_, err = d.WriteAt(buf, off)
+						_, err = d.WriteAt(context.Background(), buf, off)
 					} else {
-						_, err = d.ReadAt(buf, off)
+						_, err = d.ReadAt(context.Background(), buf, off)
 					}
 					if err != nil {
 						b.Fatal(err)
@@ -73,7 +74,7 @@ func BenchmarkRandom4K(b *testing.B) {
 		b.SetBytes(4096)
 		i := int64(0)
 		for b.Loop() {
-			if _, err := d.WriteAt(buf, i*(64<<10)); err != nil {
+			if _, err := d.WriteAt(context.Background(), buf, i*(64<<10)); err != nil {
 				b.Fatal(err)
 			}
 			i++

@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -80,7 +81,7 @@ func TestReadCompressedImages(t *testing.T) {
 				// Reads of a whole disk, and of pieces that start and end
 				// inside compressed clusters.
 				got := make([]byte, len(want))
-				if _, err := d.ReadAt(got, 0); err != nil {
+				if _, err := d.ReadAt(context.Background(), got, 0); err != nil {
 					t.Fatal(err)
 				}
 				if !bytes.Equal(got, want) {
@@ -88,7 +89,7 @@ func TestReadCompressedImages(t *testing.T) {
 				}
 				for _, off := range []int{cluster / 3, cluster + 100, 3*cluster - 7} {
 					p := got[:min(cluster, len(want)-off)]
-					if _, err := d.ReadAt(p, int64(off)); err != nil {
+					if _, err := d.ReadAt(context.Background(), p, int64(off)); err != nil {
 						t.Fatal(err)
 					}
 					if !bytes.Equal(p, want[off:off+len(p)]) {

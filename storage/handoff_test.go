@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -33,7 +34,7 @@ func chainOf(t *testing.T) string {
 		if l.name == "top.qcow2" {
 			off = 128 << 10
 		}
-		if _, err := im.WriteAt(bytes.Repeat([]byte(l.name[:1]), 4096), off); err != nil {
+		if _, err := im.WriteAt(context.Background(), bytes.Repeat([]byte(l.name[:1]), 4096), off); err != nil {
 			t.Fatal(err)
 		}
 		if err := im.Close(); err != nil {
@@ -62,7 +63,7 @@ func handOver(t *testing.T, files []storage.ImageFile) []storage.ImageFile {
 func readByte(t *testing.T, d storage.Disk, off int64) byte {
 	t.Helper()
 	b := make([]byte, 1)
-	if _, err := d.ReadAt(b, off); err != nil {
+	if _, err := d.ReadAt(context.Background(), b, off); err != nil {
 		t.Fatal(err)
 	}
 	return b[0]
@@ -99,7 +100,7 @@ func TestHandOverChain(t *testing.T) {
 	if _, err := storage.OpenDisk(top, "", false); !errors.Is(err, raw.ErrInUse) {
 		t.Fatalf("second read-write open while the handed-over disk is open: %v, want ErrInUse", err)
 	}
-	if _, err := got.WriteAt([]byte("new"), 0); err != nil {
+	if _, err := got.WriteAt(context.Background(), []byte("new"), 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := got.Close(); err != nil {
@@ -166,7 +167,7 @@ func TestHandOverProbedRaw(t *testing.T) {
 	}
 	storage.Release(d)
 	defer got.Close()
-	if _, err := got.WriteAt(append([]byte("QFI\xfb"), make([]byte, 508)...), 0); !errors.Is(err, storage.ErrProbedFormat) {
+	if _, err := got.WriteAt(context.Background(), append([]byte("QFI\xfb"), make([]byte, 508)...), 0); !errors.Is(err, storage.ErrProbedFormat) {
 		t.Fatalf("qcow2 magic through a handed-over probed raw disk: %v", err)
 	}
 }

@@ -44,7 +44,7 @@ func OpenDisk(path, format string, readOnly bool) (Disk, error) {
 		if err != nil || !probed || readOnly {
 			return d, err
 		}
-		return probeGuard{d}, nil
+		return newProbeGuard(d), nil
 	case "qcow2":
 		return qcow2.Open(path, qcow2.Options{ReadOnly: readOnly})
 	}
@@ -73,7 +73,7 @@ type ImageFile = qcow2.ChainFile
 // process has them, Release the disk here.
 func Files(d Disk) (files []ImageFile, probed bool, err error) {
 	switch d := d.(type) {
-	case probeGuard:
+	case *probeGuard:
 		files, _, err = Files(d.Disk)
 		return files, true, err
 	case *raw.File:
@@ -106,7 +106,7 @@ func FromFiles(files []ImageFile, readOnly, probed bool) (Disk, error) {
 			return nil, fmt.Errorf("open raw disk %s: %w", files[0].Path, err)
 		}
 		if probed && !readOnly {
-			return probeGuard{d}, nil
+			return newProbeGuard(d), nil
 		}
 		return d, nil
 	case "qcow2":
@@ -123,7 +123,7 @@ func FromFiles(files []ImageFile, readOnly, probed bool) (Disk, error) {
 // which now owns the image.
 func Release(d Disk) error {
 	switch d := d.(type) {
-	case probeGuard:
+	case *probeGuard:
 		return Release(d.Disk)
 	case *raw.File:
 		return d.Release()

@@ -2,10 +2,12 @@ package storage_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -22,10 +24,10 @@ func TestOpenDiskFormats(t *testing.T) {
 				t.Fatal(err)
 			}
 			data := bytes.Repeat([]byte{0xa5}, 3000)
-			if _, err := d.WriteAt(data, 70000); err != nil {
+			if _, err := d.WriteAt(context.Background(), data, 70000); err != nil {
 				t.Fatal(err)
 			}
-			if err := d.Flush(); err != nil {
+			if err := d.Flush(context.Background()); err != nil {
 				t.Fatal(err)
 			}
 			d.Close()
@@ -38,10 +40,10 @@ func TestOpenDiskFormats(t *testing.T) {
 			}
 			defer d.Close()
 			got := make([]byte, 3000)
-			if _, err := d.ReadAt(got, 70000); err != nil || !bytes.Equal(got, data) {
+			if _, err := d.ReadAt(context.Background(), got, 70000); err != nil || !bytes.Equal(got, data) {
 				t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, data))
 			}
-			if _, err := d.WriteAt(data, 0); err == nil {
+			if _, err := d.WriteAt(context.Background(), data, 0); err == nil {
 				t.Fatal("write to a read-only disk succeeded")
 			}
 		})
@@ -103,7 +105,10 @@ func writeFile(t *testing.T, dir, name string, n int) string {
 	return p
 }
 
-func TestProbedRawRefusesQcow2Magic(t *testing.T) {
+// openProbed makes a zeroed 1 MiB image and opens it without a format:
+// raw, detected, so guarded.
+func openProbed(t *testing.T) (string, storage.Disk) {
+	t.Helper()
 	p := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
@@ -112,18 +117,55 @@ func TestProbedRawRefusesQcow2Magic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	t.Cleanup(func() { d.Close() })
+	return p, d
+}
+
+// TestProbedRawConcurrentHalves: the virtio-blk device writes at once;
+// two concurrent writes, each with half of the qcow2 magic, must not both
+// pass the guard's check against the old bytes.
+func TestProbedRawConcurrentHalves(t *testing.T) {
+	_, d := openProbed(t)
+	ctx := context.Background()
+	for i := range 300 {
+		if _, err := d.WriteAt(ctx, make([]byte, 4), 0); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		for _, half := range []struct {
+			b   string
+			off int64
+		}{{"QF", 0}, {"I\xfb", 2}} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d.WriteAt(ctx, []byte(half.b), half.off)
+			}()
+		}
+		wg.Wait()
+		head := make([]byte, 4)
+		if _, err := d.ReadAt(ctx, head, 0); err != nil {
+			t.Fatal(err)
+		}
+		if string(head) == "QFI\xfb" {
+			t.Fatalf("round %d: two concurrent writes made the qcow2 magic", i)
+		}
+	}
+}
+
+func TestProbedRawRefusesQcow2Magic(t *testing.T) {
+	p, d := openProbed(t)
 	hdr := append([]byte("QFI\xfb"), make([]byte, 508)...)
-	if _, err := d.WriteAt(hdr, 0); !errors.Is(err, storage.ErrProbedFormat) {
+	if _, err := d.WriteAt(context.Background(), hdr, 0); !errors.Is(err, storage.ErrProbedFormat) {
 		t.Fatalf("qcow2 magic written to a probed raw image: %v", err)
 	}
-	if _, err := d.WriteAt([]byte("\xfb"), 3); err != nil {
+	if _, err := d.WriteAt(context.Background(), []byte("\xfb"), 3); err != nil {
 		t.Fatalf("a write that does not complete the magic: %v", err)
 	}
-	if _, err := d.WriteAt([]byte("QFI"), 0); !errors.Is(err, storage.ErrProbedFormat) {
+	if _, err := d.WriteAt(context.Background(), []byte("QFI"), 0); !errors.Is(err, storage.ErrProbedFormat) {
 		t.Fatalf("magic completed in two writes: %v", err)
 	}
-	if _, err := d.WriteAt([]byte("data"), 4096); err != nil {
+	if _, err := d.WriteAt(context.Background(), []byte("data"), 4096); err != nil {
 		t.Fatal(err)
 	}
 	if _, ok := d.(storage.Discarder); !ok {
@@ -139,7 +181,7 @@ func TestProbedRawRefusesQcow2Magic(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d2.Close()
-	if _, err := d2.WriteAt(hdr, 0); err != nil {
+	if _, err := d2.WriteAt(context.Background(), hdr, 0); err != nil {
 		t.Fatalf("explicit raw: %v", err)
 	}
 }

@@ -44,8 +44,8 @@ func TestMain(m *testing.M) {
 	// of the host's /var/lib/rayvmm.
 	os.Setenv("RAYVMM_STATE_DIR", filepath.Join(dir, "state"))
 	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
-	// rayvmm finds rayvmm-vm next to itself.
-	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm"} {
+	// rayvmm finds rayvmm-vm and rayvmmd next to itself.
+	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm", filepath.Join(dir, "rayvmmd"): "./cmd/rayvmmd"} {
 		build := exec.Command("go", "build", "-o", bin, pkg)
 		build.Dir = repoRoot
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -202,6 +202,19 @@ func (w *lineWatcher) waitUntil(t testing.TB, what string, timeout time.Duration
 		case <-w.cond:
 		case <-deadline:
 			t.Fatalf("no %s within %v; output so far:\n%s", what, timeout, w.String())
+		}
+	}
+}
+
+// waitClosed waits until the process behind the watcher has exited.
+func (w *lineWatcher) waitClosed(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for !w.isClosed() {
+		select {
+		case <-w.cond:
+		case <-deadline:
+			t.Fatalf("the process did not exit within %v; output so far:\n%s", timeout, w.String())
 		}
 	}
 }

@@ -100,18 +100,21 @@ func childrenOf(pid int) []int {
 }
 
 // vmProcess finds the rayvmm-vm process that rayvmm (pid) started.
-func vmProcess(t *testing.T, pid int) int {
+func vmProcess(t *testing.T, pid int) int { return childRunning(t, pid, "rayvmm-vm") }
+
+// childRunning finds the child of pid that runs the executable name.
+func childRunning(t *testing.T, pid int, name string) int {
 	t.Helper()
 	deadline := time.Now().Add(guestWait)
 	for time.Now().Before(deadline) {
 		for _, k := range childrenOf(pid) {
-			if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", k)); err == nil && filepath.Base(exe) == "rayvmm-vm" {
+			if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", k)); err == nil && filepath.Base(exe) == name {
 				return k
 			}
 		}
 		time.Sleep(10 * time.Millisecond) // polling /proc for a process that starts at once
 	}
-	t.Fatalf("no rayvmm-vm child of pid %d within %v", pid, guestWait)
+	t.Fatalf("no %s child of pid %d within %v", name, pid, guestWait)
 	return 0
 }
 

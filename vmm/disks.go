@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -28,7 +29,7 @@ type Disk struct {
 func (v *VM) AttachDisk(d spec.Disk, backend storage.Disk, source string) (_ *Disk, err error) {
 	name := fmt.Sprintf("disk %s (%s)", d.ID, source)
 	release := func() error {
-		if err := errors.Join(backend.Flush(), backend.Close()); err != nil {
+		if err := errors.Join(backend.Flush(context.Background()), backend.Close()); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		return nil

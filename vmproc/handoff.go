@@ -140,14 +140,20 @@ type File struct {
 	Name string `json:"name"`
 }
 
-// Disk is one disk's image files, top first (see storage.Files).
+// Disk is one disk's image files, top first (see storage.Files), or the
+// link of a sharded volume.
 type Disk struct {
-	Files    []ImageFile `json:"files"`
-	ReadOnly bool        `json:"read_only"`
+	Files []ImageFile `json:"files,omitempty"`
+	// Link is a sharded volume's: the VM process's end of the link to
+	// the volume's agent (package shards/link), which hands the engine
+	// its layout and its replica connections. No Files then.
+	Link     *File `json:"link,omitempty"`
+	ReadOnly bool  `json:"read_only"`
 	// Probed: a raw image whose format was detected, which keeps the
 	// guard against the guest writing a qcow2 header.
 	Probed bool `json:"probed"`
-	// Source is a path or "volume:NAME", for messages and metrics.
+	// Source is a path, "volume:NAME" or "sharded:NAME", for messages and
+	// metrics.
 	Source string `json:"source"`
 }
 
@@ -427,8 +433,8 @@ func (h *Handoff) check() error {
 		}
 	}
 	for i, d := range h.Disks {
-		if len(d.Files) == 0 {
-			return fmt.Errorf("disk %d: no files", i)
+		if (len(d.Files) == 0) == (d.Link == nil) {
+			return fmt.Errorf("disk %d: %d files and link %v: want files or a link", i, len(d.Files), d.Link != nil)
 		}
 	}
 	for i, n := range h.NICs {

@@ -21,12 +21,27 @@ const Binary = spawn.Binary
 // EnvBinary names the VM process's executable explicitly.
 const EnvBinary = spawn.EnvBinary
 
-// ErrNoBinary means rayvmm-vm was not found.
+// DaemonBinary is rayvmm's third executable: the daemon and everything
+// that links etcd (sharded volumes), which rayvmm runs for those commands.
+const DaemonBinary = "rayvmmd"
+
+// EnvDaemonBinary names rayvmmd's executable explicitly.
+const EnvDaemonBinary = "RAYVMMD_BINARY"
+
+// ErrNoBinary means rayvmm-vm (or rayvmmd) was not found.
 var ErrNoBinary = spawn.ErrNoBinary
 
 // FindBinary locates rayvmm-vm: next to this executable, then
 // $RAYVMM_VM_BINARY, then on PATH.
 func FindBinary() (string, error) { return spawn.FindBinary() }
+
+// FindDaemon locates rayvmmd the same way: next to this executable, then
+// $RAYVMMD_BINARY, then on PATH.
+func FindDaemon() (string, error) { return FindExecutable(DaemonBinary, EnvDaemonBinary) }
+
+// FindExecutable locates one of rayvmm's executables (see
+// spawn.FindExecutable).
+func FindExecutable(name, env string) (string, error) { return spawn.FindExecutable(name, env) }
 
 // Files collects the descriptors to hand over; Add returns the descriptor
 // number the VM process sees, for the Handoff's tables.

@@ -13,6 +13,7 @@ import (
 	"github.com/rayvmm/rayvmm/cmd/rayvmm/internal/prestart"
 	"github.com/rayvmm/rayvmm/guestkernel"
 	"github.com/rayvmm/rayvmm/internal/starttime"
+	"github.com/rayvmm/rayvmm/shards/cluster"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/vmproc/control"
 )
@@ -262,9 +263,13 @@ func runBoot(cmd *cobra.Command, f *bootFlags) error {
 	if err := ba.Check(); err != nil {
 		return err
 	}
-	res, err := control.Open(ctx, s, control.Options{
-		StateDir: stateDir, KVMDevice: f.kvmDevice, BuiltinKernel: guestkernel.ELF, Log: log,
-	})
+	o := control.Options{StateDir: stateDir, KVMDevice: f.kvmDevice, BuiltinKernel: guestkernel.ELF, Log: log}
+	if clusterConfigured() {
+		// A volume that is not a local one may be a sharded volume: its
+		// agent (rayvmmd shard attach) owns it while the VM runs.
+		o.Sharded = &cluster.Agents{StateDir: stateDir, Endpoints: etcdEndpoints, Stderr: os.Stderr, Verbose: level <= slog.LevelInfo}
+	}
+	res, err := control.Open(ctx, s, o)
 	if err != nil {
 		return ba.Failed(ctx, err)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/cmd/rayvmm/internal/prestart"
 )
 
@@ -51,21 +52,7 @@ and attaches virtio-blk disks and virtio-net NICs behind which live volumes
 // stateDir is the directory for everything rayvmm keeps between runs.
 var stateDir string
 
-func defaultStateDir() string {
-	if d := os.Getenv("RAYVMM_STATE_DIR"); d != "" {
-		return d
-	}
-	if os.Geteuid() == 0 {
-		return "/var/lib/rayvmm"
-	}
-	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
-		return d + "/rayvmm"
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return h + "/.local/share/rayvmm"
-	}
-	return ".rayvmm"
-}
+func defaultStateDir() string { return command.DefaultStateDir() }
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&stateDir, "state-dir", defaultStateDir(),

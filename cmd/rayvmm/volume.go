@@ -1,12 +1,10 @@
 package main
 
 import (
-	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
-	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -14,6 +12,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/rayvmm/rayvmm/audit"
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
 )
@@ -36,29 +35,43 @@ be attached again, snapshotted or removed.`,
 }
 
 // args makes cobra check for exactly the named positional arguments.
-func args(names ...string) cobra.PositionalArgs {
-	return func(cmd *cobra.Command, a []string) error {
-		if len(a) != len(names) {
-			return fmt.Errorf("%s takes %s (got %d argument(s))", cmd.CommandPath(), strings.Join(names, " "), len(a))
-		}
-		return nil
-	}
-}
+func args(names ...string) cobra.PositionalArgs { return command.Args(names...) }
 
 func store() (*volume.Store, error) { return volume.Open(stateDir) }
 
 func init() {
 	var size, format string
+	var sharded shardedFlags
 	create := &cobra.Command{
-		Use:   "create NAME --size SIZE [--format raw|qcow2]",
-		Short: "Create an empty volume",
+		Use:   "create NAME --size SIZE [--format raw|qcow2] | --replicas N [--shard-size SIZE] [--consistency strong|eventual] [--nodes A,B,C]",
+		Short: "Create an empty volume, local or sharded",
+		Long: `Create an empty volume. Without --replicas it is a local raw or qcow2 image
+under the state directory. With --replicas it is a sharded volume: split into
+--shard-size shards, each kept as N replicas on distinct storage nodes
+("rayvmm shard serve"), placed so every node holds about as many replicas
+as any other. Its metadata lives in etcd (see "rayvmm shard").
+
+Consistency: strong (default) acknowledges a write once every healthy replica
+has it, and refuses writes to a shard with fewer than --min-replicas healthy
+replicas (default: a majority); eventual acknowledges on the first replica,
+the others follow, and a flush waits for all of them (default minimum 1).`,
 		Example: `  rayvmm volume create data --size 10G
-  rayvmm volume create scratch --size 512M --format raw`,
+  rayvmm volume create scratch --size 512M --format raw
+  rayvmm volume create db --size 4G --replicas 3 --shard-size 64M
+  rayvmm volume create logs --size 1G --replicas 2 --consistency eventual --nodes a,b`,
 		Args: args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			n, err := spec.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
+			}
+			if cmd.Flags().Changed("replicas") {
+				return handOver() // sharded: rayvmmd checks the flags and talks to etcd
+			}
+			for _, f := range []string{"shard-size", "consistency", "nodes", "min-replicas"} {
+				if cmd.Flags().Changed(f) {
+					return fmt.Errorf("--%s is for sharded volumes: give --replicas too", f)
+				}
 			}
 			s, err := store()
 			if err != nil {
@@ -74,6 +87,13 @@ func init() {
 	}
 	create.Flags().StringVar(&size, "size", "", "virtual size: bytes, or with a K, M, G or T suffix (powers of 1024)")
 	create.Flags().StringVar(&format, "format", "qcow2", "image format: raw or qcow2")
+	// Parsed here for the help and the flag checks; rayvmmd reads them
+	// again from the same arguments.
+	create.Flags().IntVar(&sharded.replicas, "replicas", 0, "make a sharded volume with this many replicas of each shard (runs in rayvmmd)")
+	create.Flags().StringVar(&sharded.shardSize, "shard-size", "64M", "sharded: size of each shard (a multiple of 64K dividing --size)")
+	create.Flags().StringVar(&sharded.consistency, "consistency", "strong", "sharded: strong or eventual")
+	create.Flags().IntVar(&sharded.minReplicas, "min-replicas", 0, "sharded: fewest healthy replicas a shard needs to accept writes (default: a majority for strong, 1 for eventual)")
+	create.Flags().StringSliceVar(&sharded.nodes, "nodes", nil, "sharded: nodes to place replicas on (default: every live node)")
 	create.MarkFlagRequired("size")
 
 	list := &cobra.Command{
@@ -81,6 +101,9 @@ func init() {
 		Short: "List volumes",
 		Args:  args(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if clusterConfigured() {
+				return handOver() // rayvmmd lists local and sharded volumes
+			}
 			s, err := store()
 			if err != nil {
 				return err
@@ -89,26 +112,13 @@ func init() {
 			if err != nil {
 				return err
 			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tFORMAT\tSIZE\tALLOCATED\tSTATE\tPARENT")
-			for _, v := range vs {
-				st := string(v.State)
-				if v.ReadOnly {
-					st += " (snapshot)"
-				}
-				parent := v.Parent
-				if parent == "" {
-					parent = "-"
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Format, spec.FormatSize(v.Size), spec.FormatSize(v.Allocated), st, parent)
-			}
-			return w.Flush()
+			return command.VolumeTable(cmd.OutOrStdout(), command.LocalRows(vs))
 		},
 	}
 
 	inspect := &cobra.Command{
 		Use:   "inspect NAME",
-		Short: "Show a volume as JSON",
+		Short: "Show a volume as JSON (for a sharded volume: its shard map, replica states and rebuild progress)",
 		Args:  args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			s, err := store()
@@ -116,15 +126,13 @@ func init() {
 				return err
 			}
 			v, err := s.Get(a[0])
+			if shardedName(err) {
+				return handOver() // rayvmmd looks it up in etcd
+			}
 			if err != nil {
 				return err
 			}
-			b, err := json.MarshalIndent(v, "", "  ")
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
-			return nil
+			return command.PrintJSON(cmd.OutOrStdout(), v)
 		},
 	}
 
@@ -175,6 +183,9 @@ not change SNAPNAME. Use "volume clone" to make a new volume from it.`,
 			if err != nil {
 				return err
 			}
+			if _, err := s.Get(a[0]); shardedName(err) {
+				return handOver() // rayvmmd removes it from etcd
+			}
 			if err := auditAction(cmd.Context(), audit.VolumeRemove, volumeObj(a[0]), nil, func() error { return s.Remove(a[0]) }); err != nil {
 				return err
 			}
@@ -224,6 +235,27 @@ shown on a terminal for large files.`,
 	}
 	imp.Flags().StringVar(&importFormat, "format", "", "format of the new volume: raw or qcow2 (default: the file's)")
 
-	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp)
+	rebuild := &cobra.Command{
+		Use:                "rebuild NAME",
+		Short:              "Rebuild a sharded volume's failed replicas whose nodes are live (runs in rayvmmd)",
+		DisableFlagParsing: true,
+		RunE:               func(*cobra.Command, []string) error { return handOver() },
+	}
+
+	volumeCmd.AddCommand(create, list, inspect, snapshot, clone, rm, imp, rebuild)
 	rootCmd.AddCommand(volumeCmd)
+}
+
+// shardedFlags are volume create's flags for sharded volumes.
+type shardedFlags struct {
+	replicas, minReplicas  int
+	shardSize, consistency string
+	nodes                  []string
+}
+
+// shardedName reports whether err says a volume name is not a local
+// volume while sharded volumes are configured here: then rayvmmd looks
+// the name up in etcd.
+func shardedName(err error) bool {
+	return errors.Is(err, volume.ErrNotFound) && clusterConfigured()
 }

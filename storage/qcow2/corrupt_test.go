@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -18,7 +19,7 @@ func goodImage(t testing.TB) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := im.WriteAt(fill(1, 4096), 0); err != nil {
+	if _, err := im.WriteAt(context.Background(), fill(1, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := im.Close(); err != nil {
@@ -120,12 +121,12 @@ func TestCorruptImagesRefused(t *testing.T) {
 				if err != nil {
 					t.Fatalf("open (read-only %v): %v", ro, err)
 				}
-				_, rerr := im.ReadAt(make([]byte, 4096), 0)
+				_, rerr := im.ReadAt(context.Background(), make([]byte, 4096), 0)
 				if tt.readErr && !errors.Is(rerr, ErrCorrupt) {
 					t.Errorf("read (read-only %v): %v, want ErrCorrupt", ro, rerr)
 				}
 				if !ro {
-					if _, werr := im.WriteAt(make([]byte, 512), 512); werr == nil {
+					if _, werr := im.WriteAt(context.Background(), make([]byte, 512), 512); werr == nil {
 						t.Errorf("write through a corrupt L2 table succeeded")
 					}
 				}
@@ -252,13 +253,13 @@ func TestOutOfRangeIO(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, err := im.ReadAt(make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
+			if _, err := im.ReadAt(context.Background(), make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("read: %v, want ErrOutOfRange", err)
 			}
-			if _, err := im.WriteAt(make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
+			if _, err := im.WriteAt(context.Background(), make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("write: %v, want ErrOutOfRange", err)
 			}
-			if err := im.WriteZeroes(tt.off, int64(tt.n), true); !errors.Is(err, ErrOutOfRange) {
+			if err := im.WriteZeroes(context.Background(), tt.off, int64(tt.n), true); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("write zeroes: %v, want ErrOutOfRange", err)
 			}
 		})
@@ -269,7 +270,7 @@ func TestOutOfRangeIO(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	if _, err := ro.WriteAt([]byte{1}, 0); !errors.Is(err, ErrReadOnly) {
+	if _, err := ro.WriteAt(context.Background(), []byte{1}, 0); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("write to read-only image: %v, want ErrReadOnly", err)
 	}
 }
@@ -286,9 +287,9 @@ func FuzzOpen(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	_, err = im.WriteAt(fill(1, 1500), 100)
+	_, err = im.WriteAt(context.Background(), fill(1, 1500), 100)
 	if err == nil {
-		err = im.WriteZeroes(4096, 4096, false)
+		err = im.WriteZeroes(context.Background(), 4096, 4096, false)
 	}
 	if err == nil {
 		err = im.Close()
@@ -314,7 +315,7 @@ func FuzzOpen(f *testing.F) {
 		buf := make([]byte, 8192)
 		for _, off := range []int64{0, size / 2, size - int64(len(buf))} {
 			if off >= 0 && off+int64(len(buf)) <= size {
-				im.ReadAt(buf, off)
+				im.ReadAt(context.Background(), buf, off)
 			}
 		}
 		im.Close()
@@ -325,12 +326,12 @@ func FuzzOpen(f *testing.F) {
 		defer im.Close()
 		for _, off := range []int64{0, size / 3} {
 			if off+1000 <= size {
-				im.WriteAt(buf[:1000], off)
-				im.ReadAt(buf[:1000], off)
+				im.WriteAt(context.Background(), buf[:1000], off)
+				im.ReadAt(context.Background(), buf[:1000], off)
 			}
 		}
 		if size >= 1<<16 {
-			im.WriteZeroes(0, 1<<16, true)
+			im.WriteZeroes(context.Background(), 0, 1<<16, true)
 		}
 	})
 }
@@ -349,7 +350,7 @@ func TestDataClusterPastEndOfFile(t *testing.T) {
 	}
 	defer im.Close()
 	got := make([]byte, 4096)
-	if _, err := im.ReadAt(got, 0); err != nil {
+	if _, err := im.ReadAt(context.Background(), got, 0); err != nil {
 		t.Fatal(err)
 	}
 	want := append(fill(1, 4096)[:2048], make([]byte, 2048)...)

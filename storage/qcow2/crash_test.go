@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -61,16 +62,16 @@ func helperCrash() int {
 	for g := uint64(1); ; g++ {
 		for _, o := range crashOps(round, g, blocks) {
 			if o.discard {
-				err = im.Discard(o.block*crashBlock, crashBlock)
+				err = im.Discard(context.Background(), o.block*crashBlock, crashBlock)
 			} else {
-				_, err = im.WriteAt(crashData(round, g, o.block), o.block*crashBlock)
+				_, err = im.WriteAt(context.Background(), crashData(round, g, o.block), o.block*crashBlock)
 			}
 			if err != nil {
 				fmt.Println("E", err)
 				return 1
 			}
 		}
-		if err := im.Flush(); err != nil {
+		if err := im.Flush(context.Background()); err != nil {
 			fmt.Println("E", err)
 			return 1
 		}

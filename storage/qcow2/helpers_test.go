@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"math/rand/v2"
@@ -80,12 +81,12 @@ func qemuRaw(t testing.TB, path string) []byte {
 
 // readAll reads a whole virtual disk.
 func readAll(t testing.TB, im interface {
-	ReadAt([]byte, int64) (int, error)
+	ReadAt(context.Context, []byte, int64) (int, error)
 	Size() int64
 }) []byte {
 	t.Helper()
 	b := make([]byte, im.Size())
-	if _, err := im.ReadAt(b, 0); err != nil {
+	if _, err := im.ReadAt(context.Background(), b, 0); err != nil {
 		t.Fatalf("read whole disk: %v", err)
 	}
 	return b

@@ -28,6 +28,7 @@
 package qcow2
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -59,7 +60,7 @@ var l2CacheBytes = 4 << 20
 
 // Backing is what an image needs from its backing file.
 type Backing interface {
-	io.ReaderAt
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 	Size() int64
 	Close() error
 }
@@ -70,7 +71,14 @@ type Options struct {
 	ReadOnly bool
 }
 
-// Image is an open qcow2 image. It is safe for concurrent use.
+// Image is an open qcow2 image. It is safe for concurrent use: mu
+// serializes every lookup and change of the tables (L1, L2, refcounts)
+// and allocation; data is read and written outside it, at host offsets a
+// lookup returned. That is safe because a host cluster, once allocated,
+// is never allocated again (clusters are always taken at the end of the
+// image), so a concurrent discard can only make a racing read or write
+// see the old cluster, as if it had happened before the discard. The
+// contexts are ignored: every file is local.
 type Image struct {
 	mu       sync.Mutex
 	f        *os.File
@@ -488,7 +496,7 @@ func (im *Image) Close() error {
 }
 
 // Flush makes every completed write durable.
-func (im *Image) Flush() error {
+func (im *Image) Flush(context.Context) error {
 	if im.readOnly {
 		return nil
 	}
@@ -638,14 +646,14 @@ func (im *Image) checkIO(op string, off, n int64) error {
 }
 
 // ReadAt reads len(p) bytes of the virtual disk at off.
-func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+func (im *Image) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	done := 0
 	for done < len(p) {
 		chunk, m, err := im.mapChunk("read", p[done:], off+int64(done))
 		if err != nil {
 			return done, err
 		}
-		if err := im.readChunk(chunk, off+int64(done), m); err != nil {
+		if err := im.readChunk(ctx, chunk, off+int64(done), m); err != nil {
 			return done, err
 		}
 		done += len(chunk)
@@ -666,7 +674,7 @@ func (im *Image) mapChunk(op string, p []byte, off int64) ([]byte, mapping, erro
 	return p[:n], m, err
 }
 
-func (im *Image) readChunk(p []byte, off int64, m mapping) error {
+func (im *Image) readChunk(ctx context.Context, p []byte, off int64, m mapping) error {
 	switch m.kind {
 	case kindData:
 		return im.readHost(p, m.host+off%im.cs)
@@ -681,7 +689,7 @@ func (im *Image) readChunk(p []byte, off int64, m mapping) error {
 		copy(p, c[off%im.cs:])
 		return nil
 	}
-	return im.readBacking(p, off)
+	return im.readBacking(ctx, p, off)
 }
 
 // readHost reads file bytes; what lies past the end of the file reads as
@@ -699,7 +707,7 @@ func (im *Image) readHost(p []byte, off int64) error {
 }
 
 // readBacking reads guest bytes from the backing file, zeroes past its end.
-func (im *Image) readBacking(p []byte, off int64) error {
+func (im *Image) readBacking(ctx context.Context, p []byte, off int64) error {
 	if im.backing == nil {
 		clear(p)
 		return nil
@@ -708,7 +716,7 @@ func (im *Image) readBacking(p []byte, off int64) error {
 	n := int64(0)
 	if off < bs {
 		n = min(int64(len(p)), bs-off)
-		if _, err := im.backing.ReadAt(p[:n], off); err != nil {
+		if _, err := im.backing.ReadAt(ctx, p[:n], off); err != nil {
 			return fmt.Errorf("qcow2 read backing at %#x: %w", off, err)
 		}
 	}

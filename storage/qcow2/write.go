@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -119,13 +120,13 @@ func (im *Image) fail(err error) error {
 
 // WriteAt writes len(p) bytes of the virtual disk at off. A write inside
 // an allocated cluster is a single pwrite.
-func (im *Image) WriteAt(p []byte, off int64) (int, error) {
+func (im *Image) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if im.readOnly {
 		return 0, fmt.Errorf("qcow2 write: %w", ErrReadOnly)
 	}
 	done := 0
 	for done < len(p) {
-		n, err := im.writeChunk(p[done:], off+int64(done))
+		n, err := im.writeChunk(ctx, p[done:], off+int64(done))
 		if err != nil {
 			return done, err
 		}
@@ -134,7 +135,7 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-func (im *Image) writeChunk(p []byte, off int64) (int, error) {
+func (im *Image) writeChunk(ctx context.Context, p []byte, off int64) (int, error) {
 	im.mu.Lock()
 	if err := im.checkIO("write", off, int64(len(p))); err != nil {
 		im.mu.Unlock()
@@ -160,7 +161,7 @@ func (im *Image) writeChunk(p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := im.allocWrite(p, off, m); err != nil {
+	if err := im.allocWrite(ctx, p, off, m); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -168,7 +169,7 @@ func (im *Image) writeChunk(p []byte, off int64) (int, error) {
 
 // allocWrite writes p (inside one cluster) to a cluster that has no data
 // cluster of its own yet. Called with mu held.
-func (im *Image) allocWrite(p []byte, off int64, m mapping) error {
+func (im *Image) allocWrite(ctx context.Context, p []byte, off int64, m mapping) error {
 	coff := off % im.cs
 	switch m.kind {
 	case kindZeroAlloc:
@@ -191,7 +192,7 @@ func (im *Image) allocWrite(p []byte, off int64, m mapping) error {
 	case int64(len(p)) == im.cs:
 	case m.kind == kindUnallocated && im.backing != nil:
 		base = make([]byte, im.cs)
-		if err := im.readBacking(base, off-coff); err != nil {
+		if err := im.readBacking(ctx, base, off-coff); err != nil {
 			return err
 		}
 	case m.kind == kindCompressed:
@@ -481,12 +482,14 @@ func (im *Image) growRefTable(ti int64) error {
 }
 
 // Discard deallocates [off, off+n); later reads return zeroes.
-func (im *Image) Discard(off, n int64) error { return im.WriteZeroes(off, n, true) }
+func (im *Image) Discard(ctx context.Context, off, n int64) error {
+	return im.WriteZeroes(ctx, off, n, true)
+}
 
 // WriteZeroes zeroes [off, off+n) without a data buffer. Whole clusters
 // become zero clusters (with unmap their host clusters are freed and
 // punched out of the file); partial clusters are written with zeroes.
-func (im *Image) WriteZeroes(off, n int64, unmap bool) error {
+func (im *Image) WriteZeroes(ctx context.Context, off, n int64, unmap bool) error {
 	if im.readOnly {
 		return fmt.Errorf("qcow2 write zeroes: %w", ErrReadOnly)
 	}
@@ -501,7 +504,7 @@ func (im *Image) WriteZeroes(off, n int64, unmap bool) error {
 		if c == im.cs {
 			err = im.zeroCluster(off, unmap)
 		} else {
-			err = im.zeroPartial(off, c)
+			err = im.zeroPartial(ctx, off, c)
 		}
 		if err != nil {
 			return err
@@ -512,7 +515,7 @@ func (im *Image) WriteZeroes(off, n int64, unmap bool) error {
 	return nil
 }
 
-func (im *Image) zeroPartial(off, n int64) error {
+func (im *Image) zeroPartial(ctx context.Context, off, n int64) error {
 	im.mu.Lock()
 	m, err := im.lookup(off)
 	skip := m.kind == kindZero || m.kind == kindZeroAlloc || (m.kind == kindUnallocated && im.backing == nil)
@@ -520,7 +523,7 @@ func (im *Image) zeroPartial(off, n int64) error {
 	if err != nil || skip {
 		return err
 	}
-	_, err = im.WriteAt(im.zero[:n], off)
+	_, err = im.WriteAt(ctx, im.zero[:n], off)
 	return err
 }
 

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -147,7 +148,7 @@ func TestZstdDecoderLazy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := im.WriteAt(fill(1, 8192), 0); err != nil {
+	if _, err := im.WriteAt(context.Background(), fill(1, 8192), 0); err != nil {
 		t.Fatal(err)
 	}
 	readAll(t, im)
@@ -196,18 +197,18 @@ func TestZstdClusterInImage(t *testing.T) {
 			}
 			defer im.Close()
 			buf := make([]byte, 4096)
-			if _, err := im.ReadAt(buf, 4096); !errors.Is(err, ErrCorrupt) {
+			if _, err := im.ReadAt(context.Background(), buf, 4096); !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("read of the hostile cluster: %v, want ErrCorrupt", err)
 			}
-			if _, err := im.WriteAt(buf[:512], 4096+512); !errors.Is(err, ErrCorrupt) {
+			if _, err := im.WriteAt(context.Background(), buf[:512], 4096+512); !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("write into the hostile cluster: %v, want ErrCorrupt", err)
 			}
 			for _, off := range []int64{0, 8192} {
-				if _, err := im.ReadAt(buf, off); err != nil || !bytes.Equal(buf, want[off:off+4096]) {
+				if _, err := im.ReadAt(context.Background(), buf, off); err != nil || !bytes.Equal(buf, want[off:off+4096]) {
 					t.Fatalf("read of a good cluster at %d: %v", off, err)
 				}
 			}
-			if _, err := im.WriteAt(fill(2, 512), 8192); err != nil {
+			if _, err := im.WriteAt(context.Background(), fill(2, 512), 8192); err != nil {
 				t.Fatalf("write into a good compressed cluster: %v", err)
 			}
 		})

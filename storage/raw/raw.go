@@ -1,5 +1,7 @@
 // Package raw is the raw-file disk backend: the guest's bytes at the same
-// offsets in a (sparse) host file or block device.
+// offsets in a (sparse) host file or block device. Its methods are safe
+// for concurrent use (pread and pwrite); they ignore their contexts, as a
+// local file's I/O cannot be interrupted.
 //
 // Discard punches holes (FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE) so that
 // discarded space goes back to the host file system, and Flush is
@@ -7,6 +9,7 @@
 package raw
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -207,7 +210,7 @@ func (d *File) check(op string, off, n int64) error {
 }
 
 // ReadAt reads len(p) bytes at off; reads past the end of the disk fail.
-func (d *File) ReadAt(p []byte, off int64) (int, error) {
+func (d *File) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
 	if err := d.check("read", off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -219,7 +222,7 @@ func (d *File) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // WriteAt writes len(p) bytes at off.
-func (d *File) WriteAt(p []byte, off int64) (int, error) {
+func (d *File) WriteAt(_ context.Context, p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, fmt.Errorf("raw write: %w", ErrReadOnly)
 	}
@@ -230,7 +233,7 @@ func (d *File) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // Flush makes completed writes durable (fdatasync).
-func (d *File) Flush() error {
+func (d *File) Flush(context.Context) error {
 	if d.readOnly {
 		return nil
 	}
@@ -247,15 +250,15 @@ func (d *File) Size() int64 { return d.size }
 func (d *File) ReadOnly() bool { return d.readOnly }
 
 // Discard deallocates [off, off+n); later reads return zeroes.
-func (d *File) Discard(off, n int64) error {
-	return d.WriteZeroes(off, n, true)
+func (d *File) Discard(ctx context.Context, off, n int64) error {
+	return d.WriteZeroes(ctx, off, n, true)
 }
 
 // WriteZeroes zeroes [off, off+n). On a regular file both forms punch a
 // hole (the range reads back as zeroes and frees host space); on a block
 // device it uses FALLOC_FL_ZERO_RANGE, or writes zeroes where that is not
 // supported.
-func (d *File) WriteZeroes(off, n int64, unmap bool) error {
+func (d *File) WriteZeroes(_ context.Context, off, n int64, unmap bool) error {
 	if d.readOnly {
 		return fmt.Errorf("raw write zeroes: %w", ErrReadOnly)
 	}

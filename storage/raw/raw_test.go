@@ -2,6 +2,7 @@ package raw
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -38,32 +39,32 @@ func TestRawFile(t *testing.T) {
 		t.Fatalf("create over an existing file: %v, want ErrExist", err)
 	}
 	data := bytes.Repeat([]byte{7}, 1<<20)
-	if _, err := d.WriteAt(data, 4<<20); err != nil {
+	if _, err := d.WriteAt(context.Background(), data, 4<<20); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Flush(); err != nil {
+	if err := d.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	before := allocated(t, p)
-	if err := d.Discard(4<<20, 1<<20); err != nil {
+	if err := d.Discard(context.Background(), 4<<20, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	if after := allocated(t, p); after >= before {
 		t.Fatalf("discard freed nothing: %d -> %d allocated bytes", before, after)
 	}
 	got := make([]byte, 1<<20)
-	if _, err := d.ReadAt(got, 4<<20); err != nil || !bytes.Equal(got, make([]byte, 1<<20)) {
+	if _, err := d.ReadAt(context.Background(), got, 4<<20); err != nil || !bytes.Equal(got, make([]byte, 1<<20)) {
 		t.Fatalf("discarded range does not read as zeroes (%v)", err)
 	}
-	if _, err := d.WriteAt(data[:8192], 0); err != nil {
+	if _, err := d.WriteAt(context.Background(), data[:8192], 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.WriteZeroes(4096, 100, false); err != nil {
+	if err := d.WriteZeroes(context.Background(), 4096, 100, false); err != nil {
 		t.Fatal(err)
 	}
 	want := append(bytes.Repeat([]byte{7}, 4096), make([]byte, 100)...)
 	want = append(want, bytes.Repeat([]byte{7}, 8192-4196)...)
-	if _, err := d.ReadAt(got[:8192], 0); err != nil || !bytes.Equal(got[:8192], want) {
+	if _, err := d.ReadAt(context.Background(), got[:8192], 0); err != nil || !bytes.Equal(got[:8192], want) {
 		t.Fatalf("write zeroes: wrong content (%v)", err)
 	}
 	tests := []struct {
@@ -77,13 +78,13 @@ func TestRawFile(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, err := d.ReadAt(make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
+			if _, err := d.ReadAt(context.Background(), make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("read: %v", err)
 			}
-			if _, err := d.WriteAt(make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
+			if _, err := d.WriteAt(context.Background(), make([]byte, tt.n), tt.off); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("write: %v", err)
 			}
-			if err := d.Discard(tt.off, int64(tt.n)); !errors.Is(err, ErrOutOfRange) {
+			if err := d.Discard(context.Background(), tt.off, int64(tt.n)); !errors.Is(err, ErrOutOfRange) {
 				t.Errorf("discard: %v", err)
 			}
 		})
@@ -93,10 +94,10 @@ func TestRawFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	if _, err := ro.WriteAt([]byte{1}, 0); !errors.Is(err, ErrReadOnly) {
+	if _, err := ro.WriteAt(context.Background(), []byte{1}, 0); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("write to read-only: %v", err)
 	}
-	if err := ro.Discard(0, 512); !errors.Is(err, ErrReadOnly) {
+	if err := ro.Discard(context.Background(), 0, 512); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("discard on read-only: %v", err)
 	}
 	if ro.Size() != 16<<20 {

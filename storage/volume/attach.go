@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -72,7 +73,7 @@ func (a *Attachment) LockFile() *os.File { return a.lock.File() }
 func (a *Attachment) Close() error {
 	var errs []error
 	if a.Disk != nil {
-		errs = append(errs, a.Disk.Flush(), a.Disk.Close())
+		errs = append(errs, a.Disk.Flush(context.Background()), a.Disk.Close())
 		a.Disk = nil
 	}
 	errs = append(errs, a.lock.Release())

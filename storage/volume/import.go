@@ -2,6 +2,7 @@ package volume
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -69,15 +70,16 @@ func copyDisk(dst, format string, size int64, src storage.Disk, progress func(in
 			os.Remove(dst)
 		}
 	}()
+	ctx := context.Background() // local files: nothing to interrupt
 	buf := make([]byte, importChunk)
 	total := src.Size()
 	for off := int64(0); off < total; off += importChunk {
 		n := min(importChunk, total-off)
-		if _, err := src.ReadAt(buf[:n], off); err != nil {
+		if _, err := src.ReadAt(ctx, buf[:n], off); err != nil {
 			return fmt.Errorf("import: read at %d: %w", off, err)
 		}
 		if !allZero(buf[:n]) {
-			if _, err := d.WriteAt(buf[:n], off); err != nil {
+			if _, err := d.WriteAt(ctx, buf[:n], off); err != nil {
 				return fmt.Errorf("import: write at %d: %w", off, err)
 			}
 		}
@@ -85,7 +87,7 @@ func copyDisk(dst, format string, size int64, src storage.Disk, progress func(in
 			progress(off+n, total)
 		}
 	}
-	if err := d.Flush(); err != nil {
+	if err := d.Flush(ctx); err != nil {
 		return errors.Join(fmt.Errorf("import: flush"), err)
 	}
 	return nil

@@ -2,6 +2,7 @@ package volume
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -160,7 +161,7 @@ func writeVol(t *testing.T, s *Store, name string, data []byte, off int64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Disk.WriteAt(data, off); err != nil {
+	if _, err := a.Disk.WriteAt(context.Background(), data, off); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Close(); err != nil {
@@ -176,7 +177,7 @@ func readVol(t *testing.T, s *Store, name string) []byte {
 	}
 	defer a.Close()
 	b := make([]byte, a.Disk.Size())
-	if _, err := a.Disk.ReadAt(b, 0); err != nil {
+	if _, err := a.Disk.ReadAt(context.Background(), b, 0); err != nil {
 		t.Fatal(err)
 	}
 	return b

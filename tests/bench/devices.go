@@ -30,13 +30,15 @@ type DeviceResult struct {
 }
 
 // deviceBenches runs the virtio-blk, virtio-net and virtio-vsock
-// benchmarks.
+// benchmarks, and the sharded-volume data path (shards/engine: R=1,2,3
+// against a raw file) and NBD server (shards/nbd: rayvmm's server against
+// qemu-nbd, same clients; there "raw" is qemu-nbd).
 func deviceBenches(ctx context.Context, repo string, blkN, netN, vsockN int) []*DeviceResult {
 	var out []*DeviceResult
 	for _, p := range []struct {
 		pkg string
 		n   int
-	}{{"./devices/virtio/blk", blkN}, {"./devices/virtio/net", netN}, {"./devices/virtio/vsock", vsockN}} {
+	}{{"./devices/virtio/blk", blkN}, {"./devices/virtio/net", netN}, {"./devices/virtio/vsock", vsockN}, {"./shards/engine", blkN}, {"./shards/nbd", blkN}} {
 		args := []string{"test", "-run", "^$", "-bench", ".", "-benchtime", fmt.Sprintf("%dx", p.n), "-count", "1", p.pkg}
 		r := &DeviceResult{Package: p.pkg, Command: "go " + strings.Join(args, " ")}
 		cmd := exec.CommandContext(ctx, "go", args...)

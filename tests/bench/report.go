@@ -425,7 +425,11 @@ func (r *Results) markdown(compact bool) string {
 func deviceRates(m map[string]float64) (string, string) {
 	for _, u := range []string{"iops", "frames/s", "MB/s"} {
 		if d, ok := m[u]; ok {
-			return fmt.Sprintf("%.0f %s", d, u), fmt.Sprintf("%.0f %s", m["raw-"+u], u)
+			peer, ok := m["raw-"+u]
+			if !ok {
+				peer = m["qemu-nbd-"+u] // shards/nbd: the peer is qemu-nbd
+			}
+			return fmt.Sprintf("%.0f %s", d, u), fmt.Sprintf("%.0f %s", peer, u)
 		}
 	}
 	return "—", "—"

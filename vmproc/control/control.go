@@ -36,7 +36,21 @@ type Options struct {
 	KVMDevice string
 	// BuiltinKernel is the kernel used when the spec names none (rayguest).
 	BuiltinKernel []byte
-	Log           *slog.Logger
+	// Sharded attaches sharded volumes: a disk's volume that is not a
+	// local volume is looked up there when it is set (a cluster is
+	// configured). Nil: volumes are local only.
+	Sharded ShardedVolumes
+	Log     *slog.Logger
+}
+
+// ShardedVolumes attaches sharded volumes for VM processes: rayvmm starts
+// a rayvmmd agent per disk (shards/cluster.Agents), a control plane that
+// links etcd runs the agent in-process (shards.VMs).
+type ShardedVolumes interface {
+	// Attach owns the sharded volume name for the VM vm and returns the
+	// VM process's end of its link (package shards/link), and a function
+	// to call once the VM process has exited and the end is closed here.
+	Attach(ctx context.Context, name, vm string) (link *os.File, detach func() error, err error)
 }
 
 // Resources are a VM's opened resources, ready to hand over. Close them
@@ -140,7 +154,7 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		h.Metrics = &ref
 	}
 	for i := range eff.Disks {
-		d, err := r.openDisk(eff.Disks[i], o.StateDir)
+		d, err := r.openDisk(ctx, eff.Disks[i], eff.Name, o)
 		if err != nil {
 			return nil, fmt.Errorf("disks[%d]: %w", i, err)
 		}
@@ -255,16 +269,22 @@ func openRegular(path string) (*os.File, error) {
 }
 
 // openDisk opens a disk's image (and backing chain), for a volume with
-// the volume's lock, whose descriptor goes to the VM process too.
-func (r *Resources) openDisk(d spec.Disk, stateDir string) (vmproc.Disk, error) {
+// the volume's lock, whose descriptor goes to the VM process too. A
+// volume that is not a local one is a sharded volume when a cluster is
+// configured (o.Sharded): its agent attaches it, and the VM process gets
+// the link to it.
+func (r *Resources) openDisk(ctx context.Context, d spec.Disk, vm string, o Options) (vmproc.Disk, error) {
 	var disk storage.Disk
 	out := vmproc.Disk{ReadOnly: d.ReadOnly}
 	if d.Volume != "" {
-		st, err := volume.Open(stateDir)
+		st, err := volume.Open(o.StateDir)
 		if err != nil {
 			return out, fmt.Errorf("volume %q: %w", d.Volume, err)
 		}
 		a, err := st.Attach(d.Volume, d.ReadOnly)
+		if errors.Is(err, volume.ErrNotFound) && o.Sharded != nil {
+			return r.openSharded(ctx, d, vm, o.Sharded)
+		}
 		if err != nil {
 			return out, err
 		}
@@ -293,6 +313,24 @@ func (r *Resources) openDisk(d spec.Disk, stateDir string) (vmproc.Disk, error) 
 	for _, f := range files {
 		out.Files = append(out.Files, vmproc.ImageFile{File: r.Files.Ref(f.File, f.Path), BackingName: f.Name, Format: f.Format})
 	}
+	return out, nil
+}
+
+// openSharded attaches a sharded volume: its agent owns it, and the VM
+// process gets its end of the link.
+func (r *Resources) openSharded(ctx context.Context, d spec.Disk, vm string, sv ShardedVolumes) (vmproc.Disk, error) {
+	out := vmproc.Disk{ReadOnly: d.ReadOnly, Source: "sharded:" + d.Volume}
+	if d.Format != "" {
+		return out, fmt.Errorf("volume %q is a sharded volume: format=%s does not apply", d.Volume, d.Format)
+	}
+	end, detach, err := sv.Attach(ctx, d.Volume, vm)
+	if err != nil {
+		return out, fmt.Errorf("volume %q is no local volume; as a sharded volume: %w", d.Volume, err)
+	}
+	r.own(end)
+	r.afterExit = append(r.afterExit, detach)
+	ref := r.Files.Ref(end, "sharded volume "+d.Volume+" link")
+	out.Link = &ref
 	return out, nil
 }
 

@@ -29,12 +29,15 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network/port"
 	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/seccap/forbidden"
+	"github.com/rayvmm/rayvmm/shards/engine"
+	"github.com/rayvmm/rayvmm/shards/link"
 	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm"
 	"github.com/rayvmm/rayvmm/vmm/api"
@@ -82,9 +85,19 @@ func run(r *vmproc.Received) vmproc.Outcome {
 		err error
 	}
 	preparing := make(chan prepared, 1)
+	// Sharded disks' links first: the sandbox allows recvmsg on their
+	// descriptors only.
+	links, err := openLinks(h)
+	if err != nil {
+		return fail(err)
+	}
 	if h.Sandbox != nil {
+		c := *h.Sandbox
+		for _, l := range links {
+			c.RecvFDSockets = append(c.RecvFDSockets, l.FD())
+		}
 		go func() {
-			p, err := seccap.Prepare(*h.Sandbox)
+			p, err := seccap.Prepare(c)
 			preparing <- prepared{p, err}
 		}()
 	}
@@ -92,10 +105,13 @@ func run(r *vmproc.Received) vmproc.Outcome {
 	// taken over by the VM is closed if building it fails.
 	holds, err := openHolds(h.Holds)
 	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
 		return fail(err)
 	}
 	defer closeAll(holds)
-	b, apiL, metrics, unmap, err := takeOver(h)
+	b, apiL, metrics, unmap, err := takeOver(h, links, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -237,10 +253,13 @@ func run(r *vmproc.Received) vmproc.Outcome {
 // takeOver opens the handed-over descriptors as the VM's backends.
 // The kernel and initrd mappings are undone by unmap, once the guest is
 // loaded.
-func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
+func takeOver(h *vmproc.Handoff, links map[int]*link.VM, log *slog.Logger) (b vmm.Backends, apiL net.Listener, metrics *os.File, unmap func(), err error) {
 	var undo []io.Closer
 	defer func() {
 		if err != nil {
+			for _, l := range links {
+				l.Close() // those not opened as disks (Close is idempotent)
+			}
 			closeAll(undo)
 		}
 	}()
@@ -267,6 +286,16 @@ func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os
 		maps = append(maps, um)
 	}
 	for i, d := range h.Disks {
+		if d.Link != nil {
+			disk, err := openSharded(links[i], log)
+			delete(links, i)
+			if err != nil {
+				return b, nil, nil, nil, fmt.Errorf("disk %s (%s): %w", h.Spec.Disks[i].ID, d.Source, err)
+			}
+			undo = append(undo, disk)
+			b.Disks = append(b.Disks, vmm.DiskBackend{Disk: disk, Source: d.Source})
+			continue
+		}
 		files := make([]storage.ImageFile, len(d.Files))
 		for j, f := range d.Files {
 			of, err := f.Open()
@@ -315,6 +344,40 @@ func takeOver(h *vmproc.Handoff) (b vmm.Backends, apiL net.Listener, metrics *os
 		}
 	}
 	return b, apiL, metrics, unmap, nil
+}
+
+// shardedOpenWait bounds opening a sharded disk: the layout from its
+// agent, and a connection to every replica it reads (each dial bounded by
+// the engine's request timeout).
+const shardedOpenWait = time.Minute
+
+// openLinks starts the VM process's end of each sharded disk's link to
+// its agent, by disk index.
+func openLinks(h *vmproc.Handoff) (map[int]*link.VM, error) {
+	links := map[int]*link.VM{}
+	for i, d := range h.Disks {
+		if d.Link == nil {
+			continue
+		}
+		f, err := d.Link.Open()
+		if err == nil {
+			links[i], err = link.NewVM(f)
+		}
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return nil, fmt.Errorf("disk %d (%s): %w", i, d.Source, err)
+		}
+	}
+	return links, nil
+}
+
+// openSharded opens a sharded volume's engine on its link to the agent.
+func openSharded(l *link.VM, log *slog.Logger) (storage.Disk, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), shardedOpenWait)
+	defer cancel()
+	return l.Open(ctx, engine.Config{Log: log})
 }
 
 // openNIC makes a NIC's port from its TAP descriptors: the TAP itself, or

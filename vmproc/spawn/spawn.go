@@ -46,33 +46,39 @@ const HandoffFD = 3
 // descriptor's number. Without it, rayvmm-vm explains itself and exits.
 const EnvHandoff = "RAYVMM_VM_HANDOFF_FD"
 
-// ErrNoBinary means rayvmm-vm was not found.
-var ErrNoBinary = errors.New("rayvmm-vm not found")
+// ErrNoBinary means rayvmm-vm (or another of rayvmm's executables) was
+// not found.
+var ErrNoBinary = errors.New("not found")
 
 // FindBinary locates rayvmm-vm: next to this executable, then
 // $RAYVMM_VM_BINARY, then on PATH.
-func FindBinary() (string, error) {
+func FindBinary() (string, error) { return FindExecutable(Binary, EnvBinary) }
+
+// FindExecutable locates one of rayvmm's executables, name: next to this
+// executable (installed or built together), then the file the
+// environment variable env names, then on PATH.
+func FindExecutable(name, env string) (string, error) {
 	var tried []string
 	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), Binary)
+		p := filepath.Join(filepath.Dir(exe), name)
 		if isExecutable(p) {
 			return p, nil
 		}
 		tried = append(tried, p)
 	}
-	if p := os.Getenv(EnvBinary); p != "" {
+	if p := os.Getenv(env); p != "" {
 		if isExecutable(p) {
 			return p, nil
 		}
-		tried = append(tried, "$"+EnvBinary+"="+p)
+		tried = append(tried, "$"+env+"="+p)
 	}
 	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		if p := filepath.Join(dir, Binary); dir != "" && isExecutable(p) {
+		if p := filepath.Join(dir, name); dir != "" && isExecutable(p) {
 			return p, nil
 		}
 	}
 	tried = append(tried, "PATH")
-	return "", fmt.Errorf("%w (looked in %s); build it with `make`, or set %s", ErrNoBinary, strings.Join(tried, ", "), EnvBinary)
+	return "", fmt.Errorf("%s %w (looked in %s); build it with `make`, or set %s", name, ErrNoBinary, strings.Join(tried, ", "), env)
 }
 
 func isExecutable(p string) bool {

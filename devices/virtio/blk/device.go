@@ -3,9 +3,15 @@
 //
 // Requests are IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES; a
 // read-only disk offers VIRTIO_BLK_F_RO and answers writes with
-// VIRTIO_BLK_S_IOERR. I/O runs on the device's own goroutine, started at
+// VIRTIO_BLK_S_IOERR. I/O runs on the device's own goroutines, started at
 // Activate and stopped at Reset or Close, never on the vCPU thread that
-// notifies it. Request parsing is strict and overflow-checked (request.go);
+// notifies it: one pops and parses requests and runs up to MaxInFlight of
+// them at once (worker.go), and they complete in whatever order they
+// finish, as virtio allows. A FLUSH completes only after every write
+// popped before it has completed, and then makes them durable. Reset
+// cancels the backend calls in flight through their context, so a
+// backend that hangs (an NBD replica) cannot hold the vCPU thread that
+// resets the device. Request parsing is strict and overflow-checked (request.go);
 // every malformed request is completed with an error status where one can
 // be written, counted (metrics.go) and logged through a rate-limited
 // logger; nothing a guest does panics the VMM. Optional token-bucket rate
@@ -17,9 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"runtime"
 	"sync"
 	"time"
 
@@ -42,6 +46,11 @@ const (
 // Defaults.
 const (
 	DefaultQueueSize = 256
+	// DefaultMaxInFlight is how many requests a device runs at once by
+	// default: enough to keep an NBD replica's pipe or a local SSD busy,
+	// few enough that the goroutines (and, for local files, the OS
+	// threads blocked in pread) stay cheap.
+	DefaultMaxInFlight = 16
 	// MaxRanges is max_discard_seg and max_write_zeroes_seg.
 	MaxRanges = 32
 	// maxRangeSectors is max_discard_sectors and max_write_zeroes_sectors.
@@ -83,6 +92,10 @@ type Config struct {
 	// RateLimit throttles requests: every request is one operation, and
 	// reads and writes also pay their data bytes. nil means unlimited.
 	RateLimit Limiter
+	// MaxInFlight bounds how many requests run against the disk at once
+	// (0 means DefaultMaxInFlight; 1 runs them one by one on the device
+	// goroutine).
+	MaxInFlight int
 	// Log receives rate-limited warnings about bad requests. nil discards.
 	Log *slog.Logger
 }
@@ -119,6 +132,9 @@ func New(cfg Config) (*Device, error) {
 	}
 	if cfg.QueueSize == 0 {
 		cfg.QueueSize = DefaultQueueSize
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = DefaultMaxInFlight
 	}
 	if qs := cfg.QueueSize; qs < 4 || qs&(qs-1) != 0 || qs > queue.MaxSize {
 		return nil, fmt.Errorf("virtio-blk: queue size %d is not a power of two in [4, %d]", qs, queue.MaxSize)
@@ -216,14 +232,14 @@ func (d *Device) Activate(mem *memory.Memory, irq virtio.Interrupt, qs []*queue.
 	case d.cancel != nil:
 		return errors.New("virtio-blk: activate: already active")
 	}
-	w := d.newWorker(mem, irq, qs[0])
 	ctx, cancel := context.WithCancel(context.Background())
+	w := d.newWorker(ctx, mem, irq, qs[0])
 	d.cancel, d.done = cancel, make(chan struct{})
 	select { // look at the ring once: the driver may have queued before DRIVER_OK
 	case d.kick <- struct{}{}:
 	default:
 	}
-	go w.run(ctx, d.done)
+	go w.run(d.done)
 	return nil
 }
 
@@ -235,8 +251,11 @@ func (d *Device) Notify(uint16) {
 	}
 }
 
-// Reset implements virtio.Device: it cancels throttling waits, waits for
-// the request in progress to finish, and forgets the negotiated features.
+// Reset implements virtio.Device: it cancels throttling waits and the
+// backend calls in flight (through their context), waits for the
+// device's goroutines to stop, and forgets the negotiated features.
+// Requests that did not complete are never completed: the driver has
+// given up its rings.
 func (d *Device) Reset() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -264,310 +283,4 @@ func (d *Device) Close() error {
 	d.stop()
 	d.closed = true
 	return nil
-}
-
-// newWorker prepares the I/O state for one activation; d.mu is held.
-func (d *Device) newWorker(mem *memory.Memory, irq virtio.Interrupt, q *queue.Queue) *worker {
-	lim := d.lim
-	lim.discard = d.acked&FeatureDiscard != 0
-	lim.zeroes = d.acked&FeatureWriteZeroes != 0
-	return &worker{
-		d: d, mem: mem, irq: irq, q: q, lim: lim,
-		writeThrough: d.acked&FeatureFlush == 0,
-		pollWindow:   pollWindow,
-	}
-}
-
-// worker is the state of one activation: the I/O goroutine's.
-type worker struct {
-	d            *Device
-	mem          *memory.Memory
-	irq          virtio.Interrupt
-	q            *queue.Queue
-	lim          limits
-	writeThrough bool // FLUSH not negotiated: writes are made durable before completion
-	descs        []queue.Descriptor
-	req          request
-	unsignalled  int           // completions published since the last signal
-	pollWindow   time.Duration // see pollWindow; 0 disables polling
-	lastDone     time.Time     // when the last request completed, if the next one is popped at once
-	// firstUnsignalled is when the oldest unsignalled completion finished.
-	firstUnsignalled time.Time
-}
-
-func (w *worker) run(ctx context.Context, done chan struct{}) {
-	defer close(done)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-w.d.kick:
-		}
-		if err := w.drain(ctx); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			// The ring cannot be trusted: stop until the driver resets.
-			w.d.metrics.countError(ErrQueue)
-			w.d.log.Warn("virtio-blk: queue broken; device needs reset", "err", err)
-			if nr, ok := w.irq.(virtio.NeedsResetter); ok {
-				nr.NeedsReset()
-			}
-			<-ctx.Done()
-			return
-		}
-	}
-}
-
-// drain processes every available chain, then re-enables notifications
-// and drains again if chains raced in. Completions are signalled in
-// batches, as Firecracker does: when the ring is empty, after signalBatch
-// completions or signalDelay, and before a rate-limit wait, so a
-// throttled device never sits on finished requests.
-func (w *worker) drain(ctx context.Context) error {
-	for {
-		if err := w.q.DisableNotification(); err != nil {
-			return err
-		}
-		w.lastDone = time.Time{}
-		for {
-			c, ok, err := w.q.Pop()
-			if err != nil {
-				return err
-			}
-			if !ok {
-				break
-			}
-			if err := w.process(ctx, &c); err != nil {
-				return err
-			}
-			if w.unsignalled >= signalBatch || w.lastDone.Sub(w.firstUnsignalled) >= signalDelay {
-				if err := w.signal(); err != nil {
-					return err
-				}
-			}
-		}
-		if err := w.signal(); err != nil {
-			return err
-		}
-		if w.poll(ctx) {
-			continue
-		}
-		more, err := w.q.EnableNotification()
-		if err != nil || !more {
-			return err
-		}
-	}
-}
-
-// pollWindow is how long the device keeps watching an empty ring, with
-// notifications still off, before it goes to sleep (QEMU's iothreads poll
-// the same way, up to 32 µs by default): a driver that submits again soon
-// after a completion, the common case under load, is then served without a
-// notification and a goroutine wake-up on either side.
-const pollWindow = 25 * time.Microsecond
-
-// poll reports whether chains became available within pollWindow.
-func (w *worker) poll(ctx context.Context) bool {
-	if w.pollWindow <= 0 {
-		return false
-	}
-	deadline := time.Now().Add(w.pollWindow)
-	for ctx.Err() == nil {
-		if n, err := w.q.Pending(); err != nil || n > 0 {
-			return true // an error surfaces on the next Pop
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		runtime.Gosched()
-	}
-	return false
-}
-
-// signalBatch and signalDelay bound how many completions, and for how
-// long, wait for one interrupt: fast requests (page cache) are signalled
-// in batches, slow ones (a real disk) one by one.
-const (
-	signalBatch = 16
-	signalDelay = 50 * time.Microsecond
-)
-
-// signal interrupts the driver for the completions published since the
-// last signal, if it asked for them (EVENT_IDX / NO_INTERRUPT).
-func (w *worker) signal() error {
-	if w.unsignalled == 0 {
-		return nil
-	}
-	w.unsignalled = 0
-	need, err := w.q.NeedsNotification()
-	if err != nil {
-		return err
-	}
-	if need {
-		_ = w.irq.Trigger(virtio.InterruptUsedRing, 0) // the transport counts IRQ failures
-	}
-	return nil
-}
-
-// process runs one request and completes it. It returns an error only
-// when the device must stop (ctx cancelled, used ring unwritable).
-func (w *worker) process(ctx context.Context, c *queue.Chain) error {
-	start := w.lastDone // the previous request's completion, when popped right after it
-	if start.IsZero() {
-		start = time.Now()
-	}
-	w.lastDone = time.Time{}
-	m := &w.d.metrics
-	var err error
-	w.descs, err = c.Collect(w.descs[:0])
-	if err != nil {
-		m.countError(ErrInvalidChain)
-		w.d.log.Warn("virtio-blk: bad descriptor chain", "err", err)
-		return w.complete(c.Head(), 0, start, false)
-	}
-	r := &w.req
-	if perr := parse(w.mem, w.descs, &w.lim, r); perr != nil {
-		return w.refuse(c.Head(), perr, start)
-	}
-	if err := w.throttle(ctx, r); err != nil {
-		return err // reset in progress: the driver will not look at this chain
-	}
-	used, perr := w.execute(r)
-	if perr != nil {
-		return w.refuse(c.Head(), perr, start)
-	}
-	r.status[0] = StatusOK
-	return w.complete(c.Head(), used, start, true)
-}
-
-func (w *worker) refuse(head uint16, e *reqError, start time.Time) error {
-	w.d.metrics.countError(e.kind)
-	w.d.log.Warn("virtio-blk: request failed", "kind", e.kind.String(), "err", e.msg)
-	if w.req.status == nil {
-		return w.complete(head, 0, start, false)
-	}
-	w.req.status[0] = e.status
-	return w.complete(head, 1, start, true)
-}
-
-// complete returns the chain to the driver and interrupts it if it asked.
-func (w *worker) complete(head uint16, used uint32, start time.Time, withStatus bool) error {
-	if !withStatus {
-		w.d.metrics.noStatus.Add(1)
-	}
-	if head >= w.q.Size() {
-		return nil // nothing can be returned for a head outside the ring
-	}
-	if err := w.q.AddUsed(head, used); err != nil {
-		return err
-	}
-	now := time.Now()
-	w.d.metrics.observe(now.Sub(start))
-	w.lastDone = now
-	if w.unsignalled == 0 {
-		w.firstUnsignalled = now
-	}
-	w.unsignalled++
-	return nil
-}
-
-// throttle waits for the rate limiter. It blocks the device goroutine
-// only; the time is counted.
-func (w *worker) throttle(ctx context.Context, r *request) error {
-	l := w.d.cfg.RateLimit
-	if l == nil {
-		return nil
-	}
-	var n uint64
-	if r.typ == TypeIn || r.typ == TypeOut {
-		n = r.dataLen
-	}
-	if err := w.signal(); err != nil { // do not hold completions while waiting
-		return err
-	}
-	waited, err := l.Wait(ctx, n)
-	if waited > 0 {
-		w.d.metrics.throttledNanos.Add(uint64(waited))
-	}
-	return err
-}
-
-// execute performs a parsed request against the disk and returns the used
-// length (bytes written to device-writable buffers, status included).
-func (w *worker) execute(r *request) (uint32, *reqError) {
-	m := &w.d.metrics
-	disk := w.d.disk
-	off := int64(r.sector) * SectorSize // < capacity*512, checked by parse
-	switch r.typ {
-	case TypeIn:
-		for _, s := range r.data {
-			n, err := disk.ReadAt(s.buf, off)
-			if err != nil && !(errors.Is(err, io.EOF) && n == len(s.buf)) {
-				return 0, refuse(ErrIO, "read %d bytes at %d: %v", len(s.buf), off, err)
-			}
-			off += int64(len(s.buf))
-		}
-		m.readOps.Add(1)
-		m.readBytes.Add(r.dataLen)
-		return uint32(r.dataLen) + 1, nil
-	case TypeOut:
-		for _, s := range r.data {
-			if _, err := disk.WriteAt(s.buf, off); err != nil {
-				return 0, refuse(ErrIO, "write %d bytes at %d: %v", len(s.buf), off, err)
-			}
-			off += int64(len(s.buf))
-		}
-		if w.writeThrough {
-			if err := disk.Flush(); err != nil {
-				return 0, refuse(ErrIO, "flush after write: %v", err)
-			}
-		}
-		m.writeOps.Add(1)
-		m.writeBytes.Add(r.dataLen)
-		return 1, nil
-	case TypeFlush:
-		if err := disk.Flush(); err != nil {
-			return 0, refuse(ErrIO, "flush: %v", err)
-		}
-		m.flushOps.Add(1)
-		return 1, nil
-	case TypeGetID:
-		var id [idLen]byte
-		copy(id[:], w.d.cfg.Serial)
-		n := 0
-		for _, s := range r.data {
-			if n == idLen {
-				break
-			}
-			n += copy(s.buf, id[n:])
-		}
-		m.getIDOps.Add(1)
-		return uint32(n) + 1, nil
-	case TypeDiscard, TypeWriteZeroes:
-		for _, e := range r.ranges {
-			o, n := int64(e.sector)*SectorSize, int64(e.sectors)*SectorSize
-			var err error
-			if r.typ == TypeDiscard {
-				err = w.d.discarder.Discard(o, n)
-			} else {
-				err = w.d.zeroer.WriteZeroes(o, n, e.unmap)
-			}
-			if err != nil {
-				return 0, refuse(ErrIO, "type %d at %d+%d: %v", r.typ, o, n, err)
-			}
-		}
-		if w.writeThrough {
-			if err := disk.Flush(); err != nil {
-				return 0, refuse(ErrIO, "flush after type %d: %v", r.typ, err)
-			}
-		}
-		if r.typ == TypeDiscard {
-			m.discardOps.Add(1)
-		} else {
-			m.writeZeroesOps.Add(1)
-		}
-		return 1, nil
-	}
-	return 0, refuse(ErrUnsupported, "request type %d", r.typ) // parse admits no other type
 }

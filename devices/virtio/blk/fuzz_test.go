@@ -96,8 +96,9 @@ func runRequest(t *testing.T, disk *fileDisk, data []byte) {
 	if readOnly {
 		before, _ = os.ReadFile(disk.f.Name())
 	}
-	w := dev.newWorker(mem, noIRQ{}, q)
-	err = w.drain(context.Background())
+	w := dev.newWorker(context.Background(), mem, noIRQ{}, q)
+	w.maxExec = 0 // one request: run on this goroutine
+	err = w.drain()
 	if overlapsRings {
 		if err != nil && !errors.Is(err, queue.ErrAvailIndex) {
 			t.Fatalf("drain: %v", err)

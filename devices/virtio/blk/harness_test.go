@@ -2,6 +2,7 @@ package blk
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"github.com/rayvmm/rayvmm/devices/virtio"
 	"github.com/rayvmm/rayvmm/devices/virtio/queue"
 	"github.com/rayvmm/rayvmm/devices/virtio/queuetest"
+	"github.com/rayvmm/rayvmm/storage"
 	"github.com/rayvmm/rayvmm/vmm/memory"
 	"golang.org/x/sys/unix"
 )
@@ -24,24 +26,34 @@ type fileDisk struct {
 	size int64
 }
 
-func (d *fileDisk) ReadAt(p []byte, off int64) (int, error)  { return d.f.ReadAt(p, off) }
-func (d *fileDisk) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
-func (d *fileDisk) Flush() error                             { return unix.Fdatasync(int(d.f.Fd())) }
-func (d *fileDisk) Size() int64                              { return d.size }
-func (d *fileDisk) Close() error                             { return d.f.Close() }
-func (d *fileDisk) Discard(off, n int64) error {
+func (d *fileDisk) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
+	return d.f.ReadAt(p, off)
+}
+func (d *fileDisk) WriteAt(_ context.Context, p []byte, off int64) (int, error) {
+	return d.f.WriteAt(p, off)
+}
+func (d *fileDisk) Flush(context.Context) error { return unix.Fdatasync(int(d.f.Fd())) }
+func (d *fileDisk) Size() int64                 { return d.size }
+func (d *fileDisk) Close() error                { return d.f.Close() }
+func (d *fileDisk) Discard(_ context.Context, off, n int64) error {
 	return unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
-func (d *fileDisk) WriteZeroes(off, n int64, unmap bool) error { return d.Discard(off, n) }
+func (d *fileDisk) WriteZeroes(ctx context.Context, off, n int64, unmap bool) error {
+	return d.Discard(ctx, off, n)
+}
 
 // plainDisk hides the optional capabilities of a fileDisk.
 type plainDisk struct{ d *fileDisk }
 
-func (p plainDisk) ReadAt(b []byte, off int64) (int, error)  { return p.d.ReadAt(b, off) }
-func (p plainDisk) WriteAt(b []byte, off int64) (int, error) { return p.d.WriteAt(b, off) }
-func (p plainDisk) Flush() error                             { return p.d.Flush() }
-func (p plainDisk) Size() int64                              { return p.d.size }
-func (p plainDisk) Close() error                             { return p.d.Close() }
+func (p plainDisk) ReadAt(ctx context.Context, b []byte, off int64) (int, error) {
+	return p.d.ReadAt(ctx, b, off)
+}
+func (p plainDisk) WriteAt(ctx context.Context, b []byte, off int64) (int, error) {
+	return p.d.WriteAt(ctx, b, off)
+}
+func (p plainDisk) Flush(ctx context.Context) error { return p.d.Flush(ctx) }
+func (p plainDisk) Size() int64                     { return p.d.size }
+func (p plainDisk) Close() error                    { return p.d.Close() }
 
 // newDiskFile creates a file of size bytes with a recognisable pattern.
 func newDiskFile(t testing.TB, dir string, size int) (*fileDisk, string) {
@@ -102,6 +114,10 @@ type opts struct {
 	queueSize uint16
 	limit     Limiter
 	features  uint64 // acked; 0 means everything offered
+	// wrap, if set, puts a disk of the test's between the device and the
+	// file.
+	wrap        func(*fileDisk) storage.Disk
+	maxInFlight int
 }
 
 const testSerial = "rayvmm-test-serial"
@@ -125,9 +141,12 @@ func newHarness(t testing.TB, o opts) *harness {
 		t.Fatal(err)
 	}
 	drv.EventIdx, drv.Indirect = true, true
-	cfg := Config{Disk: fd, ReadOnly: o.readOnly, Serial: testSerial, QueueSize: o.queueSize, RateLimit: o.limit}
+	cfg := Config{Disk: fd, ReadOnly: o.readOnly, Serial: testSerial, QueueSize: o.queueSize, RateLimit: o.limit, MaxInFlight: o.maxInFlight}
 	if o.plain {
 		cfg.Disk = plainDisk{fd}
+	}
+	if o.wrap != nil {
+		cfg.Disk = o.wrap(fd)
 	}
 	dev, err := New(cfg)
 	if err != nil {

@@ -66,6 +66,13 @@ type Config struct {
 }
 
 // Queue is the device side of one split virtqueue.
+//
+// Its methods fall on two sides that touch disjoint state: the avail side
+// (Pending, Pop, Unpop, DisableNotification, EnableNotification and
+// walking chains) and the used side (AddUsed, NeedsNotification). One
+// goroutine may work each side at once (a device that pops on one
+// goroutine and completes on others); calls on one side must be
+// serialized by the caller.
 type Queue struct {
 	mem                *memory.Memory
 	size               uint16
