@@ -222,17 +222,18 @@ func Receive() (*Received, error) {
 	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
 		return nil, fmt.Errorf("handoff: descriptor %d is not a socket: %w", fd, ErrNoHandoff)
 	}
-	payload, rest, err := receive(fd)
-	if err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	// Non-blocking, so that the lifeline's Read parks in Go's poller
-	// rather than holding an OS thread.
+	// Non-blocking: the wait for the handoff (a VM process started ahead
+	// waits milliseconds for it) and then the lifeline's Read park in
+	// Go's poller rather than holding an OS thread.
 	if err := unix.SetNonblock(fd, true); err != nil {
 		return nil, fmt.Errorf("handoff: %w", err)
 	}
 	pipe := os.NewFile(uintptr(fd), "handoff")
+	payload, rest, err := receive(pipe)
+	if err != nil {
+		pipe.Close()
+		return nil, err
+	}
 	var h Handoff
 	dec := json.NewDecoder(bytes.NewReader(payload))
 	dec.DisallowUnknownFields()
@@ -266,20 +267,28 @@ func Receive() (*Received, error) {
 	return r, nil
 }
 
-// receive reads the handoff from the socket fd (blocking): its length
+// receive reads the handoff from the socket f (non-blocking): its length
 // (4 bytes, little endian), then its JSON, with the handed-over
 // descriptors, which it puts in place from FirstResourceFD on. It returns
 // the JSON and whatever was read past it (the go, if it came early).
-func receive(fd int) (payload, rest []byte, err error) {
+func receive(f *os.File) (payload, rest []byte, err error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, nil, fmt.Errorf("handoff: %w", err)
+	}
 	buf := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(maxFDs*4))
 	var got []byte
 	var fds []int
 	need := -1
 	for need < 0 || len(got) < need {
-		n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
-		if err == unix.EINTR {
-			continue
+		var n, oobn int
+		rerr := rc.Read(func(fd uintptr) bool {
+			n, oobn, _, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+			return err != unix.EAGAIN && err != unix.EINTR
+		})
+		if err == nil {
+			err = rerr
 		}
 		if err != nil {
 			closeAll(fds)

@@ -24,7 +24,6 @@ func TestSendReceive(t *testing.T) {
 		}
 		conn := os.NewFile(uintptr(fds[0]), "conn")
 		defer conn.Close()
-		defer unix.Close(fds[1])
 		var fs Files
 		var want []uint64
 		for i := 0; i < n; i++ {
@@ -45,7 +44,7 @@ func TestSendReceive(t *testing.T) {
 			t.Fatal(err)
 		}
 		conn.Write([]byte{GoByte})
-		payload, rest, err := receive(fds[1])
+		payload, rest, err := receive(socket(t, fds[1]))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -74,20 +73,29 @@ func TestReceiveNotNeeded(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.Close(fds[0])
-	if _, _, err := receive(fds[1]); !errors.Is(err, ErrNotNeeded) {
+	if _, _, err := receive(socket(t, fds[1])); !errors.Is(err, ErrNotNeeded) {
 		t.Fatalf("receive = %v, want ErrNotNeeded", err)
 	}
-	unix.Close(fds[1])
 
 	if fds, err = unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
 		t.Fatal(err)
 	}
 	unix.Write(fds[0], []byte{100, 0, 0, 0, '{'})
 	unix.Close(fds[0])
-	if _, _, err := receive(fds[1]); err == nil || errors.Is(err, ErrNotNeeded) {
+	if _, _, err := receive(socket(t, fds[1])); err == nil || errors.Is(err, ErrNotNeeded) {
 		t.Fatalf("receive of a cut handoff = %v", err)
 	}
-	unix.Close(fds[1])
+}
+
+// socket makes fd a non-blocking *os.File, as Receive does, closed when
+// the test ends.
+func socket(t *testing.T, fd int) *os.File {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "socket")
+	t.Cleanup(func() { f.Close() })
+	return f
 }
 
 func inode(t *testing.T, fd int) uint64 {
