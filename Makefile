@@ -9,8 +9,9 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 all: rayvmm rayvmm-vm rayvmmd
 
 # rayvmm is the CLI and control plane; rayvmm-vm the VM process it starts
-# for each guest (found next to rayvmm); rayvmmd the daemon and everything
-# that links etcd (sharded volumes), which rayvmm runs for those commands.
+# for each guest (found next to rayvmm); rayvmmd the pods daemon and
+# everything that links etcd (sharded volumes), which rayvmm runs for those
+# commands: it links what the CLI must not.
 rayvmm:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/rayvmm ./cmd/rayvmm
 

@@ -77,6 +77,42 @@ func (n *NIC) CloseTAPs() error {
 	return errors.Join(errs...)
 }
 
+// HoldFile is the descriptor holding the NIC's network (its shared
+// attach lock), nil for tap=. A control plane hands it to the VM process
+// with the TAPs, so that the network stays held for as long as the VM
+// process runs, whichever process dies first.
+func (n *NIC) HoldFile() *os.File {
+	if n.attachLock == nil {
+		return nil
+	}
+	return n.attachLock.File()
+}
+
+// Detach closes this process's descriptors of the NIC's TAPs and of its
+// hold on the network without letting go of either: for a NIC whose TAPs
+// and hold went to a detached VM process, which keeps them for as long as
+// it runs. Unhold removes the hold's file once that process is gone.
+func (n *NIC) Detach() error {
+	err := n.CloseTAPs()
+	n.once.Do(func() {}) // Close must not release what the VM process holds
+	return errors.Join(err, n.attachLock.Close())
+}
+
+// Unhold removes network name's attach lock file once no VM holds it
+// (what a detached VM process leaves, see Detach). It takes the network
+// lock, so it never races an attach.
+func Unhold(stateDir, name string) error {
+	if err := spec.CheckNetworkName(name); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	s, err := openStore(stateDir, true, false)
+	if err != nil {
+		return err
+	}
+	defer s.close()
+	return state.Sweep(s.attachPath(name))
+}
+
 // Close closes this process's descriptors of the NIC's TAPs (a TAP Attach
 // created disappears once no process holds it) and lets go of the network.
 // It is safe to call more than once.

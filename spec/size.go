@@ -17,7 +17,7 @@ var sizeUnits = map[byte]uint{'K': 1, 'M': 2, 'G': 3, 'T': 4, 'P': 5, 'E': 6}
 
 // ParseSize parses a byte count such as "4096", "512M", "1G" or "2GiB".
 // Suffixes K, M, G, T, P and E are powers of 1024 (as in qemu-img) and may be
-// lower case and followed by "B" or "iB". Zero, negative numbers, fractions,
+// lower case and followed by "B", "i" (Kubernetes' "64Mi") or "iB". Zero, negative numbers, fractions,
 // junk and values that overflow int64 are refused with an error wrapping
 // ErrInvalidSize.
 func ParseSize(s string) (int64, error) {
@@ -40,7 +40,7 @@ func ParseSize(s string) (int64, error) {
 		return 0, fmt.Errorf("%w %q: want a whole number of bytes or units", ErrInvalidSize, s)
 	default:
 		p, ok := sizeUnits[u[0]]
-		if rest := u[1:]; !ok || (rest != "" && rest != "B" && rest != "IB") {
+		if rest := u[1:]; !ok || (rest != "" && rest != "B" && rest != "I" && rest != "IB") {
 			return 0, fmt.Errorf("%w %q: unknown unit %q (want K, M, G, T, P or E)", ErrInvalidSize, s, unit)
 		}
 		shift = 10 * p

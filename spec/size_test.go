@@ -18,6 +18,7 @@ func TestParseSize(t *testing.T) {
 		{name: "gigabytes", in: "1G", want: 1 << 30},
 		{name: "lower case", in: "2g", want: 2 << 30},
 		{name: "GiB", in: "3GiB", want: 3 << 30},
+		{name: "Kubernetes Mi", in: "96Mi", want: 96 << 20},
 		{name: "KB", in: "8KB", want: 8 << 10},
 		{name: "terabytes", in: "1T", want: 1 << 40},
 		{name: "trailing B", in: "100B", want: 100},

@@ -104,6 +104,37 @@ func (l *Lock) Release() error {
 	return err
 }
 
+// Close closes this process's file of the lock without releasing it:
+// for a lock whose file was handed to another process (a detached VM
+// process), which keeps holding it, and whose lock Release would take
+// from it. Closing a nil or released Lock does nothing.
+func (l *Lock) Close() error {
+	if l == nil || l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	return err
+}
+
+// Sweep removes the lock file at path if no one holds a lock on it: what
+// is left of a lock whose holders closed it without releasing it (a
+// detached VM process that exited). It never waits and never disturbs a
+// holder; a file someone holds stays.
+func Sweep(path string) error {
+	l, err := TryLock(path, true)
+	if errors.Is(err, ErrLocked) || errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		if _, serr := os.Stat(path); errors.Is(serr, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	return l.Release()
+}
+
 // Holder reports whether anyone holds the lock at path, and the pid that
 // last recorded itself as its owner (0 if unknown). It takes nothing.
 func Holder(path string) (held bool, pid int) {

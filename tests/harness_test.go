@@ -18,9 +18,10 @@ import (
 	"github.com/rayvmm/rayvmm/internal/testenv"
 )
 
-// rayvmm and rayvmmVM are the paths of the binaries under test (the CLI
-// and the VM process it starts), built once in TestMain.
-var rayvmm, rayvmmVM string
+// rayvmm, rayvmmVM and rayvmmd are the paths of the binaries under test
+// (the CLI, the VM process it starts and the daemon binary), built once
+// in TestMain.
+var rayvmm, rayvmmVM, rayvmmd string
 
 // repoRoot is the repository's top directory.
 var repoRoot string
@@ -44,8 +45,9 @@ func TestMain(m *testing.M) {
 	// of the host's /var/lib/rayvmm.
 	os.Setenv("RAYVMM_STATE_DIR", filepath.Join(dir, "state"))
 	rayvmmVM = filepath.Join(dir, "rayvmm-vm")
+	rayvmmd = filepath.Join(dir, "rayvmmd")
 	// rayvmm finds rayvmm-vm and rayvmmd next to itself.
-	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm", filepath.Join(dir, "rayvmmd"): "./cmd/rayvmmd"} {
+	for bin, pkg := range map[string]string{rayvmm: "./cmd/rayvmm", rayvmmVM: "./cmd/rayvmm-vm", rayvmmd: "./cmd/rayvmmd"} {
 		build := exec.Command("go", "build", "-o", bin, pkg)
 		build.Dir = repoRoot
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -207,8 +207,8 @@ func TestJailedVsock(t *testing.T) {
 	}
 }
 
-// seccaptestBinaries builds rayvmm-vm with the seccaptest tag next to a
-// copy of rayvmm (which finds it there), once.
+// seccaptestBinaries builds rayvmm-vm with the seccaptest tag next to
+// copies of rayvmm and rayvmmd (which find it there), once.
 var seccaptestBinaries = sync.OnceValues(func() (string, error) {
 	dir := filepath.Join(filepath.Dir(rayvmm), "seccaptest") // removed with TestMain's
 	if err := os.Mkdir(dir, 0o755); err != nil {
@@ -220,11 +220,16 @@ var seccaptestBinaries = sync.OnceValues(func() (string, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build -tags seccaptest: %v\n%s", err, out)
 	}
-	b, err := os.ReadFile(rayvmm)
-	if err != nil {
-		return "", err
+	for _, bin := range []string{rayvmmd, rayvmm} {
+		b, err := os.ReadFile(bin)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(bin)), b, 0o755); err != nil {
+			return "", err
+		}
 	}
-	return filepath.Join(dir, "rayvmm"), os.WriteFile(filepath.Join(dir, "rayvmm"), b, 0o755)
+	return filepath.Join(dir, "rayvmm"), nil
 })
 
 // seccaptestRayvmm returns a rayvmm whose VM process makes the forbidden

@@ -155,14 +155,14 @@ func waitGone(t *testing.T, pid int, what string) {
 // TestVMProcessIsRayvmmVM: the guest runs in bin/rayvmm-vm, a child of
 // rayvmm boot, and its descriptors are only the kinds it needs: the KVM
 // device and KVM's anonymous descriptors, its disk images (with their
-// backing chain) and the volume's lock, its TAPs, its API socket and its
-// vsock socket (each told apart by the address it was bound to, in
-// /proc/PID/net/unix), eventfds, the Go runtime's epoll, the console
-// (stdin, stdout and stderr: pipes here), the handoff socket (the lifeline;
-// unbound), the pipe it
-// reports how the VM ended on and the sandbox's SIGSYS report pipe.
-// Nothing else: no kernel file, no state directory, no netlink socket,
-// nothing inherited from elsewhere.
+// backing chain) and the volume's lock, its TAPs and its holds on their
+// network (one per NIC), its API socket and its vsock socket (each told
+// apart by the address it was bound to, in /proc/PID/net/unix), eventfds,
+// the Go runtime's epoll, the console (stdin, stdout and stderr: pipes
+// here), the handoff socket (the lifeline; unbound), the pipe it reports
+// how the VM ended on and the sandbox's SIGSYS report pipe. Nothing else:
+// no kernel file, no state directory, no netlink socket, nothing inherited
+// from elsewhere.
 func TestVMProcessIsRayvmmVM(t *testing.T) {
 	requireKVM(t)
 	h := newHost(t)
@@ -204,6 +204,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		"handoff socket":        regexp.MustCompile(`^$`), // unbound: a socket pair's end
 		"disk images":           regexp.MustCompile(`^(` + regexp.QuoteMeta(top) + `|` + regexp.QuoteMeta(base) + `|` + regexp.QuoteMeta(vol.Path) + `)$`),
 		"the volume's lock":     regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "volumes", "data.lock")) + `$`),
+		"network holds":         regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "networks", "lan.lock")) + `$`),
 		"console (stdin /null)": regexp.MustCompile(`^/dev/null$`),
 	}
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", vm))
@@ -234,7 +235,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"pipe", 5}, {"handoff socket", 1}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 5}, {"handoff socket", 1}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}

@@ -96,7 +96,8 @@ type Handoff struct {
 
 	// Outcome is a pipe on which the VM process reports how the VM ended
 	// (WriteOutcome), just before it exits, for the control plane's
-	// audit log.
+	// audit log; for a detached VM process a file, which a control plane
+	// that was not its parent when it ended (a restarted daemon) reads.
 	Outcome *File `json:"outcome,omitempty"`
 
 	// Console: stdin and stdout are the guest's serial console (raw mode

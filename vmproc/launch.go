@@ -72,6 +72,17 @@ type Options struct {
 	Env []string
 	// Gate holds the guest back until Process.Go (see Handoff.Gate).
 	Gate bool
+	// CgroupDir, if set, is an open cgroup v2 directory the VM process is
+	// started in (clone3 with CLONE_INTO_CGROUP): it never runs anywhere
+	// else, and no migration is paid for (cgroup v1 has no such thing:
+	// move it in BeforeHandoff).
+	CgroupDir *os.File
+	// BeforeHandoff, if set, runs once the VM process exists and before
+	// it is handed anything: it is still waiting for its handoff, so what
+	// BeforeHandoff does (put it in a cgroup, record its pid durably)
+	// comes before it runs any guest code. An error kills the process and
+	// fails Launch.
+	BeforeHandoff func(*Process) error
 }
 
 // Process is a started VM process.
@@ -94,12 +105,12 @@ func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
 	h.ReadyAt = time.Now()
 	c, err := spawn.Start(spawn.Options{
 		Binary: o.Binary, Stdin: o.Stdin, Stdout: o.Stdout, Stderr: o.Stderr,
-		Detached: o.Detached, Env: o.Env, Prep: spawn.For(h.Sandbox),
+		Detached: o.Detached, Env: o.Env, Prep: spawn.For(h.Sandbox), CgroupDir: o.CgroupDir,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("launch VM process: %w", err)
 	}
-	return Hand(c, h, fs, o.Gate)
+	return hand(c, h, fs, o.Gate, o.BeforeHandoff)
 }
 
 // ErrUnfit means a VM process started ahead of its VM (see package spawn)
@@ -112,6 +123,10 @@ var ErrUnfit = errors.New("the VM process started ahead was prepared for another
 // returns. A c whose preparation does not fit h's sandbox is refused with
 // ErrUnfit and left as it is (Discard it); on any other error c is killed.
 func Hand(c *spawn.Child, h *Handoff, fs *Files, gate bool) (*Process, error) {
+	return hand(c, h, fs, gate, nil)
+}
+
+func hand(c *spawn.Child, h *Handoff, fs *Files, gate bool, before func(*Process) error) (*Process, error) {
 	if !c.Options.Prep.Fits(h.Sandbox) {
 		return nil, ErrUnfit
 	}
@@ -127,6 +142,13 @@ func Hand(c *spawn.Child, h *Handoff, fs *Files, gate bool) (*Process, error) {
 		h.ReadyAt = time.Now() // started ahead
 	}
 	p := &Process{Pid: c.Pid, StartTime: c.StartTime, child: c, detached: c.Options.Detached}
+	if before != nil {
+		if err := before(p); err != nil {
+			c.Conn.Close()
+			c.Kill()
+			return nil, err
+		}
+	}
 	if err := send(c.Conn, h, fs); err != nil {
 		c.Conn.Close()
 		c.Kill()
@@ -242,9 +264,11 @@ func ProcessStartTime(pid int) (uint64, error) { return spawn.ProcessStartTime(p
 // Alive reports whether the process pid still exists and is the one that
 // started at startTime (not a later process that reused the pid): how a
 // daemon re-adopts a detached VM process.
+// A zombie (exited, not yet reaped by a parent that is not this
+// process) is not alive.
 func Alive(pid int, startTime uint64) bool {
-	st, err := ProcessStartTime(pid)
-	return err == nil && st == startTime
+	st, state, err := spawn.ProcStat(pid)
+	return err == nil && st == startTime && state != 'Z' && state != 'X'
 }
 
 // ErrKilled is the category of a VM process killed by a signal: it could

@@ -1,9 +1,10 @@
 // Command rayvmmd is rayvmm's third executable, beside rayvmm (the CLI and
-// foreground control plane) and rayvmm-vm (the VM process): the daemon and
-// everything that links etcd. Keeping etcd's client and server out of
-// rayvmm keeps every rayvmm command's start (and rayvmm boot's
-// boot-to-ready) fast. rayvmm runs rayvmmd in its own place (syscall.Exec,
-// same arguments) for the commands that need it, so users type rayvmm;
+// foreground control plane) and rayvmm-vm (the VM process): the pods
+// daemon and everything that links etcd, the Prometheus client or the
+// cgroup library. Keeping them out of rayvmm keeps every rayvmm command's
+// start (and rayvmm boot's boot-to-ready) fast. rayvmm runs rayvmmd in its
+// own place (syscall.Exec, same arguments) for the commands that need it
+// (`rayvmm daemon ...` runs `rayvmmd daemon ...`), so users type rayvmm;
 // rayvmmd names itself after argv[0] in help and errors.
 //
 // Each command lives in its own file and registers itself on rootCmd in
@@ -19,6 +20,9 @@ import (
 
 	"github.com/rayvmm/rayvmm/cmd/internal/command"
 )
+
+// version is set by the build (-X main.version=...).
+var version = "dev"
 
 var rootCmd = &cobra.Command{
 	Use:           "rayvmmd",

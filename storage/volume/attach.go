@@ -68,6 +68,21 @@ func (s *Store) attachLocked(name string, readOnly bool, l *state.Lock) (*Attach
 // holds it, kill -9 of either included.
 func (a *Attachment) LockFile() *os.File { return a.lock.File() }
 
+// Detach closes this process's descriptor of the volume's lock without
+// releasing the lock, for a control plane whose VM process holds it (and
+// so the volume) on its own; Release lets go of the lock file once that
+// process is gone.
+func (a *Attachment) Detach() error { return a.lock.Close() }
+
+// Release removes the lock file of volume name left by a VM process that
+// held it and exited (see Detach), unless someone holds it now.
+func (s *Store) Release(name string) error {
+	if err := ValidName(name); err != nil {
+		return err
+	}
+	return state.Sweep(s.lockPath(name))
+}
+
 // Close flushes and closes the disk (unless the caller took it and set
 // Disk to nil) and releases the volume.
 func (a *Attachment) Close() error {

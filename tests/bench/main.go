@@ -21,6 +21,10 @@
 //   - starts K rayvmm microVMs at once for K = 1, 4, 16, 64;
 //   - runs the virtio-blk and virtio-net benchmarks (device path against
 //     raw pread/pwrite and raw TAP I/O);
+//   - with -pods 1,4,16: times `pod apply` through the rayvmm daemon until
+//     every VM is ready against `rayvmm boot` of the same VMs, and the
+//     daemon's memory with 16 VMs (pods.go; -pods-only runs just this and
+//     writes pods.json and pods.md);
 //
 // and writes latest.json, results.md and boot.png. A run that does not
 // reach the ready line (or, where it counts, a clean exit) is a failure,
@@ -73,11 +77,14 @@ type options struct {
 	waitLoad                 float64
 	waitMax                  time.Duration
 	skip                     map[string]bool
+	podKs                    []int
+	podRounds                int
+	podsOnly                 bool
 }
 
 func main() {
 	var o options
-	var ks, skip string
+	var ks, skip, podKs string
 	flag.StringVar(&o.rayvmm, "rayvmm", "bin/rayvmm", "rayvmm binary to measure (make bench builds it)")
 	flag.StringVar(&o.out, "out", "tests/bench/results", "directory for latest.json, results.md and boot.png")
 	flag.StringVar(&o.readme, "readme", "README.md", "file whose bench:begin/bench:end block gets the results (only when -out is inside the repository)")
@@ -96,11 +103,22 @@ func main() {
 	flag.IntVar(&o.vsockN, "vsock-n", 20000, "iterations (chunks) of each virtio-vsock benchmark")
 	flag.Float64Var(&o.waitLoad, "wait-load", 0, "first wait until the 1-minute load average is below this (0: don't wait)")
 	flag.DurationVar(&o.waitMax, "wait-max", 15*time.Minute, "longest wait for -wait-load")
+	flag.StringVar(&podKs, "pods", "", "pod sizes (VMs) for the pods benchmark, e.g. 1,4,16 (empty: not run)")
+	flag.IntVar(&o.podRounds, "pods-rounds", 5, "interleaved rounds per pod size")
+	flag.BoolVar(&o.podsOnly, "pods-only", false, "run only the pods benchmark (-pods), writing pods.json and pods.md")
 	flag.StringVar(&skip, "skip", "", "comma-separated parts to leave out: exits, density, devices, api (for trying things out)")
 	flag.Parse()
 	var err error
 	if o.densityKs, err = parseInts(ks); err != nil {
 		fatalf("-density: %v", err)
+	}
+	if podKs != "" {
+		if o.podKs, err = parseInts(podKs); err != nil {
+			fatalf("-pods: %v", err)
+		}
+	}
+	if o.podsOnly && len(o.podKs) == 0 {
+		fatalf("-pods-only needs -pods, e.g. -pods 1,4,16")
 	}
 	o.skip = map[string]bool{}
 	for _, s := range strings.Split(skip, ",") {
@@ -200,6 +218,29 @@ func bench(ctx context.Context, o options) error {
 	// state directory of its own, never the host's /var/lib/rayvmm.
 	if err := os.Setenv("RAYVMM_STATE_DIR", filepath.Join(tmp, "state")); err != nil {
 		return err
+	}
+
+	if len(o.podKs) > 0 {
+		if o.waitLoad > 0 {
+			logf("pods: %s", waitForLowLoad(ctx, o.waitLoad, o.waitMax))
+		}
+		logf("pods: sizes %v, %d rounds", o.podKs, o.podRounds)
+		pr, err := podsBench(ctx, repo, rayvmm, tmp, o.podKs, o.podRounds)
+		if err != nil {
+			return fmt.Errorf("pods: %w", err)
+		}
+		if err := writeJSON(filepath.Join(outDir, "pods.json"), pr); err != nil {
+			return err
+		}
+		md := pr.markdown()
+		if err := os.WriteFile(filepath.Join(outDir, "pods.md"), []byte(md), 0o644); err != nil {
+			return err
+		}
+		fmt.Print(md)
+		logf("wrote %s/{pods.json,pods.md}", o.out)
+		if o.podsOnly {
+			return nil
+		}
 	}
 
 	res := &Results{Machine: machine(repo), ChartFile: "boot.png"}

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rayvmm/rayvmm/network"
+	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage"
@@ -41,6 +42,11 @@ type Options struct {
 	// configured). Nil: volumes are local only.
 	Sharded ShardedVolumes
 	Log     *slog.Logger
+	// OutcomeFile, if set, is the file the VM process writes its outcome
+	// to (vmproc.WriteOutcome) instead of a pipe: for a detached VM process,
+	// whose outcome must outlive its launcher (the pods daemon reads it
+	// back from the path, also after a restart). The caller keeps it.
+	OutcomeFile *os.File
 }
 
 // ShardedVolumes attaches sharded volumes for VM processes: rayvmm starts
@@ -65,6 +71,7 @@ type Resources struct {
 
 	handedOver []func() error // close this process's copies once launched
 	afterExit  []func() error // in reverse order once the VM process is gone
+	detach     []func() error // close, without releasing, what a detached VM process holds
 	metricsTmp string
 	metricsDst string
 	outcome    *os.File     // the read end of Handoff.Outcome
@@ -100,16 +107,22 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 	}()
 	h := r.Handoff
 
-	// How the VM ended comes back on a pipe (for the audit log).
-	or, ow, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("outcome pipe: %w", err)
+	// How the VM ended comes back on a pipe (for the audit log), or in
+	// the file the caller gives.
+	if o.OutcomeFile != nil {
+		ref := r.Files.Ref(o.OutcomeFile, "outcome file")
+		h.Outcome = &ref
+	} else {
+		or, ow, err := os.Pipe()
+		if err != nil {
+			return nil, fmt.Errorf("outcome pipe: %w", err)
+		}
+		r.outcome = or
+		r.afterExit = append(r.afterExit, or.Close)
+		r.own(ow)
+		ref := r.Files.Ref(ow, "outcome pipe")
+		h.Outcome = &ref
 	}
-	r.outcome = or
-	r.afterExit = append(r.afterExit, or.Close)
-	r.own(ow)
-	ref := r.Files.Ref(ow, "outcome pipe")
-	h.Outcome = &ref
 
 	kvm, err := os.OpenFile(o.KVMDevice, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -168,6 +181,10 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 		for i, n := range nics {
 			r.handedOver = append(r.handedOver, n.CloseTAPs)
 			r.afterExit = append(r.afterExit, n.Close)
+			r.detach = append(r.detach, n.Detach)
+			if hold := n.HoldFile(); hold != nil {
+				h.Holds = append(h.Holds, r.Files.Ref(hold, "network "+eff.Nets[i].Network+" hold"))
+			}
 			eff.Nets[i].MAC = n.MAC.String()
 			hn := vmproc.NIC{MTU: n.MTU, Trunk: n.VLANs != nil}
 			for j, t := range n.TAPs {
@@ -295,6 +312,7 @@ func (r *Resources) openDisk(ctx context.Context, d spec.Disk, vm string, o Opti
 		disk = a.Disk
 		a.Disk = nil // handed over: Close only releases the lock
 		r.afterExit = append(r.afterExit, a.Close)
+		r.detach = append(r.detach, a.Detach)
 		r.Handoff.Holds = append(r.Handoff.Holds, r.Files.Ref(a.LockFile(), "volume "+d.Volume+" lock"))
 		out.Source = "volume:" + d.Volume
 	} else {
@@ -348,7 +366,89 @@ func (r *Resources) Launched() error {
 // Outcome reads how the VM ended, as its VM process reported it; call it
 // once the process has exited. It is nil when the process reported
 // nothing (it was killed).
-func (r *Resources) Outcome() (*vmproc.Outcome, error) { return vmproc.ReadOutcome(r.outcome) }
+func (r *Resources) Outcome() (*vmproc.Outcome, error) {
+	if r.outcome == nil {
+		return nil, errors.New("the outcome went to Options.OutcomeFile")
+	}
+	return vmproc.ReadOutcome(r.outcome)
+}
+
+// Detached closes this process's copies of everything handed to a
+// detached VM process (vmproc.Options.Detached) once it is launched,
+// without releasing what the VM process now holds on its own: its volume
+// locks and its hold on each network stay held for as long as it runs,
+// whatever happens to this process. Once it is gone, Cleanup removes what
+// it leaves. After Detached, Close does nothing.
+//
+// The sandbox's SIGSYS report stays readable (SandboxKill) until
+// CloseReport, for a launcher that sees its VM process exit.
+func (r *Resources) Detached() error {
+	errs := []error{r.Launched()}
+	for _, d := range r.detach {
+		errs = append(errs, d())
+	}
+	r.detach, r.afterExit = nil, nil
+	return errors.Join(errs...)
+}
+
+// CloseReport closes the read end of the sandbox's SIGSYS report, once
+// the detached VM process is gone and SandboxKill was asked.
+func (r *Resources) CloseReport() error {
+	if r.report == nil {
+		return nil
+	}
+	err := r.report.Close()
+	r.report = nil
+	return err
+}
+
+// Cleanup removes what a detached VM process with effective spec s left
+// once it is gone: its API and vsock sockets, the lock files of its
+// volumes and networks that no one else holds, and its jail's
+// directories. Its TAPs went with it.
+func Cleanup(stateDir string, s *spec.VM) error {
+	var errs []error
+	rm := func(path string) {
+		if path == "" {
+			return
+		}
+		if st, err := os.Lstat(path); err == nil && st.Mode().Type() == os.ModeSocket {
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	rm(s.APISocket)
+	if s.Vsock != nil {
+		rm(s.Vsock.UDS)
+	}
+	for _, d := range s.Disks {
+		if d.Volume == "" {
+			continue
+		}
+		st, err := volume.Open(stateDir)
+		if err == nil {
+			err = st.Release(d.Volume)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("volume %q: %w", d.Volume, err))
+		}
+	}
+	for _, n := range s.Nets {
+		if n.Network != "" {
+			errs = append(errs, network.Unhold(stateDir, n.Network))
+		}
+	}
+	if j := s.Sandbox.Jail; j != nil {
+		// What PrepareJail made for it (openSandbox's binds).
+		jail := &seccap.Jail{Root: filepath.Join(j.Dir, s.Name, "root")}
+		if s.Vsock != nil {
+			jail.Binds = []seccap.Bind{{Path: filepath.Dir(s.Vsock.UDS), ReadOnly: true}}
+		}
+		errs = append(errs, jail.Remove())
+	}
+	return errors.Join(errs...)
+}
 
 // SandboxKill tells whether the sandbox killed the exited VM process: nil
 // unless st is death by SIGSYS, else a *report.KilledError naming the

@@ -84,7 +84,7 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 	if errors.Is(err, vmproc.ErrUnfit) {
 		p, err = vmproc.Launch(h, r.Files, vmproc.Options{
 			Binary: o.Binary, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-			Env: passEnv(), Gate: o.Audit != nil,
+			Env: PassEnv(), Gate: o.Audit != nil,
 		})
 	}
 	if err != nil {
@@ -145,11 +145,11 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 	return st.ExitCode(), nil
 }
 
-// passEnv is the environment the VM process keeps: nothing but what the
+// PassEnv is the environment a VM process keeps: nothing but what the
 // Go runtime reads, and the sandbox tests' request (forbidden.Env: a
 // seccaptest build of rayvmm-vm makes the forbidden call it names; other
 // builds ignore it).
-func passEnv() []string { return spawn.PassEnv(forbidden.Env) }
+func PassEnv() []string { return spawn.PassEnv(forbidden.Env) }
 
 func cpuTime() time.Duration {
 	var ru unix.Rusage

@@ -207,7 +207,13 @@ func run(r *vmproc.Received) vmproc.Outcome {
 	case <-r.Go():
 	case <-ctx.Done():
 	case <-r.Refused():
-		stop(errors.New("the control plane did not let the guest run"))
+		// A detached VM process's descriptor closes right after the go
+		// (Process.Go): EOF refuses only when no go came before it.
+		select {
+		case <-r.Go():
+		default:
+			stop(errors.New("the control plane did not let the guest run"))
+		}
 	}
 	var exit *vmm.Exit
 	if ctx.Err() == nil {

@@ -135,6 +135,9 @@ type Options struct {
 	// Env is the VM process's environment (nil: none but EnvHandoff).
 	Env  []string
 	Prep Prep
+	// CgroupDir, if set, is an open cgroup v2 directory to start the
+	// process in (clone3 with CLONE_INTO_CGROUP).
+	CgroupDir *os.File
 }
 
 // Child is a started VM process.
@@ -191,6 +194,9 @@ func Start(o Options) (*Child, error) {
 		Env:   append(append([]string(nil), o.Env...), EnvHandoff+"="+strconv.Itoa(HandoffFD)),
 		Files: []*os.File{std(o.Stdin), std(o.Stdout), std(o.Stderr), theirs},
 		Sys:   &syscall.SysProcAttr{},
+	}
+	if o.CgroupDir != nil {
+		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, int(o.CgroupDir.Fd())
 	}
 	if o.Detached {
 		attr.Sys.Setsid = true
@@ -305,23 +311,31 @@ func (c *Child) Discard() {
 // ProcessStartTime reads a process's start time in clock ticks since boot
 // from /proc/PID/stat.
 func ProcessStartTime(pid int) (uint64, error) {
+	st, _, err := ProcStat(pid)
+	return st, err
+}
+
+// ProcStat reads a process's start time and state letter (R, S, Z, ...)
+// from /proc/PID/stat.
+func ProcStat(pid int) (uint64, byte, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name (field 2) is in parentheses and may hold spaces:
 	// count fields after the last ')'.
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
+		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
 	}
 	f := strings.Fields(s[i+1:])
 	const startField = 22 - 3 // fields 3.. follow the name
-	if len(f) <= startField {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	if len(f) <= startField || len(f[0]) != 1 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
 	}
-	return strconv.ParseUint(f[startField], 10, 64)
+	st, err := strconv.ParseUint(f[startField], 10, 64)
+	return st, f[0][0], err
 }
 
 // PassEnv is the environment a VM process keeps: nothing but what the Go
