@@ -23,6 +23,12 @@ const (
 	VolumeRemove   = "volume.rm"
 	VolumeAttach   = "volume.attach" // params: ParamVM, ParamMode, and the levels when a policy decided
 	VolumeDetach   = "volume.detach"
+	VolumeRebuild  = "volume.rebuild" // a sharded volume's failed replicas rebuilt
+
+	// Sharded volumes' storage nodes (rayvmmd's shard commands).
+	ShardRebalance  = "shard.rebalance" // object: the volume whose replicas moved; params: moves
+	ShardNodeAdd    = "shard.node-add"  // object: the node; params: address
+	ShardNodeRemove = "shard.node-rm"   // object: the node
 
 	NetCreate = "net.create"
 	NetRemove = "net.rm"
@@ -57,6 +63,7 @@ const (
 	KindVolume  = "volume"
 	KindNetwork = "network"
 	KindVM      = "vm"
+	KindNode    = "node" // a sharded volumes' storage node
 	KindPod     = "pod"
 	KindDaemon  = "daemon"
 	KindPolicy  = "policy"
