@@ -18,10 +18,19 @@ import (
 // with their objects, in order.
 func (h *host) auditActions(t *testing.T, args ...string) []string {
 	t.Helper()
-	out := h.must(t, append([]string{"audit", "list", "--json"}, args...)...)
-	var got []string
+	return actionsOf(parseAuditList(t, h.must(t, append([]string{"audit", "list", "--json"}, args...)...)))
+}
+
+// parseAuditList parses what `audit list --json` printed, checking that
+// seqs rise.
+func parseAuditList(t *testing.T, out string) []*audit.Record {
+	t.Helper()
+	var rs []*audit.Record
 	var last uint64
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if line == "" {
+			continue
+		}
 		r, err := audit.Parse([]byte(line))
 		if err != nil {
 			t.Fatalf("audit list --json printed %q: %v", line, err)
@@ -30,6 +39,15 @@ func (h *host) auditActions(t *testing.T, args ...string) []string {
 			t.Fatalf("audit list: seq %d after seq %d", r.Seq, last)
 		}
 		last = r.Seq
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+// actionsOf is "ACTION KIND/NAME" of each record.
+func actionsOf(rs []*audit.Record) []string {
+	var got []string
+	for _, r := range rs {
 		got = append(got, r.Action+" "+r.Object.String())
 	}
 	return got
