@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/pods"
 	"github.com/rayvmm/rayvmm/pods/cgroup"
@@ -60,6 +61,9 @@ type instance struct {
 	// sandbox's SIGSYS report is read from it when the process ends.
 	res         *control.Resources
 	sandboxKill error
+	// attaches are the run's volume and network attaches, whose
+	// detaches are recorded when it ends.
+	attaches []audit.Entry
 }
 
 func newPod(d *Daemon, r *record) *pod {
@@ -449,12 +453,16 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// The run's boot and attach records are committed with its pid,
+	// before the go.
+	boot, attaches := bootEntries(pod, eff, h.NICs)
+	in.attaches = attaches
 	d.mu.Lock()
 	v.rec.PID, v.rec.StartTime, v.rec.OOMKills = proc.Pid, proc.StartTime, oomBase
 	v.rec.Instance++
 	ch := p.save()
 	d.mu.Unlock()
-	err = <-ch
+	err = errors.Join(d.audit(d.ctx, boot...), <-ch)
 	if err == nil {
 		if err = proc.Go(); err != nil && exitedBeforeGo(proc) {
 			// It ended before its go (the sandbox killed it, say): a
@@ -591,20 +599,15 @@ func (d *Daemon) ended(v *vm, in *instance, killReason string) bool {
 	if in.res != nil {
 		in.res.CloseReport()
 	}
-	if in.sandboxKill != nil {
-		d.wg.Add(1)
-		go func(e Entry) {
-			defer d.wg.Done()
-			d.audit(context.Background(), e)
-		}(Entry{Action: AuditVMSandboxKill, Object: Object{Kind: "vm", Name: in.eff.Name}, Err: in.sandboxKill,
-			Params: map[string]string{"pod": v.p.name(), "reason": in.sandboxKill.Error()}})
-	}
 	if killReason != "" {
 		t.Message = pods.OneLine(killReason + "; " + t.Message)
 	}
 	if err := control.Cleanup(d.st.Dir(), in.eff); err != nil {
 		d.log.Warn("clean up after VM", "pod", v.p.name(), "vm", v.spec.Name, "err", err)
 	}
+	// How it ended and the detaches, once its volumes and TAPs are let
+	// go, before a restart attaches them again.
+	d.audit(context.Background(), endEntries(v.p.name(), in.eff.Name, &t, in.sandboxKill, in.attaches)...)
 	if in.group != nil {
 		if err := in.group.Delete(); err != nil {
 			d.log.Warn("remove cgroup", "pod", v.p.name(), "vm", v.spec.Name, "err", err)
@@ -665,6 +668,7 @@ func (d *Daemon) endedAway(v *vm) bool {
 		}
 		g.Delete()
 	}
+	d.audit(context.Background(), endEntries(pod, eff.Name, &t, nil, control.AttachEntries(eff.Name, eff, nil))...)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.p.event(v.spec.Name, pods.Warning, "ExitedWhileAway", "VM %s ended while the daemon was down: %s", v.spec.Name, describe(&t))
