@@ -45,6 +45,10 @@ type vm struct {
 	// was started.
 	sup chan struct{}
 	cur *instance
+	// restartRecorded is closed once the pending restart's pod.restart
+	// record is written (nil: none pending): the restarted run's records
+	// come after it.
+	restartRecorded chan struct{}
 }
 
 // instance is one run of a VM process.
@@ -458,6 +462,12 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	boot, attaches := bootEntries(pod, eff, h.NICs)
 	in.attaches = attaches
 	d.mu.Lock()
+	if rr := v.restartRecorded; rr != nil {
+		v.restartRecorded = nil
+		d.mu.Unlock()
+		<-rr
+		d.mu.Lock()
+	}
 	v.rec.PID, v.rec.StartTime, v.rec.OOMKills = proc.Pid, proc.StartTime, oomBase
 	v.rec.Instance++
 	ch := p.save()
@@ -797,8 +807,11 @@ func (d *Daemon) decide(v *vm, t pods.Terminated, byProbe bool) bool {
 	}
 	p.event(v.spec.Name, pods.Normal, "Restarting", "restarting VM %s (restart %d, after %v)", v.spec.Name, v.rec.RestartCount, delay.Round(time.Millisecond))
 	d.wg.Add(1)
+	recorded := make(chan struct{})
+	v.restartRecorded = recorded
 	go func(ctx context.Context, e Entry) {
 		defer d.wg.Done()
+		defer close(recorded)
 		d.audit(ctx, e)
 	}(context.Background(), Entry{Action: AuditPodRestart, Object: Object{Kind: "pod", Name: p.name()},
 		Params: map[string]string{"vm": pods.VMName(v.p.name(), v.spec.Name), "reason": describe(&t), "restart": fmt.Sprint(v.rec.RestartCount), "backoff": delay.String()}})
