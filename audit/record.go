@@ -11,10 +11,10 @@ import (
 	"unicode/utf8"
 )
 
-// Action names. The writers that exist today (the CLI and `rayvmm boot`)
-// use the volume, net and vm ones; the rest are for the daemon, the pod
-// supervisor and the policy engine, and `audit report` already checks
-// records with these names.
+// Action names. The CLI (rayvmm, and rayvmmd's sharded-volume commands)
+// and `rayvmm boot` write the volume, shard, net and vm ones; the pods
+// daemon the pod, policy and daemon ones and its VMs' vm, volume and net
+// ones. `audit report` checks records with these names.
 const (
 	VolumeCreate   = "volume.create"
 	VolumeImport   = "volume.import"

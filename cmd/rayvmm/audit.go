@@ -49,9 +49,11 @@ func init() {
 	auditCmd := &cobra.Command{
 		Use:   "audit",
 		Short: "Query, verify, export and report on the audit log",
-		Long: `Every state-changing command (volume create, import, snapshot, clone and rm;
-net create and rm; boot, with its attaches, exit or crash) appends a record
-to the audit log under <state-dir>/audit before it reports success. Records
+		Long: `Every state-changing command (volume create, import, snapshot, clone and rm,
+sharded volumes' too, volume rebuild, shard rebalance, shard nodes add/rm;
+net create and rm; boot, with its attaches, exit or crash) and the pods
+daemon (pods, access decisions, its VMs' runs) append a record to the
+audit log under <state-dir>/audit before they report success. Records
 are JSON lines chained by SHA-256 and sealed with a forward-secure HMAC key
 kept under <state-dir>/keys (see audit/README.md).
 
