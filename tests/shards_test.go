@@ -379,6 +379,17 @@ func TestShardsRebalance(t *testing.T) {
 			t.Errorf("shard.rebalance record's moves: %q", r.Params["moves"])
 		}
 	}
+	// A create that fails (five replicas on four nodes) is recorded
+	// with its error; bad flags are not actions and are not recorded.
+	if r := run(t, nil, 2*time.Minute, e.args("volume", "create", "wide", "--size", "1M", "--shard-size", "256K", "--replicas", "5")...); r.code == 0 {
+		t.Fatal("volume create with 5 replicas on 4 nodes succeeded")
+	}
+	if r := run(t, nil, 2*time.Minute, e.args("volume", "create", "odd", "--size", "1M", "--shard-size", "300K", "--replicas", "3")...); r.code == 0 {
+		t.Fatal("volume create with a shard size that does not divide the size succeeded")
+	}
+	if got := actionsOf(parseAuditList(t, e.rv("audit", "list", "--json", "--result", "error"))); !slices.Equal(got, []string{"volume.create volume/wide"}) {
+		t.Errorf("audit list --result error: %q, want the failed create of wide only", got)
+	}
 	if out := e.rv("audit", "verify"); !strings.Contains(out, "intact") {
 		t.Fatalf("audit verify: %s", out)
 	}
