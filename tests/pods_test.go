@@ -761,8 +761,10 @@ spec:
   vms: [{name: a, cmdline: rayguest.run=echo, memory: 16M, disks: [{volume: data}]}]
 `)
 	for pod, reason := range map[string]string{"nonet": "NetworkNotFound", "nosnap": "VolumeNotFound"} {
-		i := d.waitFor(t, pod, "phase Failed", func(i *pods.Info) bool {
-			return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 })
+		// Failed, and every VM terminated: a VM whose launch was under
+		// way when the pod failed ends (and is cleaned up) after it.
+		i := d.waitFor(t, pod, "phase Failed, every VM terminated", func(i *pods.Info) bool {
+			return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 || v.State.Terminated == nil })
 		})
 		if i.Status.Reason != reason {
 			t.Errorf("%s: reason %q (%s), want %s", pod, i.Status.Reason, i.Status.Message, reason)

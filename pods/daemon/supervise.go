@@ -49,6 +49,10 @@ type vm struct {
 	// record is written (nil: none pending): the restarted run's records
 	// come after it.
 	restartRecorded chan struct{}
+	// launching: launch is making a run (its cgroup, resources and
+	// process may exist before its pid is recorded); a pod that fails
+	// meanwhile leaves its state to the run's end.
+	launching bool
 }
 
 // instance is one run of a VM process.
@@ -369,8 +373,14 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	}
 	d.mu.Lock()
 	v.rec.State = pods.VMState{Waiting: &pods.Waiting{Reason: pods.ReasonCreating}}
+	v.launching = true
 	p.event(name, pods.Normal, "Creating", "creating VM %s", name)
 	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		v.launching = false
+		d.mu.Unlock()
+	}()
 	// The cgroup is made while the resources are opened.
 	type made struct {
 		g   *cgroup.Group
@@ -550,7 +560,7 @@ func (p *pod) failed(v *vm, reason string, err error) {
 	p.rec.Stopped, p.rec.Reason, p.rec.Message = true, reason, pods.OneLine(err.Error())
 	p.event(who, pods.Warning, "Failed", "%v", err)
 	for _, o := range p.vms {
-		if o.rec.State.Terminated == nil && o.rec.PID == 0 {
+		if o.rec.State.Terminated == nil && o.rec.PID == 0 && !o.launching {
 			o.rec.State = pods.VMState{Terminated: &pods.Terminated{Reason: reason, Message: "the pod failed to start", FinishedAt: time.Now().UTC()}}
 		}
 		select {
