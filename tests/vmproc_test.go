@@ -118,15 +118,26 @@ func childRunning(t *testing.T, pid int, name string) int {
 	return 0
 }
 
-// alive reports whether pid exists and is not a zombie.
+// alive reports whether pid exists and one of its threads is neither a
+// zombie nor dead. The thread group's leader turns zombie as soon as it
+// exits itself, while its other threads may still be exiting and still
+// hold the process's descriptors (and so its locks).
 func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return false
 	}
-	i := bytes.LastIndexByte(b, ')')
-	f := strings.Fields(string(b[i+1:]))
-	return len(f) > 0 && f[0] != "Z"
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		i := bytes.LastIndexByte(b, ')')
+		if f := strings.Fields(string(b[i+1:])); len(f) > 0 && f[0] != "Z" && f[0] != "X" {
+			return true
+		}
+	}
+	return false
 }
 
 // waitGone waits until pid has exited.
@@ -148,9 +159,10 @@ func waitGone(t *testing.T, pid int, what string) {
 // network (one per NIC), its API socket and its vsock socket (each told
 // apart by the address it was bound to, in /proc/PID/net/unix), eventfds,
 // the Go runtime's epoll, the console (stdin, stdout and stderr: pipes
-// here), the lifeline pipe, the one it reports how the VM ended on and
-// the sandbox's SIGSYS report pipe. Nothing else: no kernel file, no state
-// directory, no netlink socket, nothing inherited from elsewhere.
+// here), the handoff socket (the lifeline; unbound), the pipe it reports
+// how the VM ended on and the sandbox's SIGSYS report pipe. Nothing else:
+// no kernel file, no state directory, no netlink socket, nothing inherited
+// from elsewhere.
 func TestVMProcessIsRayvmmVM(t *testing.T) {
 	requireKVM(t)
 	h := newHost(t)
@@ -189,6 +201,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 		"API socket":            regexp.MustCompile(`^` + regexp.QuoteMeta(apiDir) + `/`),
 		"vsock socket":          regexp.MustCompile(`^` + regexp.QuoteMeta(vsockDir) + `/`),
 		"pipe":                  regexp.MustCompile(`^pipe:\[\d+\]$`),
+		"handoff socket":        regexp.MustCompile(`^$`), // unbound: a socket pair's end
 		"disk images":           regexp.MustCompile(`^(` + regexp.QuoteMeta(top) + `|` + regexp.QuoteMeta(base) + `|` + regexp.QuoteMeta(vol.Path) + `)$`),
 		"the volume's lock":     regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "volumes", "data.lock")) + `$`),
 		"network holds":         regexp.MustCompile(`^` + regexp.QuoteMeta(filepath.Join(h.state, "networks", "lan.lock")) + `$`),
@@ -222,7 +235,7 @@ func TestVMProcessIsRayvmmVM(t *testing.T) {
 	for _, want := range []struct {
 		kind string
 		n    int
-	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 6}} {
+	}{{"KVM device", 1}, {"TAP", 3}, {"API socket", 1}, {"vsock socket", 1}, {"disk images", 3}, {"the volume's lock", 1}, {"network holds", 2}, {"pipe", 5}, {"handoff socket", 1}} {
 		if seen[want.kind] != want.n {
 			t.Errorf("%d descriptors of %s, want %d", seen[want.kind], want.kind, want.n)
 		}

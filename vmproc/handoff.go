@@ -2,15 +2,19 @@
 // pods daemon) and a VM process (rayvmm-vm): the control plane resolves
 // names and state, opens every resource the VM needs — /dev/kvm, the
 // kernel, each disk image with its backing chain, each TAP, the API and
-// vsock sockets, the metrics file — and execs rayvmm-vm with them as inherited
-// descriptors; the VM process reads a Handoff (the effective spec and a
-// table mapping each resource to its descriptor) from descriptor 3, opens
-// nothing by path and never touches the state directory.
+// vsock sockets, the metrics file — and sends them to rayvmm-vm over a Unix
+// socket pair (SCM_RIGHTS), descriptor 3 in the VM process, with a Handoff
+// (the effective spec and a table mapping each resource to its
+// descriptor); the VM process puts the descriptors in place from
+// descriptor 64 on, opens nothing by path and never touches the state
+// directory. Starting the process (package spawn) is apart from handing
+// it its VM (Hand), so that rayvmm boot can start it ahead, while it
+// starts itself.
 //
 // Two launch modes:
 //
 //   - Foreground (rayvmm boot): the VM process never outlives the control
-//     plane. Descriptor 3 stays open as a lifeline: when the control plane
+//     plane. The handoff socket stays open as a lifeline: when the control plane
 //     exits, however it exits (kill -9 included), the VM process reads
 //     EOF and stops cleanly. As a second line, the process is started with
 //     a parent-death signal (SIGTERM) from an OS thread that stays locked
@@ -28,6 +32,7 @@ package vmproc
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,21 +45,24 @@ import (
 
 	"github.com/rayvmm/rayvmm/seccap"
 	"github.com/rayvmm/rayvmm/spec"
+	"github.com/rayvmm/rayvmm/vmproc/spawn"
 )
 
 // Version is the handoff format's version; both sides must agree.
 const Version = 1
 
-// HandoffFD is the descriptor the handoff arrives on; resources follow
-// from FirstResourceFD.
+// HandoffFD is the socket the handoff arrives on; the resources it carries
+// are placed from FirstResourceFD on, in order: high enough to be free
+// whatever the Go runtime opened at its start (it keeps the cgroup's CPU
+// quota files open, for GOMAXPROCS).
 const (
-	HandoffFD       = 3
-	FirstResourceFD = 4
+	HandoffFD       = spawn.HandoffFD
+	FirstResourceFD = 64
 )
 
 // EnvHandoff marks a process started by Launch: it holds the handoff
 // descriptor's number. Without it, rayvmm-vm explains itself and exits.
-const EnvHandoff = "RAYVMM_VM_HANDOFF_FD"
+const EnvHandoff = spawn.EnvHandoff
 
 // Handoff is what the VM process is handed: the effective spec and where
 // each resource is. Every FD is a descriptor the process inherited.
@@ -100,7 +108,7 @@ type Handoff struct {
 	// control plane can record the boot durably while the VM process
 	// builds the VM. EOF instead of the go means the guest must not run.
 	Gate bool `json:"gate"`
-	// Lifeline: descriptor 3 stays open in the control plane; EOF on it
+	// Lifeline: the handoff socket stays open in the control plane; EOF on it
 	// means the control plane is gone and the VM stops.
 	Lifeline bool `json:"lifeline"`
 	// ParentPID is the control plane's pid (checked at start in
@@ -112,17 +120,22 @@ type Handoff struct {
 	// measures from there.
 	Started   time.Time     `json:"started"`
 	CPUBefore time.Duration `json:"cpu_before_ns"`
-	// LaunchedAt is when the control plane started the VM process (set by
-	// Launch), for the boot timer's cost of the split.
+	// LaunchedAt is when the control plane started the VM process, for
+	// the boot timer. A VM process started ahead of its VM (see package
+	// spawn) was launched long before the handoff was sent.
 	LaunchedAt time.Time `json:"launched_at"`
-	BootTimer  bool      `json:"boot_timer"`
+	// ReadyAt is when the control plane had everything ready to hand
+	// over and would have started the VM process, had it not started it
+	// ahead: the split costs the time from there to the handoff read.
+	ReadyAt   time.Time `json:"ready_at"`
+	BootTimer bool      `json:"boot_timer"`
 	// LogLevel is a log/slog level name (DEBUG, INFO, WARN, ERROR).
 	LogLevel string `json:"log_level"`
 	// Version of the control plane, for the API's GET /.
 	RayvmmVersion string `json:"rayvmm_version"`
 }
 
-// File is an inherited descriptor and what it is, for messages.
+// File is a handed-over descriptor and what it is, for messages.
 type File struct {
 	FD   int    `json:"fd"`
 	Name string `json:"name"`
@@ -169,6 +182,11 @@ type TAP struct {
 	VLAN uint16 `json:"vlan,omitempty"`
 }
 
+// ErrNotNeeded means the control plane closed the handoff socket without
+// sending a handoff: it started the VM process ahead of its VM and then
+// did not need it (the spec was bad, say). The VM process exits quietly.
+var ErrNotNeeded = errors.New("no VM to run: the control plane did not need this VM process")
+
 // ErrNoHandoff means the process was not started by a control plane.
 var ErrNoHandoff = errors.New("no handoff: rayvmm-vm runs one VM for rayvmm and is started by `rayvmm boot` or the rayvmm daemon with the VM's resources already open; it is not meant to be run by hand")
 
@@ -202,21 +220,27 @@ func Receive() (*Received, error) {
 		return nil, fmt.Errorf("handoff: %s=%q, want %d", EnvHandoff, v, HandoffFD)
 	}
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
-		return nil, fmt.Errorf("handoff: descriptor %d is not a pipe: %w", fd, ErrNoHandoff)
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("handoff: descriptor %d is not a socket: %w", fd, ErrNoHandoff)
 	}
-	// Non-blocking, so that the lifeline's Read parks in Go's poller
-	// rather than holding an OS thread.
+	// Non-blocking: the wait for the handoff (a VM process started ahead
+	// waits milliseconds for it) and then the lifeline's Read park in
+	// Go's poller rather than holding an OS thread.
 	if err := unix.SetNonblock(fd, true); err != nil {
 		return nil, fmt.Errorf("handoff: %w", err)
 	}
 	pipe := os.NewFile(uintptr(fd), "handoff")
+	payload, rest, err := receive(pipe)
+	if err != nil {
+		pipe.Close()
+		return nil, err
+	}
 	var h Handoff
-	dec := json.NewDecoder(pipe)
+	dec := json.NewDecoder(bytes.NewReader(payload))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&h); err != nil {
 		pipe.Close()
-		return nil, fmt.Errorf("handoff: read: %w (did the control plane exit?)", err)
+		return nil, fmt.Errorf("handoff: %w", err)
 	}
 	if err := h.check(); err != nil {
 		pipe.Close()
@@ -236,12 +260,133 @@ func Receive() (*Received, error) {
 		close(r.goCh)
 		return r, nil
 	}
-	r.rest, _ = io.ReadAll(dec.Buffered())
+	r.rest = rest
 	if !h.Gate {
 		close(r.goCh)
 	}
 	go r.watch()
 	return r, nil
+}
+
+// receive reads the handoff from the socket f (non-blocking): its length
+// (4 bytes, little endian), then its JSON, with the handed-over
+// descriptors, which it puts in place from FirstResourceFD on. It returns
+// the JSON and whatever was read past it (the go, if it came early).
+func receive(f *os.File) (payload, rest []byte, err error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, nil, fmt.Errorf("handoff: %w", err)
+	}
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, unix.CmsgSpace(maxFDs*4))
+	var got []byte
+	var fds []int
+	need := -1
+	for need < 0 || len(got) < need {
+		var n, oobn int
+		rerr := rc.Read(func(fd uintptr) bool {
+			n, oobn, _, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+			return err != unix.EAGAIN && err != unix.EINTR
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			closeAll(fds)
+			return nil, nil, fmt.Errorf("handoff: read: %w", err)
+		}
+		if oobn > 0 {
+			more, err := rights(oob[:oobn])
+			fds = append(fds, more...)
+			if err != nil {
+				closeAll(fds)
+				return nil, nil, fmt.Errorf("handoff: descriptors: %w", err)
+			}
+		}
+		if n == 0 {
+			closeAll(fds)
+			if len(got) == 0 {
+				return nil, nil, ErrNotNeeded
+			}
+			return nil, nil, errors.New("handoff: read: the control plane exited before the VM started")
+		}
+		got = append(got, buf[:n]...)
+		if need < 0 && len(got) >= 4 {
+			need = 4 + int(binary.LittleEndian.Uint32(got))
+			if need > 4+maxHandoff {
+				closeAll(fds)
+				return nil, nil, fmt.Errorf("handoff: %d bytes, more than %d", need-4, maxHandoff)
+			}
+		}
+	}
+	if err := place(fds); err != nil {
+		return nil, nil, fmt.Errorf("handoff: %w", err)
+	}
+	return got[4:need], got[need:], nil
+}
+
+// rights are the descriptors in the control messages b.
+func rights(b []byte) ([]int, error) {
+	msgs, err := unix.ParseSocketControlMessage(b)
+	if err != nil {
+		return nil, err
+	}
+	var fds []int
+	for _, m := range msgs {
+		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
+			continue
+		}
+		more, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			return fds, err
+		}
+		fds = append(fds, more...)
+	}
+	return fds, nil
+}
+
+// place moves the received descriptors fds to FirstResourceFD,
+// FirstResourceFD+1, ... as the handoff's table numbers them, as long as
+// those numbers are free.
+func place(fds []int) error {
+	below := true // all below their places: moved there directly
+	for _, fd := range fds {
+		below = below && fd < FirstResourceFD
+	}
+	from := fds
+	if !below {
+		// Out of the way first (above every place), then into place.
+		from = make([]int, len(fds))
+		for i, fd := range fds {
+			h, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, FirstResourceFD+len(fds))
+			if err != nil {
+				closeAll(from[:i])
+				closeAll(fds)
+				return fmt.Errorf("place descriptor %d: %w", fd, err)
+			}
+			from[i] = h
+		}
+		closeAll(fds)
+	}
+	for i, fd := range from {
+		to := FirstResourceFD + i
+		if _, err := unix.FcntlInt(uintptr(to), unix.F_GETFD, 0); err != unix.EBADF {
+			closeAll(from[i:])
+			return fmt.Errorf("descriptor %d, where resource %d goes, is taken", to, i)
+		}
+		if err := unix.Dup3(fd, to, unix.O_CLOEXEC); err != nil {
+			closeAll(from[i:])
+			return fmt.Errorf("place descriptor %d: %w", to, err)
+		}
+		unix.Close(fd)
+	}
+	return nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
 }
 
 // watch reads the handoff descriptor after the handoff: the go, then
@@ -385,7 +530,7 @@ func ReadOutcome(f *os.File) (*Outcome, error) {
 	return &o, nil
 }
 
-// Open makes an *os.File of an inherited descriptor the handoff names.
+// Open makes an *os.File of a handed-over descriptor the handoff names.
 func (f File) Open() (*os.File, error) {
 	if f.FD < FirstResourceFD {
 		return nil, fmt.Errorf("%s: descriptor %d is not a handed-over resource", f.Name, f.FD)

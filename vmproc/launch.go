@@ -1,28 +1,25 @@
 package vmproc
 
 import (
-	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rayvmm/rayvmm/seccap"
+	"github.com/rayvmm/rayvmm/vmproc/spawn"
 )
 
 // Binary is the VM process's executable name.
-const Binary = "rayvmm-vm"
+const Binary = spawn.Binary
 
 // EnvBinary names the VM process's executable explicitly.
-const EnvBinary = "RAYVMM_VM_BINARY"
+const EnvBinary = spawn.EnvBinary
 
 // DaemonBinary is rayvmm's third executable: the daemon and everything
 // that links etcd (sharded volumes), which rayvmm runs for those commands.
@@ -32,47 +29,19 @@ const DaemonBinary = "rayvmmd"
 const EnvDaemonBinary = "RAYVMMD_BINARY"
 
 // ErrNoBinary means rayvmm-vm (or rayvmmd) was not found.
-var ErrNoBinary = errors.New("not found")
+var ErrNoBinary = spawn.ErrNoBinary
 
 // FindBinary locates rayvmm-vm: next to this executable, then
 // $RAYVMM_VM_BINARY, then on PATH.
-func FindBinary() (string, error) { return FindExecutable(Binary, EnvBinary) }
+func FindBinary() (string, error) { return spawn.FindBinary() }
 
 // FindDaemon locates rayvmmd the same way: next to this executable, then
 // $RAYVMMD_BINARY, then on PATH.
 func FindDaemon() (string, error) { return FindExecutable(DaemonBinary, EnvDaemonBinary) }
 
-// FindExecutable locates one of rayvmm's executables, name: next to this
-// executable (installed or built together), then the file the
-// environment variable env names, then on PATH.
-func FindExecutable(name, env string) (string, error) {
-	var tried []string
-	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), name)
-		if isExecutable(p) {
-			return p, nil
-		}
-		tried = append(tried, p)
-	}
-	if p := os.Getenv(env); p != "" {
-		if isExecutable(p) {
-			return p, nil
-		}
-		tried = append(tried, "$"+env+"="+p)
-	}
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		if p := filepath.Join(dir, name); dir != "" && isExecutable(p) {
-			return p, nil
-		}
-	}
-	tried = append(tried, "PATH")
-	return "", fmt.Errorf("%s %w (looked in %s); build it with `make`, or set %s", name, ErrNoBinary, strings.Join(tried, ", "), env)
-}
-
-func isExecutable(p string) bool {
-	st, err := os.Stat(p)
-	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
-}
+// FindExecutable locates one of rayvmm's executables (see
+// spawn.FindExecutable).
+func FindExecutable(name, env string) (string, error) { return spawn.FindExecutable(name, env) }
 
 // Files collects the descriptors to hand over; Add returns the descriptor
 // number the VM process sees, for the Handoff's tables.
@@ -101,6 +70,8 @@ type Options struct {
 	Detached bool
 	// Env is the VM process's environment (nil: none but the handoff's).
 	Env []string
+	// Gate holds the guest back until Process.Go (see Handoff.Gate).
+	Gate bool
 	// CgroupDir, if set, is an open cgroup v2 directory the VM process is
 	// started in (clone3 with CLONE_INTO_CGROUP): it never runs anywhere
 	// else, and no migration is paid for (cgroup v1 has no such thing:
@@ -112,8 +83,6 @@ type Options struct {
 	// comes before it runs any guest code. An error kills the process and
 	// fails Launch.
 	BeforeHandoff func(*Process) error
-	// Gate holds the guest back until Process.Go (see Handoff.Gate).
-	Gate bool
 }
 
 // Process is a started VM process.
@@ -124,143 +93,130 @@ type Process struct {
 	// across pid reuse, for re-adoption.
 	StartTime uint64
 
-	proc     *os.Process
-	lifeline *os.File // the handoff pipe's write end: foreground mode, or until the go
+	child    *spawn.Child
+	lifeline *os.File // the handoff socket: foreground mode, or until the go
 	detached bool
-	waited   chan struct{}
-	state    *os.ProcessState
-	waitErr  error
 }
 
 // Launch starts the VM process with h and the descriptors in fs. In
 // foreground mode the VM process dies with this process (see the package
 // comment); the descriptors in fs may be closed here once Launch returns.
 func Launch(h *Handoff, fs *Files, o Options) (*Process, error) {
-	bin := o.Binary
-	if bin == "" {
-		var err error
-		if bin, err = FindBinary(); err != nil {
-			return nil, err
-		}
+	h.ReadyAt = time.Now()
+	c, err := spawn.Start(spawn.Options{
+		Binary: o.Binary, Stdin: o.Stdin, Stdout: o.Stdout, Stderr: o.Stderr,
+		Detached: o.Detached, Env: o.Env, Prep: spawn.For(h.Sandbox), CgroupDir: o.CgroupDir,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("launch VM process: %w", err)
 	}
-	sandboxed := h.Sandbox != nil && h.Sandbox.Mode != seccap.ModeOff
-	jailed := sandboxed && h.Sandbox.Jail != nil
-	// Not jailed, the VM process starts landlocked (from the thread that
-	// forks it): its sandbox then stops no world while it builds the VM.
-	landlock := sandboxed && !jailed && seccap.LandlockABI() > 0
-	if landlock {
-		h.Sandbox.Landlocked = true
+	return hand(c, h, fs, o.Gate, o.BeforeHandoff)
+}
+
+// ErrUnfit means a VM process started ahead of its VM (see package spawn)
+// was started with a sandbox preparation that does not fit the VM's.
+var ErrUnfit = errors.New("the VM process started ahead was prepared for another sandbox")
+
+// Hand hands h and the descriptors in fs to the VM process c started, over
+// its handoff socket, and returns it as a Process (gate: see
+// Options.Gate). The descriptors in fs may be closed here once Hand
+// returns. A c whose preparation does not fit h's sandbox is refused with
+// ErrUnfit and left as it is (Discard it); on any other error c is killed.
+func Hand(c *spawn.Child, h *Handoff, fs *Files, gate bool) (*Process, error) {
+	return hand(c, h, fs, gate, nil)
+}
+
+func hand(c *spawn.Child, h *Handoff, fs *Files, gate bool, before func(*Process) error) (*Process, error) {
+	if !c.Options.Prep.Fits(h.Sandbox) {
+		return nil, ErrUnfit
+	}
+	if h.Sandbox != nil {
+		h.Sandbox.Landlocked = c.Options.Prep.Landlock != nil
 	}
 	h.Version = Version
 	h.ParentPID = os.Getpid()
-	h.Lifeline = !o.Detached
-	h.Gate = o.Gate
-	h.LaunchedAt = time.Now()
-	payload, err := json.Marshal(h)
-	if err != nil {
-		return nil, fmt.Errorf("launch VM process: handoff: %w", err)
+	h.Lifeline = !c.Options.Detached
+	h.Gate = gate
+	h.LaunchedAt = c.Started
+	if h.ReadyAt.IsZero() {
+		h.ReadyAt = time.Now() // started ahead
 	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("launch VM process: handoff pipe: %w", err)
-	}
-	defer r.Close()
-	null, err := os.Open(os.DevNull)
-	if err != nil {
-		w.Close()
-		return nil, fmt.Errorf("launch VM process: %w", err)
-	}
-	defer null.Close()
-	std := func(f *os.File) *os.File {
-		if f == nil {
-			return null
-		}
-		return f
-	}
-	attr := &os.ProcAttr{
-		Env:   append(append([]string(nil), o.Env...), EnvHandoff+"="+strconv.Itoa(HandoffFD)),
-		Files: append([]*os.File{std(o.Stdin), std(o.Stdout), std(o.Stderr), r}, fs.files...),
-		Sys:   &syscall.SysProcAttr{},
-	}
-	if o.CgroupDir != nil {
-		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, int(o.CgroupDir.Fd())
-	}
-	if o.Detached {
-		attr.Sys.Setsid = true
-	} else {
-		attr.Sys.Pdeathsig = syscall.SIGTERM
-	}
-	if jailed {
-		// A new pid namespace takes a fork: this one (see seccap.Jail).
-		attr.Sys.Cloneflags = seccap.Cloneflags
-	}
-	// Descriptors this process inherited without close-on-exec (from a
-	// shell, a test harness) would leak into the VM process, which must
-	// hold only what the handoff lists: mark them all; the ones in
-	// attr.Files are dup'ed into place without the flag.
-	if err := closeOnExecAll(); err != nil {
-		w.Close()
-		return nil, fmt.Errorf("launch VM process: %w", err)
-	}
-	p := &Process{waited: make(chan struct{}), detached: o.Detached}
-	started := make(chan error, 1)
-	// The parent-death signal is sent when the thread that forked exits,
-	// so fork from a thread locked for the child's whole life: this
-	// goroutine also waits for the child and ends (its thread with it)
-	// only after the child is gone.
-	go func() {
-		runtime.LockOSThread()
-		if sandboxed {
-			// The VM process starts with no capability it does not need
-			// and no_new_privs on every thread, so that its sandbox need
-			// not stop the world to change them. This thread is never
-			// unlocked: the runtime discards it when the goroutine ends.
-			if err := seccap.PrepareForkThread(jailed); err != nil {
-				started <- fmt.Errorf("sandbox: %w", err)
-				return
-			}
-			if landlock {
-				if err := seccap.LandlockForkThread(*h.Sandbox, bin); err != nil {
-					started <- fmt.Errorf("sandbox: %w", err)
-					return
-				}
-			}
-		}
-		proc, err := os.StartProcess(bin, []string{Binary}, attr)
-		if err != nil {
-			started <- err
-			return
-		}
-		p.proc, p.Pid = proc, proc.Pid
-		started <- nil
-		p.state, p.waitErr = proc.Wait()
-		close(p.waited)
-	}()
-	if err := <-started; err != nil {
-		w.Close()
-		return nil, fmt.Errorf("launch VM process %s: %w", bin, err)
-	}
-	p.StartTime, _ = ProcessStartTime(p.Pid)
-	if o.BeforeHandoff != nil {
-		if err := o.BeforeHandoff(p); err != nil {
-			w.Close()
-			p.proc.Kill()
-			<-p.waited
+	p := &Process{Pid: c.Pid, StartTime: c.StartTime, child: c, detached: c.Options.Detached}
+	if before != nil {
+		if err := before(p); err != nil {
+			c.Conn.Close()
+			c.Kill()
 			return nil, err
 		}
 	}
-	if _, err := w.Write(payload); err != nil {
-		w.Close()
-		p.proc.Kill()
-		<-p.waited
-		return nil, fmt.Errorf("launch VM process: write handoff: %w", err)
+	if err := send(c.Conn, h, fs); err != nil {
+		c.Conn.Close()
+		c.Kill()
+		return nil, fmt.Errorf("launch VM process: hand over: %w", err)
 	}
-	if o.Detached && !o.Gate {
-		w.Close()
+	if c.Options.Detached && !gate {
+		c.Conn.Close()
 	} else {
-		p.lifeline = w
+		p.lifeline = c.Conn
 	}
 	return p, nil
+}
+
+// maxFDs is how many descriptors one handoff can carry (the kernel's
+// SCM_MAX_FD).
+const maxFDs = 253
+
+// maxHandoff bounds the handoff's JSON.
+const maxHandoff = 16 << 20
+
+// send writes the handoff on the socket: its length (4 bytes, little
+// endian), then its JSON; the descriptors in fs travel with the first
+// bytes, in order.
+func send(conn *os.File, h *Handoff, fs *Files) error {
+	payload, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	if len(payload) > maxHandoff {
+		return fmt.Errorf("%d bytes, more than %d", len(payload), maxHandoff)
+	}
+	if len(fs.files) > maxFDs {
+		return fmt.Errorf("%d descriptors, more than %d", len(fs.files), maxFDs)
+	}
+	fds := make([]int, len(fs.files))
+	for i, f := range fs.files {
+		fds[i] = int(f.Fd())
+	}
+	msg := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+len(payload)), uint32(len(payload)))
+	msg = append(msg, payload...)
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Write(func(fd uintptr) bool {
+		var oob []byte
+		if len(fds) > 0 {
+			oob = unix.UnixRights(fds...)
+		}
+		for len(msg) > 0 {
+			n, err := unix.SendmsgN(int(fd), msg, oob, nil, unix.MSG_NOSIGNAL)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				serr = err
+				return true
+			}
+			msg, oob = msg[n:], nil
+		}
+		return true
+	})
+	runtime.KeepAlive(fs.files)
+	if err != nil {
+		return err
+	}
+	return serr
 }
 
 // Go lets a gated VM process run its guest (see Options.Gate); a detached
@@ -280,43 +236,14 @@ func (p *Process) Go() error {
 	return nil
 }
 
-// closeOnExecAll sets FD_CLOEXEC on every descriptor from 3 up.
-func closeOnExecAll() error {
-	err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
-	if err == nil {
-		return nil
-	}
-	// Kernels before 5.11: walk the descriptor table.
-	ents, rerr := os.ReadDir("/proc/self/fd")
-	if rerr != nil {
-		return fmt.Errorf("close-on-exec: %w, and %w", err, rerr)
-	}
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd >= 3 {
-			unix.CloseOnExec(fd)
-		}
-	}
-	return nil
-}
-
 // Wait waits for the VM process to exit; it may be called more than once.
-func (p *Process) Wait() (*os.ProcessState, error) {
-	<-p.waited
-	return p.state, p.waitErr
-}
+func (p *Process) Wait() (*os.ProcessState, error) { return p.child.Wait() }
 
 // Done is closed once the process has exited and Wait would not block.
-func (p *Process) Done() <-chan struct{} { return p.waited }
+func (p *Process) Done() <-chan struct{} { return p.child.Done() }
 
 // Signal sends sig to the VM process unless it has exited.
-func (p *Process) Signal(sig os.Signal) error {
-	select {
-	case <-p.waited:
-		return os.ErrProcessDone
-	default:
-	}
-	return p.proc.Signal(sig)
-}
+func (p *Process) Signal(sig os.Signal) error { return p.child.Signal(sig) }
 
 // CutLifeline closes the lifeline (foreground mode): the VM process stops
 // cleanly, as if the control plane had exited; before the go, its guest
@@ -332,32 +259,7 @@ func (p *Process) CutLifeline() error {
 
 // ProcessStartTime reads a process's start time in clock ticks since boot
 // from /proc/PID/stat.
-func ProcessStartTime(pid int) (uint64, error) {
-	st, _, err := procStat(pid)
-	return st, err
-}
-
-// procStat reads a process's start time and state letter (R, S, Z, ...)
-// from /proc/PID/stat.
-func procStat(pid int) (uint64, byte, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	// The command name (field 2) is in parentheses and may hold spaces:
-	// count fields after the last ')'.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	const startField = 22 - 3 // fields 3.. follow the name
-	if len(f) <= startField || len(f[0]) != 1 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
-	}
-	st, err := strconv.ParseUint(f[startField], 10, 64)
-	return st, f[0][0], err
-}
+func ProcessStartTime(pid int) (uint64, error) { return spawn.ProcessStartTime(pid) }
 
 // Alive reports whether the process pid still exists and is the one that
 // started at startTime (not a later process that reused the pid): how a
@@ -365,7 +267,7 @@ func procStat(pid int) (uint64, byte, error) {
 // A zombie (exited, not yet reaped by a parent that is not this
 // process) is not alive.
 func Alive(pid int, startTime uint64) bool {
-	st, state, err := procStat(pid)
+	st, state, err := spawn.ProcStat(pid)
 	return err == nil && st == startTime && state != 'Z' && state != 'X'
 }
 

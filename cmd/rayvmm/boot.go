@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/rayvmm/rayvmm/cmd/rayvmm/internal/prestart"
 	"github.com/rayvmm/rayvmm/guestkernel"
 	"github.com/rayvmm/rayvmm/internal/starttime"
 	"github.com/rayvmm/rayvmm/shards/cluster"
@@ -274,6 +275,7 @@ func runBoot(cmd *cobra.Command, f *bootFlags) error {
 	}
 	code, err := control.Foreground(ctx, res, control.ForegroundOptions{
 		Started: started, BootTimer: f.bootTimer, LogLevel: level.String(), Version: version, Audit: ba,
+		Ahead: prestart.Take(),
 	})
 	if err != nil {
 		return err

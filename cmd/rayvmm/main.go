@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/rayvmm/rayvmm/cmd/internal/command"
+	"github.com/rayvmm/rayvmm/cmd/rayvmm/internal/prestart"
 )
 
 // exitError carries a specific exit status out of a command (a guest that
@@ -60,6 +61,7 @@ func init() {
 
 func main() {
 	err := rootCmd.Execute()
+	prestart.Discard() // the VM process started ahead, if unused
 	if cerr := closeAudit(); err == nil {
 		err = cerr
 	}

@@ -60,10 +60,13 @@ type BootTimer struct {
 	FirstRunCPUVM float64 `json:"first_kvm_run_cpu_vm_process_ms"`
 	ReadyWall     float64 `json:"ready_wall_ms"`
 	ReadyCPU      float64 `json:"ready_cpu_ms"`
-	// Split is the wall time from rayvmm boot starting the VM process to
-	// the VM process having read its handoff: fork/exec, the second Go
-	// runtime's start and the handoff, what running the guest in a process
-	// of its own costs.
+	// Split is the wall time from rayvmm boot having the VM ready to hand
+	// over (where a single process would go on to build it) to the VM
+	// process having read its handoff: what running the guest in a
+	// process of its own adds to the boot. rayvmm boot starts rayvmm-vm
+	// ahead, while it starts itself (vmproc/spawn), so the VM process's
+	// fork/exec and Go runtime start count only where they outlast
+	// rayvmm's own start and its opening of the VM's resources.
 	Split float64 `json:"split_ms"`
 }
 

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/rayvmm/rayvmm/seccap/forbidden"
 	"github.com/rayvmm/rayvmm/vmproc"
+	"github.com/rayvmm/rayvmm/vmproc/spawn"
 )
 
 // ForegroundOptions are Foreground's settings.
@@ -27,6 +29,11 @@ type ForegroundOptions struct {
 	// Audit records the boot, before the guest runs, and how it ended
 	// (nil: nothing is recorded).
 	Audit *BootAudit
+	// Ahead is a VM process started before the VM was known (see package
+	// spawn), to hand the VM to; nil starts one. One whose sandbox
+	// preparation does not fit the VM's is discarded, and another one
+	// started.
+	Ahead *spawn.Child
 }
 
 // Foreground runs the VM process for r as rayvmm boot does: its console is
@@ -67,10 +74,19 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
-	p, err := vmproc.Launch(h, r.Files, vmproc.Options{
-		Binary: o.Binary, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-		Env: PassEnv(), Gate: o.Audit != nil,
-	})
+	var p *vmproc.Process
+	err := vmproc.ErrUnfit
+	if o.Ahead != nil {
+		if p, err = vmproc.Hand(o.Ahead, h, r.Files, o.Audit != nil); errors.Is(err, vmproc.ErrUnfit) {
+			o.Ahead.Discard()
+		}
+	}
+	if errors.Is(err, vmproc.ErrUnfit) {
+		p, err = vmproc.Launch(h, r.Files, vmproc.Options{
+			Binary: o.Binary, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
+			Env: PassEnv(), Gate: o.Audit != nil,
+		})
+	}
 	if err != nil {
 		return 1, err
 	}
@@ -130,18 +146,10 @@ func foreground(ctx context.Context, r *Resources, o ForegroundOptions, e *endin
 }
 
 // PassEnv is the environment a VM process keeps: nothing but what the
-// Go runtime reads, and the sandbox tests' request.
-func PassEnv() []string {
-	var env []string
-	// forbidden.Env: a seccaptest build of rayvmm-vm makes the forbidden
-	// call it names (the sandbox's tests); other builds ignore it.
-	for _, k := range []string{"GODEBUG", "GOTRACEBACK", "GOMAXPROCS", "GOGC", "GOMEMLIMIT", forbidden.Env} {
-		if v, ok := os.LookupEnv(k); ok {
-			env = append(env, k+"="+v)
-		}
-	}
-	return env
-}
+// Go runtime reads, and the sandbox tests' request (forbidden.Env: a
+// seccaptest build of rayvmm-vm makes the forbidden call it names; other
+// builds ignore it).
+func PassEnv() []string { return spawn.PassEnv(forbidden.Env) }
 
 func cpuTime() time.Duration {
 	var ru unix.Rusage

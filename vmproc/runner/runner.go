@@ -1,5 +1,5 @@
 // Package runner is the VM process (rayvmm-vm): from a handoff it takes
-// over the inherited descriptors — the KVM device, the kernel, the disk
+// over the handed-over descriptors — the KVM device, the kernel, the disk
 // images, the TAPs, the API and vsock sockets, the metrics file — builds
 // the VM (vmm.Build), serves its API, connects the console and runs the
 // guest until it powers off, crashes or is stopped (a signal, Ctrl-A x,
@@ -144,7 +144,7 @@ func run(r *vmproc.Received) vmproc.Outcome {
 	}
 	if h.BootTimer {
 		log.Info("boot timer: VM process",
-			"launched", h.LaunchedAt.Sub(h.Started), "handoff", r.At.Sub(h.Started), "split", r.At.Sub(h.LaunchedAt),
+			"launched", h.LaunchedAt.Sub(h.Started), "handoff", r.At.Sub(h.Started), "split", r.At.Sub(h.ReadyAt),
 			"control_plane_cpu", h.CPUBefore)
 	}
 	log.Info("booting", "name", h.Spec.Name, "memory", h.Spec.Memory, "cpus", h.Spec.CPUs,
