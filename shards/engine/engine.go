@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,6 +54,11 @@ type Config struct {
 	Resync bool
 	Log    *slog.Logger
 }
+
+// testHookWrite, when set by a test, runs at the start of every
+// replica write of a guest request, before it is sent (a test holds one
+// replica back with it).
+var testHookWrite func(node string)
 
 // ErrIO is wrapped by every error a guest request gets.
 var ErrIO = errors.New("sharded volume I/O error")
@@ -371,12 +378,25 @@ func (v *Volume) readPiece(pc piece) error {
 			}
 			return fmt.Errorf("read shard %d: every healthy replica failed, last: %w (%w)", s.idx, lastErr, ErrIO)
 		}
-		r := cands[int(s.rr.Add(1))%len(cands)]
+		var r *replica
 		if s.resync.Load() {
 			r = cands[0] // the primary, or the next one after it failed
+		} else {
+			// Round-robin, but past replicas that still have a write to
+			// these bytes outstanding (an Eventual write acknowledged by
+			// another replica): a replica that has it serves the read at
+			// once. When all of them are busy, replicaOp waits for it.
+			i := int(s.rr.Add(1))
+			r = cands[i%len(cands)]
+			for k := range cands {
+				if c := cands[(i+k)%len(cands)]; !c.busy(pc.off, pc.n) {
+					r = c
+					break
+				}
+			}
 		}
 		tried[r] = true
-		err := v.replicaOp(r, pc.off, pc.n, false, func(ctx context.Context) error {
+		err := v.replicaOp(s, r, pc.off, pc.n, false, func(ctx context.Context) error {
 			return r.c.ReadAt(ctx, pc.p, pc.off)
 		})
 		if err == nil {
@@ -389,13 +409,24 @@ func (v *Volume) readPiece(pc piece) error {
 }
 
 // replicaOp runs f against r with the request timeout, after every
-// earlier outstanding write to r that overlaps [off, off+n); a write
-// records itself as outstanding until it completes, so later requests to
-// the same bytes on this replica are ordered after it.
-func (v *Volume) replicaOp(r *replica, off, n int64, write bool, f func(context.Context) error) error {
+// earlier outstanding write to r that overlaps [off, off+n) (n = -1: the
+// whole replica); see enqueue and run.
+func (v *Volume) replicaOp(s *shard, r *replica, off, n int64, write bool, f func(context.Context) error) error {
+	self, deps := r.enqueue(off, n, write)
+	return v.run(s, r, self, deps, f)
+}
+
+// enqueue collects the earlier outstanding writes to r that overlap
+// [off, off+n), and for a write records it as outstanding until run
+// finishes it: later requests to the same bytes on this replica are
+// ordered after it. A guest write enqueues itself on every replica before
+// any of them can acknowledge it (see mutate), so a read or flush that
+// starts after the acknowledgement always finds it.
+func (r *replica) enqueue(off, n int64, write bool) (*op, []chan struct{}) {
 	var deps []chan struct{}
 	var self *op
 	r.omu.Lock()
+	defer r.omu.Unlock()
 	for _, o := range r.outstanding {
 		if n == -1 || o.n == -1 || (o.off < off+n && off < o.off+o.n) {
 			deps = append(deps, o.done)
@@ -405,9 +436,31 @@ func (v *Volume) replicaOp(r *replica, off, n int64, write bool, f func(context.
 		self = &op{off: off, n: n, done: make(chan struct{})}
 		r.outstanding = append(r.outstanding, self)
 	}
-	r.omu.Unlock()
-	if write {
+	return self, deps
+}
+
+// busy reports whether r has an outstanding write overlapping [off, off+n).
+func (r *replica) busy(off, n int64) bool {
+	r.omu.Lock()
+	defer r.omu.Unlock()
+	for _, o := range r.outstanding {
+		if o.n == -1 || (o.off < off+n && off < o.off+o.n) {
+			return true
+		}
+	}
+	return false
+}
+
+// run waits for deps, then runs f against r with the request timeout,
+// and finishes self (the write enqueue recorded, or nil). A replica whose
+// request fails is failed before self is finished, so a read that waited
+// for this write never reads a replica that missed it.
+func (v *Volume) run(s *shard, r *replica, self *op, deps []chan struct{}, f func(context.Context) error) (err error) {
+	if self != nil {
 		defer func() {
+			if err != nil {
+				v.fail(s, r, err)
+			}
 			r.omu.Lock()
 			for i, o := range r.outstanding {
 				if o == self {
@@ -543,35 +596,50 @@ func (v *Volume) awaitReports(s *shard) error {
 }
 
 // WriteAt writes p at off (storage.Disk). Every replica gets the same
-// bytes: when ctx can end, they are sent from a copy of p, so that a
-// write left behind when ctx ends (and carried on by the engine) cannot
-// see p change and give two replicas different data.
+// bytes: they are sent from a copy of p, kept until the last replica has
+// the write, so that neither an Eventual write's lagging replicas nor a
+// write left behind when ctx ends (and carried on by the engine) can see
+// p change or be reused and give two replicas different data. A Strong
+// write whose ctx cannot end is on every replica when it returns, and is
+// sent from p itself.
 func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
-	if ctx.Done() == nil {
-		if err := v.write(p, off); err != nil {
+	if ctx.Done() == nil && v.cfg.Layout.Consistency != Eventual {
+		if err := v.write(p, off, func() {}); err != nil {
 			return 0, err
 		}
 		return len(p), nil
 	}
 	b := getBuf(len(p))
 	copy(b.b, p)
-	err := v.bounded(ctx, "write", func() error { return v.write(b.b, off) })
-	if err != nil {
-		return 0, err // b stays with the write if it goes on
+	if err := v.bounded(ctx, "write", func() error { return v.write(b.b, off, func() { putBuf(b) }) }); err != nil {
+		return 0, err
 	}
-	putBuf(b)
 	return len(p), nil
 }
 
-func (v *Volume) write(p []byte, off int64) error {
+// write writes p at off; landed runs once no replica request reads p any
+// more (see mutate).
+func (v *Volume) write(p []byte, off int64, landed func()) error {
 	pieces, err := v.split(off, int64(len(p)), p)
 	if err != nil {
+		landed()
 		return err
+	}
+	if len(pieces) == 0 {
+		landed()
+		return nil
+	}
+	var left atomic.Int32
+	left.Store(int32(len(pieces)))
+	pieceLanded := func() {
+		if left.Add(-1) == 0 {
+			landed()
+		}
 	}
 	return each(pieces, func(pc piece) error {
 		return v.mutate(pc, "write", func(ctx context.Context, r *replica) error {
 			return r.c.WriteAt(ctx, pc.p, pc.off, false)
-		})
+		}, pieceLanded)
 	})
 }
 
@@ -598,7 +666,7 @@ func (v *Volume) mutateRange(ctx context.Context, what string, off, n int64, f f
 			return err
 		}
 		return each(pieces, func(pc piece) error {
-			return v.mutate(pc, what, func(ctx context.Context, r *replica) error { return f(ctx, r, pc) })
+			return v.mutate(pc, what, func(ctx context.Context, r *replica) error { return f(ctx, r, pc) }, func() {})
 		})
 	})
 }
@@ -611,7 +679,11 @@ func (v *Volume) chunkRange(pc piece) (int, int) {
 
 // mutate sends one write-like request to every healthy and rebuilding
 // replica of the piece's shard and waits as the consistency mode says.
-func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica) error) error {
+//
+// landed runs once no replica request of this piece runs any more: under
+// Eventual that may be after mutate has returned, and until then the
+// piece's bytes must not change.
+func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica) error, landed func()) error {
 	s := pc.s
 	first, last := v.chunkRange(pc)
 	for c := first; c <= last; c++ {
@@ -633,6 +705,7 @@ func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica)
 	}
 	if healthy < v.cfg.Layout.MinReplicas {
 		unlock()
+		landed()
 		if err := v.awaitReports(s); err != nil {
 			return fmt.Errorf("%s shard %d: %w", what, s.idx, err)
 		}
@@ -643,18 +716,41 @@ func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica)
 		err error
 	}
 	results := make(chan result, len(targets))
+	// Lag slots are taken in the order of the replicas' nodes, so that
+	// writes waiting for slots on several replicas cannot wait for each
+	// other in a cycle.
+	slices.SortFunc(targets, func(a, b *replica) int { return strings.Compare(a.Node, b.Node) })
+	type job struct {
+		r    *replica
+		self *op
+		deps []chan struct{}
+	}
+	jobs := make([]job, 0, len(targets))
 	for _, r := range targets {
 		if !v.acquireLag(s, r) {
 			results <- result{r, errors.New("lagging")}
 			continue
 		}
+		jobs = append(jobs, job{r: r})
+	}
+	// The write is enqueued on every replica at once, under the shard's
+	// lock: it is outstanding on all of them before any can acknowledge
+	// it (a later read or flush waits for it wherever it goes), and two
+	// overlapping writes are ordered the same way on every replica, so
+	// the replicas cannot end up with different data.
+	s.mu.Lock()
+	for i := range jobs {
+		jobs[i].self, jobs[i].deps = jobs[i].r.enqueue(pc.off, pc.n, true)
+	}
+	s.mu.Unlock()
+	for _, j := range jobs {
 		go func() {
-			err := v.replicaOp(r, pc.off, pc.n, true, func(ctx context.Context) error { return f(ctx, r) })
-			<-r.lag
-			if err != nil {
-				v.fail(s, r, err)
+			if testHookWrite != nil {
+				testHookWrite(j.r.Node)
 			}
-			results <- result{r, err}
+			err := v.run(s, j.r, j.self, j.deps, func(ctx context.Context) error { return f(ctx, j.r) })
+			<-j.r.lag
+			results <- result{j.r, err}
 		}()
 	}
 	acked, pendingN := 0, len(targets)
@@ -672,6 +768,7 @@ func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica)
 				wait()
 			}
 			unlock()
+			landed()
 		}
 		if !v.bg.start(rest) {
 			rest() // closing: no goroutine may start, so wait here
@@ -683,6 +780,7 @@ func (v *Volume) mutate(pc piece, what string, f func(context.Context, *replica)
 			}
 		}
 		unlock()
+		landed()
 	}
 	if err := v.awaitReports(s); err != nil {
 		return fmt.Errorf("%s shard %d: %w", what, s.idx, err)
@@ -751,7 +849,7 @@ func (v *Volume) flushShard(s *shard) error {
 		go func() {
 			defer wg.Done()
 			// n = -1 orders the flush after every outstanding write.
-			err := v.replicaOp(r, 0, -1, false, func(ctx context.Context) error { return r.c.Flush(ctx) })
+			err := v.replicaOp(s, r, 0, -1, false, func(ctx context.Context) error { return r.c.Flush(ctx) })
 			if err != nil {
 				v.fail(s, r, err)
 			} else if r.st() == Healthy {

@@ -72,7 +72,7 @@ func (v *Volume) rebuild(ctx context.Context, s *shard, nr *replica) error {
 		if err := v.readPiece(piece{s: s, off: off, p: b, n: int64(len(b))}); err != nil {
 			return err
 		}
-		err := v.replicaOp(nr, off, int64(len(b)), true, func(ctx context.Context) error {
+		err := v.replicaOp(s, nr, off, int64(len(b)), true, func(ctx context.Context) error {
 			if allZero(b) {
 				return nr.c.WriteZeroes(ctx, off, int64(len(b)), false)
 			}
@@ -88,14 +88,14 @@ func (v *Volume) rebuild(ctx context.Context, s *shard, nr *replica) error {
 	if err != nil {
 		return err
 	}
-	if err := v.replicaOp(nr, 0, -1, false, func(ctx context.Context) error { return nr.c.Flush(ctx) }); err != nil {
+	if err := v.replicaOp(s, nr, 0, -1, false, func(ctx context.Context) error { return nr.c.Flush(ctx) }); err != nil {
 		return fmt.Errorf("flush: %w", err)
 	}
 	err = pass("verify", func(k int, off int64, b, b2 []byte) error {
 		if err := v.readPiece(piece{s: s, off: off, p: b, n: int64(len(b))}); err != nil {
 			return err
 		}
-		if err := v.replicaOp(nr, off, int64(len(b2)), false, func(ctx context.Context) error { return nr.c.ReadAt(ctx, b2, off) }); err != nil {
+		if err := v.replicaOp(s, nr, off, int64(len(b2)), false, func(ctx context.Context) error { return nr.c.ReadAt(ctx, b2, off) }); err != nil {
 			return err
 		}
 		if !bytes.Equal(b, b2) {
@@ -234,7 +234,7 @@ func (v *Volume) Drop(shardIdx int, node string) error {
 		return nil
 	}
 	// A flush ordered after every outstanding write drains them.
-	v.replicaOp(r, 0, -1, false, func(ctx context.Context) error { return r.c.Flush(ctx) })
+	v.replicaOp(s, r, 0, -1, false, func(ctx context.Context) error { return r.c.Flush(ctx) })
 	r.state.Store(Failed)
 	return r.c.Close()
 }

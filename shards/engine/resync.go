@@ -52,7 +52,7 @@ func (v *Volume) Resync(ctx context.Context, shardIdx int) error {
 			return fmt.Errorf("shard %d: no healthy replica: %w", s.idx, ErrIO)
 		}
 		n := int64(len(b))
-		if err := v.replicaOp(p, off, n, false, func(ctx context.Context) error { return p.c.ReadAt(ctx, b, off) }); err != nil {
+		if err := v.replicaOp(s, p, off, n, false, func(ctx context.Context) error { return p.c.ReadAt(ctx, b, off) }); err != nil {
 			v.fail(s, p, err)
 			return err
 		}
@@ -63,10 +63,10 @@ func (v *Volume) Resync(ctx context.Context, shardIdx int) error {
 			if r == p || r.st() != Healthy {
 				continue
 			}
-			err := v.replicaOp(r, off, n, false, func(ctx context.Context) error { return r.c.ReadAt(ctx, b2, off) })
+			err := v.replicaOp(s, r, off, n, false, func(ctx context.Context) error { return r.c.ReadAt(ctx, b2, off) })
 			if err == nil && !bytes.Equal(b, b2) {
 				v.Resynced.Add(1)
-				err = v.replicaOp(r, off, n, true, func(ctx context.Context) error { return r.c.WriteAt(ctx, b, off, false) })
+				err = v.replicaOp(s, r, off, n, true, func(ctx context.Context) error { return r.c.WriteAt(ctx, b, off, false) })
 			}
 			if err != nil {
 				v.fail(s, r, err)
