@@ -11,10 +11,10 @@ import (
 	"unicode/utf8"
 )
 
-// Action names. The writers that exist today (the CLI and `rayvmm boot`)
-// use the volume, net and vm ones; the rest are for the daemon, the pod
-// supervisor and the policy engine, and `audit report` already checks
-// records with these names.
+// Action names. The CLI (rayvmm, and rayvmmd's sharded-volume commands)
+// and `rayvmm boot` write the volume, shard, net and vm ones; the pods
+// daemon the pod, policy and daemon ones and its VMs' vm, volume and net
+// ones. `audit report` checks records with these names.
 const (
 	VolumeCreate   = "volume.create"
 	VolumeImport   = "volume.import"
@@ -23,6 +23,12 @@ const (
 	VolumeRemove   = "volume.rm"
 	VolumeAttach   = "volume.attach" // params: ParamVM, ParamMode, and the levels when a policy decided
 	VolumeDetach   = "volume.detach"
+	VolumeRebuild  = "volume.rebuild" // a sharded volume's failed replicas rebuilt
+
+	// Sharded volumes' storage nodes (rayvmmd's shard commands).
+	ShardRebalance  = "shard.rebalance" // object: the volume whose replicas moved; params: moves
+	ShardNodeAdd    = "shard.node-add"  // object: the node; params: address
+	ShardNodeRemove = "shard.node-rm"   // object: the node
 
 	NetCreate = "net.create"
 	NetRemove = "net.rm"
@@ -57,6 +63,7 @@ const (
 	KindVolume  = "volume"
 	KindNetwork = "network"
 	KindVM      = "vm"
+	KindNode    = "node" // a sharded volumes' storage node
 	KindPod     = "pod"
 	KindDaemon  = "daemon"
 	KindPolicy  = "policy"

@@ -507,9 +507,11 @@ spec:
 			t.Errorf("after the restart VM %s: %+v, want pid %d running", v.Name, v, pids[v.Name])
 		}
 	}
-	if !slices.ContainsFunc(d.events(t, "keep"), func(e pods.Event) bool { return e.Reason == "Adopted" && e.VM == "a" }) {
-		t.Error("no Adopted event")
-	}
+	// Adoption runs beside the API (it asks each VM's API who it is):
+	// wait for its event.
+	d.waitFor(t, "keep", "VM a's Adopted event", func(*pods.Info) bool {
+		return slices.ContainsFunc(d.events(t, "keep"), func(e pods.Event) bool { return e.Reason == "Adopted" && e.VM == "a" })
+	})
 	// Probes resume: this daemon's own readiness successes.
 	deadline := time.Now().Add(podWait)
 	for metricValue(d.metrics(t), "rayvmm_pod_vm_probe_total", map[string]string{"pod": "keep", "vm": "a", "probe": "readiness", "result": "success"}) < 1 {
@@ -759,8 +761,10 @@ spec:
   vms: [{name: a, cmdline: rayguest.run=echo, memory: 16M, disks: [{volume: data}]}]
 `)
 	for pod, reason := range map[string]string{"nonet": "NetworkNotFound", "nosnap": "VolumeNotFound"} {
-		i := d.waitFor(t, pod, "phase Failed", func(i *pods.Info) bool {
-			return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 })
+		// Failed, and every VM terminated: a VM whose launch was under
+		// way when the pod failed ends (and is cleaned up) after it.
+		i := d.waitFor(t, pod, "phase Failed, every VM terminated", func(i *pods.Info) bool {
+			return i.Status.Phase == pods.Failed && !slices.ContainsFunc(i.Status.VMs, func(v pods.VMStatus) bool { return v.PID != 0 || v.State.Terminated == nil })
 		})
 		if i.Status.Reason != reason {
 			t.Errorf("%s: reason %q (%s), want %s", pod, i.Status.Reason, i.Status.Message, reason)
@@ -1142,7 +1146,7 @@ spec:
 	d.proc.exited(t, "SIGTERM", time.Minute)
 
 	list := d.h.must(t, "audit", "list", "--object", "pod/audited", "--json")
-	var actions, decided []string
+	var actions, decided, runs []string
 	for _, line := range strings.Split(strings.TrimSpace(list), "\n") {
 		var r struct {
 			Action string `json:"action"`
@@ -1165,6 +1169,20 @@ spec:
 			}
 			continue
 		}
+		if strings.HasPrefix(r.Action, "vm.") || strings.HasPrefix(r.Action, "net.") {
+			// Each run of the pod's VM: vm.boot and net.attach, then
+			// vm.exit or vm.crash (stopped by SIGTERM after the failed
+			// liveness probe, or by the pod's stop: the VM process stops
+			// the guest, or dies of the signal if it comes before its
+			// handler is set) and net.detach, by the daemon, naming the
+			// pod.
+			runs = append(runs, r.Action)
+			if r.Actor.PID != uint32(d.proc.cmd.Process.Pid) || r.Params["pod"] != "audited" ||
+				r.Params["vm"] != "audited.vm" && r.Action != "vm.boot" && r.Action != "vm.exit" && r.Action != "vm.crash" {
+				t.Errorf("%s record: actor pid %d, params %v", r.Action, r.Actor.PID, r.Params)
+			}
+			continue
+		}
 		if len(actions) == 0 || actions[len(actions)-1] != r.Action {
 			actions = append(actions, r.Action)
 		}
@@ -1184,6 +1202,21 @@ spec:
 	want := []string{"pod.apply", "pod.probe-failure", "pod.restart"}
 	if len(actions) < 5 || !slices.Equal(actions[:3], want) || !slices.Equal(actions[len(actions)-2:], []string{"pod.stop", "pod.rm"}) {
 		t.Errorf("the pod's audit history: %v, want %v ... pod.stop pod.rm", actions, want)
+	}
+	// At least two runs (the first, stopped after the probe failed, and
+	// the restart, stopped by the pod's stop), each recorded whole, in
+	// order.
+	if len(runs) < 8 || len(runs)%4 != 0 {
+		t.Errorf("the pod VM's runs in the audit log: %v", runs)
+	}
+	for i := 0; i+4 <= len(runs); i += 4 {
+		run := []string{"vm.boot", "net.attach", "vm.exit", "net.detach"}
+		if runs[i+2] == "vm.crash" {
+			run[2] = "vm.crash"
+		}
+		if !slices.Equal(runs[i:i+4], run) {
+			t.Errorf("the pod VM's run %d in the audit log: %v, want %v", i/4+1, runs[i:i+4], run)
+		}
 	}
 	// The apply (create, run), the stop (run) and the rm (delete).
 	if want := []string{"create", "run", "run", "delete"}; !slices.Equal(decided, want) {

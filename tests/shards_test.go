@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -353,8 +354,45 @@ func TestShardsRebalance(t *testing.T) {
 		t.Errorf("a second rebalance still moves:\n%s", again)
 	}
 	e.identical(want, nil)
+	e.rv("volume", "rebuild", "vol")
 	out, code = e.bootWait("rayguest.run=blksum rayguest.blocks=256")
 	e.guestOK(out, code, want)
+
+	// The audit log has the sharded volume's whole history, in order, as
+	// for a local volume: rayvmmd records its commands, rayvmm boot the
+	// attaches.
+	e.rv("volume", "rm", "vol")
+	rs := parseAuditList(t, e.rv("audit", "list", "--json", "--object", "volume/vol"))
+	wantActs := []string{"volume.create volume/vol", "volume.attach volume/vol", "volume.detach volume/vol",
+		"shard.rebalance volume/vol", "volume.rebuild volume/vol", "volume.attach volume/vol", "volume.detach volume/vol", "volume.rm volume/vol"}
+	if got := actionsOf(rs); !slices.Equal(got, wantActs) {
+		t.Fatalf("audit list --object volume/vol:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(wantActs, "\n"))
+	}
+	for _, r := range rs {
+		switch r.Action {
+		case "volume.create", "shard.rebalance", "volume.rebuild", "volume.rm":
+			if r.Params["sharded"] != "true" || r.Params["replicas"] != "3" || r.Params["consistency"] != "strong" || !r.OK() {
+				t.Errorf("%s record: params %v, result %q", r.Action, r.Params, r.Result)
+			}
+		}
+		if r.Action == "shard.rebalance" && strings.Count(r.Params["moves"], "->d") != 3 {
+			t.Errorf("shard.rebalance record's moves: %q", r.Params["moves"])
+		}
+	}
+	// A create that fails (five replicas on four nodes) is recorded
+	// with its error; bad flags are not actions and are not recorded.
+	if r := run(t, nil, 2*time.Minute, e.args("volume", "create", "wide", "--size", "1M", "--shard-size", "256K", "--replicas", "5")...); r.code == 0 {
+		t.Fatal("volume create with 5 replicas on 4 nodes succeeded")
+	}
+	if r := run(t, nil, 2*time.Minute, e.args("volume", "create", "odd", "--size", "1M", "--shard-size", "300K", "--replicas", "3")...); r.code == 0 {
+		t.Fatal("volume create with a shard size that does not divide the size succeeded")
+	}
+	if got := actionsOf(parseAuditList(t, e.rv("audit", "list", "--json", "--result", "error"))); !slices.Equal(got, []string{"volume.create volume/wide"}) {
+		t.Errorf("audit list --result error: %q, want the failed create of wide only", got)
+	}
+	if out := e.rv("audit", "verify"); !strings.Contains(out, "intact") {
+		t.Fatalf("audit verify: %s", out)
+	}
 }
 
 // TestShardsQemuNBDNode: qemu-nbd serves one replica as a static node;

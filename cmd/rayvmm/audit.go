@@ -16,13 +16,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/rayvmm/rayvmm/audit"
+	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/state"
 	"github.com/rayvmm/rayvmm/storage/volume"
@@ -30,63 +30,30 @@ import (
 
 // The audit log of this process's actions, opened on first use and
 // sealed and closed by main at a clean stop.
-var auditLog struct {
-	once sync.Once
-	l    *audit.Log
-	err  error
-}
+var auditLog = command.AuditLog{StateDir: &stateDir}
 
-func openAudit() (*audit.Log, error) {
-	auditLog.once.Do(func() {
-		auditLog.l, auditLog.err = audit.Open(audit.Config{Dir: audit.Dir(stateDir), KeyDir: audit.KeyDir(stateDir)})
-	})
-	if auditLog.err != nil {
-		return nil, fmt.Errorf("audit log: %w", auditLog.err)
-	}
-	return auditLog.l, nil
-}
-
-// closeAudit seals what this process recorded and is not sealed yet.
-func closeAudit() error {
-	if auditLog.l == nil {
-		return nil
-	}
-	if err := auditLog.l.Close(); err != nil {
-		return fmt.Errorf("audit log: %w", err)
-	}
-	return nil
-}
+func openAudit() (*audit.Log, error) { return auditLog.Open() }
+func closeAudit() error              { return auditLog.Close() }
 
 // auditAction runs fn, the action a command exists for, and records it
-// with its result, also when ctx was cancelled during fn. The record is on
-// disk, sealed (a CLI command stops right after), before auditAction
-// returns, so before the command reports success. The log is opened
-// before fn runs: a log that cannot be opened stops the action.
+// with its result (command.AuditLog.Action): on disk and sealed before the
+// command reports success.
 func auditAction(ctx context.Context, action string, obj audit.Object, params audit.Params, fn func() error) error {
-	l, err := openAudit()
-	if err != nil {
-		return err
-	}
-	ferr := fn()
-	if _, err := l.AppendSealed(context.WithoutCancel(ctx), audit.Entry{Action: action, Object: obj, Params: params, Err: ferr}); err != nil {
-		if ferr != nil {
-			return fmt.Errorf("%w (not recorded in the audit log: %v)", ferr, err)
-		}
-		return fmt.Errorf("%s %s done, but not recorded in the audit log: %w", action, obj, err)
-	}
-	return ferr
+	return auditLog.Action(ctx, action, obj, params, fn)
 }
 
-func volumeObj(name string) audit.Object { return audit.Object{Kind: audit.KindVolume, Name: name} }
+func volumeObj(name string) audit.Object { return command.VolumeObj(name) }
 func netObj(name string) audit.Object    { return audit.Object{Kind: audit.KindNetwork, Name: name} }
 
 func init() {
 	auditCmd := &cobra.Command{
 		Use:   "audit",
 		Short: "Query, verify, export and report on the audit log",
-		Long: `Every state-changing command (volume create, import, snapshot, clone and rm;
-net create and rm; boot, with its attaches, exit or crash) appends a record
-to the audit log under <state-dir>/audit before it reports success. Records
+		Long: `Every state-changing command (volume create, import, snapshot, clone and rm,
+sharded volumes' too, volume rebuild, shard rebalance, shard nodes add/rm;
+net create and rm; boot, with its attaches, exit or crash) and the pods
+daemon (pods, access decisions, its VMs' runs) append a record to the
+audit log under <state-dir>/audit before they report success. Records
 are JSON lines chained by SHA-256 and sealed with a forward-secure HMAC key
 kept under <state-dir>/keys (see audit/README.md).
 

@@ -42,7 +42,11 @@ func init() {
 func main() {
 	name := filepath.Base(os.Args[0])
 	rootCmd.Use = name
-	if err := rootCmd.Execute(); err != nil {
+	err := rootCmd.Execute()
+	if cerr := auditLog.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		os.Exit(1)
 	}

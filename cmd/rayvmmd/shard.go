@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/shards"
 	"github.com/rayvmm/rayvmm/shards/cluster"
@@ -157,7 +159,11 @@ seconds. It runs until SIGINT or SIGTERM.`,
 live; its exports must be named VOLUME/SHARD and be the shard's size.`,
 		Args: command.Args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			return withStore(cmd, func(st *shards.Store) error { return st.AddStaticNode(cmd.Context(), a[0], address) }, "node %s added (static, %s)\n", a[0], address)
+			return withStore(cmd, func(st *shards.Store) error {
+				return auditLog.Action(cmd.Context(), audit.ShardNodeAdd, nodeObj(a[0]), audit.Params{"address": address, "static": "true"}, func() error {
+					return st.AddStaticNode(cmd.Context(), a[0], address)
+				})
+			}, "node %s added (static, %s)\n", a[0], address)
 		},
 	}
 	add.Flags().StringVar(&address, "address", "", "the NBD server's host:port")
@@ -167,7 +173,9 @@ live; its exports must be named VOLUME/SHARD and be the shard's size.`,
 		Short: "Forget a node that holds no replicas",
 		Args:  command.Args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
-			return withStore(cmd, func(st *shards.Store) error { return st.RemoveNode(cmd.Context(), a[0]) }, "node %s removed\n", a[0])
+			return withStore(cmd, func(st *shards.Store) error {
+				return auditLog.Action(cmd.Context(), audit.ShardNodeRemove, nodeObj(a[0]), nil, func() error { return st.RemoveNode(cmd.Context(), a[0]) })
+			}, "node %s removed\n", a[0])
 		},
 	}
 	nodes.AddCommand(add, rmNode)
@@ -204,15 +212,34 @@ others are moved by this command. --dry-run prints the plan only.`,
 				if dryRun {
 					return nil
 				}
-				if err := st.Apply(ctx, moves); err != nil {
-					return err
-				}
-				vols := map[string]bool{}
+				// One record for each volume whose replicas move, with
+				// its moves, after they are done (or with the error).
+				var vols []string
+				byVol := map[string][]string{}
 				for _, m := range moves {
-					vols[m.Volume] = true
+					if byVol[m.Volume] == nil {
+						vols = append(vols, m.Volume)
+					}
+					from := m.From
+					if from == "" {
+						from = "new"
+					}
+					byVol[m.Volume] = append(byVol[m.Volume], fmt.Sprintf("%d:%s->%s", m.Shard, from, m.To))
 				}
-				for v := range vols {
-					if err := repairWithBar(ctx, st, v, "rebalancing "+v, "rayvmm shard rebalance"); err != nil {
+				params := func(v string) audit.Params {
+					p := volumeParams(ctx, st, v)
+					p["moves"] = strings.Join(byVol[v], ",")
+					return p
+				}
+				applied := st.Apply(ctx, moves)
+				for _, v := range vols {
+					err := auditLog.Action(ctx, audit.ShardRebalance, command.VolumeObj(v), params(v), func() error {
+						if applied != nil {
+							return applied
+						}
+						return repairWithBar(ctx, st, v, "rebalancing "+v, "rayvmm shard rebalance")
+					})
+					if err != nil {
 						return err
 					}
 				}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/cmd/internal/command"
 	"github.com/rayvmm/rayvmm/shards"
 	"github.com/rayvmm/rayvmm/shards/engine"
@@ -133,7 +134,13 @@ the others follow, and a flush waits for all of them (default minimum 1).`,
 					return fmt.Errorf("%s is a local volume: rayvmm volume rm removes it", a[0])
 				}
 			}
-			return withStore(cmd, func(st *shards.Store) error { return st.RemoveVolume(cmd.Context(), a[0]) }, "sharded volume %s removed\n", a[0])
+			return onStore(cmd, func(ctx context.Context, st *shards.Store) error {
+				if err := auditLog.Action(ctx, audit.VolumeRemove, command.VolumeObj(a[0]), volumeParams(ctx, st, a[0]), func() error { return st.RemoveVolume(ctx, a[0]) }); err != nil {
+					return err
+				}
+				_, err := fmt.Fprintf(cmd.OutOrStdout(), "sharded volume %s removed\n", a[0])
+				return err
+			})
 		},
 	}
 
@@ -147,7 +154,9 @@ this by itself while the guest runs and this command waits for it.`,
 		Args: command.Args("NAME"),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			return onStore(cmd, func(ctx context.Context, st *shards.Store) error {
-				if err := repairWithBar(ctx, st, a[0], "rebuilding "+a[0], "rayvmm volume rebuild"); err != nil {
+				if err := auditLog.Action(ctx, audit.VolumeRebuild, command.VolumeObj(a[0]), volumeParams(ctx, st, a[0]), func() error {
+					return repairWithBar(ctx, st, a[0], "rebuilding "+a[0], "rayvmm volume rebuild")
+				}); err != nil {
 					return err
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "sharded volume %s: every replica healthy\n", a[0])
@@ -166,22 +175,27 @@ func shardedCreate(cmd *cobra.Command, name string, size int64, shardSize, consi
 	if err != nil {
 		return fmt.Errorf("--shard-size: %w", err)
 	}
-	if local, err := localStore(); err == nil {
-		if _, err := local.Get(name); err == nil {
-			return fmt.Errorf("create %s: a local volume of that name exists", name)
-		}
-	}
 	opts := shards.CreateOptions{Size: size, ShardSize: ss, Replicas: replicas,
 		MinReplicas: minReplicas, Consistency: engine.Consistency(consistency), Nodes: nodes}
-	if _, err := opts.Volume(name); err != nil {
+	want, err := opts.Volume(name)
+	if err != nil {
 		return err // bad flags: refused before etcd is started or written
 	}
-	st, err := shardStore(cmd.Context())
-	if err != nil {
+	var v *shards.Volume
+	err = auditLog.Action(cmd.Context(), audit.VolumeCreate, command.VolumeObj(name), shardedParams(want), func() error {
+		if local, err := localStore(); err == nil {
+			if _, err := local.Get(name); err == nil {
+				return fmt.Errorf("create %s: a local volume of that name exists", name)
+			}
+		}
+		st, err := shardStore(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		v, err = st.CreateVolume(cmd.Context(), name, opts)
 		return err
-	}
-	defer st.Close()
-	v, err := st.CreateVolume(cmd.Context(), name, opts)
+	})
 	if err != nil {
 		return err
 	}

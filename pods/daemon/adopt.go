@@ -10,6 +10,7 @@ import (
 	"github.com/rayvmm/rayvmm/pods"
 	"github.com/rayvmm/rayvmm/vmm/api/client"
 	"github.com/rayvmm/rayvmm/vmproc"
+	"github.com/rayvmm/rayvmm/vmproc/control"
 )
 
 // adopt takes over a VM process an earlier daemon started, found by the
@@ -34,7 +35,8 @@ func (d *Daemon) adopt(v *vm) *instance {
 		return nil
 	}
 	eff := d.effective(v)
-	in := &instance{pid: pid, startTime: st, done: done, started: started, eff: eff, oomBase: oom}
+	in := &instance{pid: pid, startTime: st, done: done, started: started, eff: eff, oomBase: oom,
+		attaches: control.AttachEntries(eff.Name, eff, nil)}
 	if g, err := d.cg.Load(pod, v.spec.Name); err == nil {
 		in.group = g
 	}

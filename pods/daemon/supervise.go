@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rayvmm/rayvmm/audit"
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/pods"
 	"github.com/rayvmm/rayvmm/pods/cgroup"
@@ -44,6 +45,14 @@ type vm struct {
 	// was started.
 	sup chan struct{}
 	cur *instance
+	// restartRecorded is closed once the pending restart's pod.restart
+	// record is written (nil: none pending): the restarted run's records
+	// come after it.
+	restartRecorded chan struct{}
+	// launching: launch is making a run (its cgroup, resources and
+	// process may exist before its pid is recorded); a pod that fails
+	// meanwhile leaves its state to the run's end.
+	launching bool
 }
 
 // instance is one run of a VM process.
@@ -60,6 +69,9 @@ type instance struct {
 	// sandbox's SIGSYS report is read from it when the process ends.
 	res         *control.Resources
 	sandboxKill error
+	// attaches are the run's volume and network attaches, whose
+	// detaches are recorded when it ends.
+	attaches []audit.Entry
 }
 
 func newPod(d *Daemon, r *record) *pod {
@@ -361,8 +373,14 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	}
 	d.mu.Lock()
 	v.rec.State = pods.VMState{Waiting: &pods.Waiting{Reason: pods.ReasonCreating}}
+	v.launching = true
 	p.event(name, pods.Normal, "Creating", "creating VM %s", name)
 	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		v.launching = false
+		d.mu.Unlock()
+	}()
 	// The cgroup is made while the resources are opened.
 	type made struct {
 		g   *cgroup.Group
@@ -449,12 +467,22 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// The run's boot and attach records are committed with its pid,
+	// before the go.
+	boot, attaches := bootEntries(pod, eff, h.NICs)
+	in.attaches = attaches
 	d.mu.Lock()
+	if rr := v.restartRecorded; rr != nil {
+		v.restartRecorded = nil
+		d.mu.Unlock()
+		<-rr
+		d.mu.Lock()
+	}
 	v.rec.PID, v.rec.StartTime, v.rec.OOMKills = proc.Pid, proc.StartTime, oomBase
 	v.rec.Instance++
 	ch := p.save()
 	d.mu.Unlock()
-	err = <-ch
+	err = errors.Join(d.audit(d.ctx, boot...), <-ch)
 	if err == nil {
 		if err = proc.Go(); err != nil && exitedBeforeGo(proc) {
 			// It ended before its go (the sandbox killed it, say): a
@@ -532,7 +560,7 @@ func (p *pod) failed(v *vm, reason string, err error) {
 	p.rec.Stopped, p.rec.Reason, p.rec.Message = true, reason, pods.OneLine(err.Error())
 	p.event(who, pods.Warning, "Failed", "%v", err)
 	for _, o := range p.vms {
-		if o.rec.State.Terminated == nil && o.rec.PID == 0 {
+		if o.rec.State.Terminated == nil && o.rec.PID == 0 && !o.launching {
 			o.rec.State = pods.VMState{Terminated: &pods.Terminated{Reason: reason, Message: "the pod failed to start", FinishedAt: time.Now().UTC()}}
 		}
 		select {
@@ -591,20 +619,15 @@ func (d *Daemon) ended(v *vm, in *instance, killReason string) bool {
 	if in.res != nil {
 		in.res.CloseReport()
 	}
-	if in.sandboxKill != nil {
-		d.wg.Add(1)
-		go func(e Entry) {
-			defer d.wg.Done()
-			d.audit(context.Background(), e)
-		}(Entry{Action: AuditVMSandboxKill, Object: Object{Kind: "vm", Name: in.eff.Name}, Err: in.sandboxKill,
-			Params: map[string]string{"pod": v.p.name(), "reason": in.sandboxKill.Error()}})
-	}
 	if killReason != "" {
 		t.Message = pods.OneLine(killReason + "; " + t.Message)
 	}
 	if err := control.Cleanup(d.st.Dir(), in.eff); err != nil {
 		d.log.Warn("clean up after VM", "pod", v.p.name(), "vm", v.spec.Name, "err", err)
 	}
+	// How it ended and the detaches, once its volumes and TAPs are let
+	// go, before a restart attaches them again.
+	d.audit(context.Background(), endEntries(v.p.name(), in.eff.Name, &t, in.sandboxKill, in.attaches)...)
 	if in.group != nil {
 		if err := in.group.Delete(); err != nil {
 			d.log.Warn("remove cgroup", "pod", v.p.name(), "vm", v.spec.Name, "err", err)
@@ -665,6 +688,7 @@ func (d *Daemon) endedAway(v *vm) bool {
 		}
 		g.Delete()
 	}
+	d.audit(context.Background(), endEntries(pod, eff.Name, &t, nil, control.AttachEntries(eff.Name, eff, nil))...)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.p.event(v.spec.Name, pods.Warning, "ExitedWhileAway", "VM %s ended while the daemon was down: %s", v.spec.Name, describe(&t))
@@ -793,8 +817,11 @@ func (d *Daemon) decide(v *vm, t pods.Terminated, byProbe bool) bool {
 	}
 	p.event(v.spec.Name, pods.Normal, "Restarting", "restarting VM %s (restart %d, after %v)", v.spec.Name, v.rec.RestartCount, delay.Round(time.Millisecond))
 	d.wg.Add(1)
+	recorded := make(chan struct{})
+	v.restartRecorded = recorded
 	go func(ctx context.Context, e Entry) {
 		defer d.wg.Done()
+		defer close(recorded)
 		d.audit(ctx, e)
 	}(context.Background(), Entry{Action: AuditPodRestart, Object: Object{Kind: "pod", Name: p.name()},
 		Params: map[string]string{"vm": pods.VMName(v.p.name(), v.spec.Name), "reason": describe(&t), "restart": fmt.Sprint(v.rec.RestartCount), "backoff": delay.String()}})

@@ -53,6 +53,12 @@ type BootAudit struct {
 // process's, shared with its other records); warn gets the one warning
 // line of an unrecorded boot.
 func NewBootAudit(open func() (*audit.Log, error), s *spec.VM, warn io.Writer) *BootAudit {
+	return &BootAudit{open: open, warn: warn, vm: audit.Object{Kind: audit.KindVM, Name: VMName(s)}, params: BootParams(s)}
+}
+
+// BootParams are the params of the vm.boot record of s (the daemon's
+// pod VMs have the same).
+func BootParams(s *spec.VM) audit.Params {
 	kernel := s.Kernel
 	if kernel == "" {
 		kernel = "builtin"
@@ -74,7 +80,58 @@ func NewBootAudit(open func() (*audit.Log, error), s *spec.VM, warn io.Writer) *
 	if s.Vsock != nil {
 		p["vsock"] = s.Vsock.String()
 	}
-	return &BootAudit{open: open, warn: warn, vm: audit.Object{Kind: audit.KindVM, Name: VMName(s)}, params: p}
+	return p
+}
+
+// AttachEntries are the volume.attach and net.attach records of VM vm
+// run with spec s: one for each named volume (its mode) and network (the
+// TAPs of nics, the NICs handed to the VM process, when known: a VM
+// adopted by a restarted daemon has none).
+func AttachEntries(vm string, s *spec.VM, nics []vmproc.NIC) []audit.Entry {
+	var es []audit.Entry
+	for _, d := range s.Disks {
+		if d.Volume == "" {
+			continue
+		}
+		mode := audit.ModeRW
+		if d.ReadOnly {
+			mode = audit.ModeRO
+		}
+		es = append(es, audit.Entry{Action: audit.VolumeAttach, Object: audit.Object{Kind: audit.KindVolume, Name: d.Volume},
+			Params: audit.Params{audit.ParamVM: vm, audit.ParamMode: mode}})
+	}
+	for i, n := range s.Nets {
+		if n.Network == "" {
+			continue
+		}
+		p := audit.Params{audit.ParamVM: vm, audit.ParamMAC: n.MAC}
+		if i < len(nics) {
+			var taps []string
+			for _, t := range nics[i].TAPs {
+				taps = append(taps, t.Name)
+			}
+			p[audit.ParamTAP] = strings.Join(taps, ",")
+		}
+		if n.VLAN != 0 {
+			p["vlan"] = strconv.Itoa(n.VLAN)
+		}
+		for _, v := range n.Trunk {
+			p["trunk"] = strings.TrimPrefix(p["trunk"]+":"+strconv.Itoa(v), ":")
+		}
+		es = append(es, audit.Entry{Action: audit.NetAttach, Object: audit.Object{Kind: audit.KindNetwork, Name: n.Network}, Params: p})
+	}
+	return es
+}
+
+// DetachEntries are the detaches of attaches (AttachEntries), once the
+// VM has let its volumes and networks go.
+func DetachEntries(attaches []audit.Entry) []audit.Entry {
+	es := make([]audit.Entry, 0, len(attaches))
+	for _, a := range attaches {
+		a.Action = map[string]string{audit.VolumeAttach: audit.VolumeDetach, audit.NetAttach: audit.NetDetach}[a.Action]
+		es = append(es, a)
+	}
+	return es
 }
 
 // VMName is the name of the VM s describes: its own, or rayvmm-PID.
@@ -139,36 +196,7 @@ func (b *BootAudit) boot(ctx context.Context, r *Resources) error {
 		return err
 	}
 	h := r.Handoff
-	s := h.Spec
-	es := []audit.Entry{{Action: audit.VMBoot, Object: b.vm, Params: b.params}}
-	for _, d := range s.Disks {
-		if d.Volume == "" {
-			continue
-		}
-		mode := audit.ModeRW
-		if d.ReadOnly {
-			mode = audit.ModeRO
-		}
-		es = append(es, audit.Entry{Action: audit.VolumeAttach, Object: audit.Object{Kind: audit.KindVolume, Name: d.Volume},
-			Params: audit.Params{audit.ParamVM: b.vm.Name, audit.ParamMode: mode}})
-	}
-	for i, n := range s.Nets {
-		if n.Network == "" || i >= len(h.NICs) {
-			continue
-		}
-		var taps []string
-		for _, t := range h.NICs[i].TAPs {
-			taps = append(taps, t.Name)
-		}
-		p := audit.Params{audit.ParamVM: b.vm.Name, audit.ParamTAP: strings.Join(taps, ","), audit.ParamMAC: n.MAC}
-		if n.VLAN != 0 {
-			p["vlan"] = strconv.Itoa(n.VLAN)
-		}
-		for _, v := range n.Trunk {
-			p["trunk"] = strings.TrimPrefix(p["trunk"]+":"+strconv.Itoa(v), ":")
-		}
-		es = append(es, audit.Entry{Action: audit.NetAttach, Object: audit.Object{Kind: audit.KindNetwork, Name: n.Network}, Params: p})
-	}
+	es := append([]audit.Entry{{Action: audit.VMBoot, Object: b.vm, Params: b.params}}, AttachEntries(b.vm.Name, h.Spec, h.NICs)...)
 	if _, err := l.Append(ctx, es...); err != nil {
 		if err := b.unrecorded(err); err != nil {
 			return fmt.Errorf("audit log: %w", err)
@@ -225,10 +253,7 @@ func (b *BootAudit) end(ctx context.Context, e ending) error {
 		es = append(es, audit.Entry{Action: audit.VMCrash, Object: b.vm, Err: err,
 			Params: audit.Params{audit.ParamStatus: status, audit.ParamReason: oneLine(err)}})
 	}
-	for _, a := range b.attached {
-		a.Action = map[string]string{audit.VolumeAttach: audit.VolumeDetach, audit.NetAttach: audit.NetDetach}[a.Action]
-		es = append(es, a)
-	}
+	es = append(es, DetachEntries(b.attached)...)
 	l, err := b.log()
 	if err == nil && l != nil {
 		_, err = l.AppendSealed(context.WithoutCancel(ctx), es...)
