@@ -52,6 +52,8 @@ func TestCompliance(t *testing.T) {
 		{"rw attach across levels", []Entry{attach(ModeRW, "secret", "public")}, ReportOptions{}, []string{"cross-level read-write attaches"}, "read-write at level public by a subject at level secret"},
 		{"policy allowed attach-rw across levels", []Entry{{Action: PolicyAllow, Decision: Allow, Object: Object{KindVolume, "v"},
 			Params: Params{ParamRequest: RequestAttachRW, ParamSubjectLevel: "internal", ParamObjectLevel: "confidential"}}}, ReportOptions{}, []string{"cross-level read-write attaches"}, "policy.allow volume/v"},
+		{"root's attach-rw, exempt from the levels", []Entry{{Action: PolicyAllow, Decision: Allow, Object: Object{KindVolume, "v"},
+			Params: Params{ParamRequest: RequestAttachRW, ParamRule: "root", ParamSubjectLevel: "public", ParamObjectLevel: "secret"}}}, ReportOptions{}, nil, ""},
 		{"volumes snapshotted in time", []Entry{vol(VolumeCreate, "old", days(30), nil), vol(VolumeSnapshot, "old", days(2), Params{ParamSnapshot: "s"}), vol(VolumeCreate, "new", days(1), nil)},
 			ReportOptions{}, nil, ""},
 		{"a volume without a recent snapshot", []Entry{vol(VolumeCreate, "old", days(30), nil), vol(VolumeSnapshot, "old", days(9), Params{ParamSnapshot: "s"})},

@@ -104,11 +104,18 @@ func (a *authorizer) Decide(c daemon.Caller, action string, o daemon.Object) (da
 	if l.noFile && d.By == policy.ByDefault {
 		reason += fmt.Sprintf(" (the daemon has no policy: %s does not exist; see --policy)", a.path)
 	}
-	return daemon.Decision{Allow: d.Allow, Reason: reason, Params: map[string]string{
+	params := map[string]string{
 		"rule":          decidedBy(d),
 		"subject_level": d.Clearance.String(),
 		"object_level":  d.Classification.String(),
-	}}, nil
+	}
+	if d.By == policy.ByRoot {
+		// Root is exempt from the levels and has no clearance: a level
+		// recorded for it would read as a cross-level attach in audit
+		// report.
+		delete(params, "subject_level")
+	}
+	return daemon.Decision{Allow: d.Allow, Reason: reason, Params: params}, nil
 }
 
 // decidedBy names what made a decision, shortly, for the audit record's

@@ -59,7 +59,7 @@ rules:
 		{"no read up", member, daemon.ActAttachRO, daemon.Object{Kind: "volume", Name: "secret-1"}, false, `level check "no read up"`, `level check "no read up"`, "internal", "secret"},
 		{"no write down", daemon.Caller{UID: 64201, GID: 64201}, daemon.ActAttachRW, daemon.Object{Kind: "volume", Name: "data"}, false, `level check "no write down"`, `level check "no write down"`, "confidential", "internal"},
 		{"default deny", daemon.Caller{UID: 64299, GID: 64299}, daemon.ActInspect, daemon.Object{Kind: "pod", Name: "web"}, false, "no rule allows it (default deny)", "default deny", "public", "internal"},
-		{"root", daemon.Caller{}, daemon.ActDelete, daemon.Object{Kind: "volume", Name: "secret-1"}, true, "root (uid 0) is allowed everything", "root", "public", "secret"},
+		{"root", daemon.Caller{}, daemon.ActDelete, daemon.Object{Kind: "volume", Name: "secret-1"}, true, "root (uid 0) is allowed everything", "root", "", "secret"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			d, err := a.Decide(tt.c, tt.action, tt.o)
