@@ -15,6 +15,17 @@ import (
 // included, 0.2 ms and 160 KiB, for a name wanted only when the sandbox
 // kills a VM process.
 const (
+	// unifiedNames are the calls from number 424 (pidfd_send_signal) on,
+	// which every architecture numbers alike; both tables end with them.
+	unifiedNames = "pidfd_send_signal io_uring_setup io_uring_enter io_uring_register " +
+		"open_tree move_mount fsopen fsconfig fsmount fspick pidfd_open clone3 " +
+		"close_range openat2 pidfd_getfd faccessat2 process_madvise epoll_pwait2 " +
+		"mount_setattr quotactl_fd landlock_create_ruleset landlock_add_rule " +
+		"landlock_restrict_self memfd_secret process_mrelease futex_waitv " +
+		"set_mempolicy_home_node cachestat fchmodat2 map_shadow_stack futex_wake " +
+		"futex_wait futex_requeue statmount listmount lsm_get_self_attr " +
+		"lsm_set_self_attr lsm_list_modules mseal setxattrat getxattrat " +
+		"listxattrat removexattrat open_tree_attr "
 	x86_64Names = "read write open close stat fstat lstat poll lseek mmap mprotect munmap " +
 		"brk rt_sigaction rt_sigprocmask rt_sigreturn ioctl pread64 pwrite64 " +
 		"readv writev access pipe select sched_yield mremap msync mincore " +
@@ -67,15 +78,7 @@ const (
 		"statx io_pgetevents rseq uretprobe - - - - - - - - - - - - - - - - - - " +
 		"- - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - " +
 		"- - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - " +
-		"pidfd_send_signal io_uring_setup io_uring_enter io_uring_register " +
-		"open_tree move_mount fsopen fsconfig fsmount fspick pidfd_open clone3 " +
-		"close_range openat2 pidfd_getfd faccessat2 process_madvise epoll_pwait2 " +
-		"mount_setattr quotactl_fd landlock_create_ruleset landlock_add_rule " +
-		"landlock_restrict_self memfd_secret process_mrelease futex_waitv " +
-		"set_mempolicy_home_node cachestat fchmodat2 map_shadow_stack futex_wake " +
-		"futex_wait futex_requeue statmount listmount lsm_get_self_attr " +
-		"lsm_set_self_attr lsm_list_modules mseal setxattrat getxattrat " +
-		"listxattrat removexattrat open_tree_attr "
+		unifiedNames
 	i386Names = "restart_syscall exit fork read write open close waitpid creat link " +
 		"unlink execve chdir time mknod chmod lchown break oldstat lseek getpid " +
 		"mount umount setuid getuid stime ptrace alarm oldfstat pause utime stty " +
@@ -138,15 +141,7 @@ const (
 		"pselect6_time64 ppoll_time64 - io_pgetevents_time64 recvmmsg_time64 " +
 		"mq_timedsend_time64 mq_timedreceive_time64 semtimedop_time64 " +
 		"rt_sigtimedwait_time64 futex_time64 sched_rr_get_interval_time64 " +
-		"pidfd_send_signal io_uring_setup io_uring_enter io_uring_register " +
-		"open_tree move_mount fsopen fsconfig fsmount fspick pidfd_open clone3 " +
-		"close_range openat2 pidfd_getfd faccessat2 process_madvise epoll_pwait2 " +
-		"mount_setattr quotactl_fd landlock_create_ruleset landlock_add_rule " +
-		"landlock_restrict_self memfd_secret process_mrelease futex_waitv " +
-		"set_mempolicy_home_node cachestat fchmodat2 map_shadow_stack futex_wake " +
-		"futex_wait futex_requeue statmount listmount lsm_get_self_attr " +
-		"lsm_set_self_attr lsm_list_modules mseal setxattrat getxattrat " +
-		"listxattrat removexattrat open_tree_attr "
+		unifiedNames
 )
 
 var names = sync.OnceValue(func() map[uint32][]string {
