@@ -127,10 +127,25 @@ func StopEmbedded(stateDir string) (bool, error) {
 	if err := unix.PidfdSendSignal(fd, unix.SIGTERM, nil, 0); err != nil {
 		return false, fmt.Errorf("stop embedded etcd (pid %d): %w", pid, err)
 	}
-	if _, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 10000); err != nil {
-		return true, err
+	// poll is never restarted after a signal, and the Go runtime signals
+	// its threads (SIGURG preemption): wait out the 10 s across EINTRs.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ms := int(time.Until(deadline).Milliseconds())
+		if ms < 0 {
+			ms = 0
+		}
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, ms)
+		switch {
+		case err == unix.EINTR && ms > 0:
+			continue
+		case err != nil:
+			return true, fmt.Errorf("wait for embedded etcd (pid %d) to stop: %w", pid, err)
+		case n == 0:
+			return true, fmt.Errorf("embedded etcd (pid %d) still running 10 s after SIGTERM", pid)
+		}
+		return true, nil
 	}
-	return true, nil
 }
 
 // embeddedRunning reports whether a process holds the embedded etcd's

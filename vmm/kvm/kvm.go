@@ -128,7 +128,17 @@ func (s *System) CreateVM() (*VM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("KVM_GET_VCPU_MMAP_SIZE: %w", err)
 	}
-	fd, err := gokvm.CreateVM(s.fd())
+	// The kernel gives up creating a VM with EINTR when a signal is
+	// pending while it takes the locks of every mapping (mm_take_all_locks,
+	// under mmu_notifier_register), and the Go runtime signals its threads
+	// all the time (SIGURG preemption). QEMU retries too.
+	var fd uintptr
+	for {
+		fd, err = gokvm.CreateVM(s.fd())
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("KVM_CREATE_VM: %w", err)
 	}
