@@ -122,9 +122,14 @@ func TestTAPPingsHost(t *testing.T) {
 }
 
 // TestTxRateLimit sends as fast as a guest can through the mock queue to a
-// TAP and counts the bytes arriving at a peer TAP on the same bridge: with
-// a 1 MB/s transmit limit and no burst, a 1 s window of the steady state
-// carries 0.9-1.1 MB; without a limit, far more.
+// TAP and counts the bytes arriving at a peer TAP on the same bridge. With
+// a 1 MB/s transmit limit (a 1 MB bucket refilled in 1 s, starting full),
+// more than the first bucket gets through (the bucket refills), yet never
+// more than the bucket allows: 1 MB plus 1 MB for every second since the
+// guest began. That bound holds however slowly the machine runs, as load
+// only makes the elapsed time, and so the bound, larger. Without a limit
+// the same guest passes far more than the bound; that run only waits for
+// it, with a deadline, and measures no rate.
 func TestTxRateLimit(t *testing.T) {
 	env := newTapEnv(t)
 	var got atomic.Int64
@@ -140,34 +145,56 @@ func TestTxRateLimit(t *testing.T) {
 			}
 		}
 	}()
-	frame := ethFrame(1000, 0)
+	const size, frameLen = 1_000_000, 1000 // bucket bytes (refilled per second), frame bytes
+	frame := ethFrame(frameLen, 0)
 	copy(frame[6:], env.dev.MAC)
-	rate := func(lim *ratelimit.Limiter, skip int64) float64 {
+	// allowed is what the bucket lets through in el: the full bucket,
+	// what it earned since, and one frame for rounding.
+	allowed := func(el time.Duration) int64 { return size + int64(el.Seconds()*size) + frameLen }
+	// run feeds the device until done says so and returns the bytes the
+	// peer saw, the time since just before the first frame could pass
+	// (read after the bytes, so never shorter than their interval), and
+	// the device's metrics.
+	run := func(lim *ratelimit.Limiter, what string, done func(n int64, el time.Duration) bool) (int64, time.Duration, Snapshot) {
 		h := newHarness(t, Config{Port: noClose{env.dev.Port()}, MAC: env.dev.MAC, TX: lim}, true)
 		stop := make(chan struct{})
-		done := make(chan struct{})
-		base := got.Load()
-		go func() { defer close(done); h.feedTx(frame, math.MaxInt, stop) }()
-		eventually(t, "the initial bucket drained", func() bool { return got.Load()-base >= skip })
-		before, start := got.Load(), time.Now()
-		time.Sleep(time.Second)
-		n, el := got.Load()-before, time.Since(start)
+		fed := make(chan struct{})
+		base, start := got.Load(), time.Now()
+		go func() { defer close(fed); h.feedTx(frame, math.MaxInt, stop) }()
+		var n int64
+		var el time.Duration
+		eventually(t, what, func() bool {
+			n = got.Load() - base
+			el = time.Since(start)
+			return done(n, el)
+		})
 		close(stop)
-		<-done
+		<-fed
+		s := h.dev.Metrics().Snapshot()
 		h.dev.Close()
-		return float64(n) / el.Seconds()
+		return n, el, s
 	}
-	lim, err := ratelimit.New(ratelimit.Config{Bandwidth: ratelimit.BucketConfig{Size: 1_000_000, RefillTimeMs: 1000}})
+	lim, err := ratelimit.New(ratelimit.Config{Bandwidth: ratelimit.BucketConfig{Size: size, RefillTimeMs: 1000}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	limited := rate(lim, 1_200_000) // the bucket starts full: skip its 1 MB
-	unlimited := rate(nil, 1_200_000)
-	t.Logf("limited %.0f B/s, unlimited %.0f B/s (%.1fx)", limited, unlimited, unlimited/limited)
-	if limited < 0.9e6 || limited > 1.1e6 {
-		t.Fatalf("1 MB/s limit passed %.0f bytes in 1 s", limited)
+	var refilled time.Duration
+	n, el, s := run(lim, "1.2 MB through a 1 MB bucket, and 1 s more", func(n int64, el time.Duration) bool {
+		if refilled == 0 && n >= 1_200_000 {
+			refilled = el
+		}
+		return refilled != 0 && el >= refilled+time.Second
+	})
+	t.Logf("limited: %d bytes in %v (the bucket allows %d), throttled %v", n, el, allowed(el), time.Duration(s.TxThrottledNs))
+	if n > allowed(el) {
+		t.Fatalf("a 1 MB/s limit passed %d bytes in %v; its bucket allows at most %d", n, el, allowed(el))
 	}
-	if unlimited < 5*limited {
-		t.Fatalf("unlimited run passed %.0f B/s, not far more than the limited %.0f B/s", unlimited, limited)
+	if s.TxThrottledNs == 0 {
+		t.Fatalf("the limited device never waited for its limiter (metrics %+v)", s)
+	}
+	n, el, s = run(nil, "the unlimited device to pass twice what the limit allows", func(n int64, el time.Duration) bool { return n > 2*allowed(el) })
+	t.Logf("unlimited: %d bytes in %v", n, el)
+	if s.TxThrottledNs != 0 {
+		t.Fatalf("the unlimited device waited %v for a limiter", time.Duration(s.TxThrottledNs))
 	}
 }
