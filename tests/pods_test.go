@@ -841,10 +841,7 @@ func TestPodSocketGroup(t *testing.T) {
 // the daemon records a critical vm.sandbox-kill.
 func TestPodSandboxKill(t *testing.T) {
 	t.Parallel()
-	d := newPodDaemon(t, "")
-	d.bin = seccaptestRayvmm(t)
-	d.env = []string{forbidden.Env + "=execve"}
-	d.start(t)
+	d := startSeccaptestDaemon(t, "execve")
 	d.apply(t, `apiVersion: rayvmm/v1
 kind: Pod
 metadata: {name: jailbreak}
@@ -873,6 +870,88 @@ spec:
 	if !found {
 		t.Error("no vm.sandbox-kill record")
 	}
+}
+
+// TestPodSandboxKillAdopted: the sandbox's report outlives the daemon
+// that launched the VM. Two pods' VMs make a forbidden call (execve) when
+// they get SIGUSR2. The daemon is killed with SIGKILL; one VM is signalled
+// while no daemon runs, the other once a new daemon has re-adopted it.
+// Neither is the new daemon's child, so it has no wait status for them,
+// yet both end as killed by the sandbox naming the call, each with its
+// critical vm.sandbox-kill record.
+func TestPodSandboxKillAdopted(t *testing.T) {
+	t.Parallel()
+	d := startSeccaptestDaemon(t, "execve@sigusr2")
+	pids := map[string]int{}
+	for _, name := range []string{"away", "adopted"} {
+		d.apply(t, fmt.Sprintf(`apiVersion: rayvmm/v1
+kind: Pod
+metadata: {name: %s}
+spec:
+  restartPolicy: Never
+  vms: [{name: vm, cmdline: rayguest.run=echo, memory: 16M}]
+`, name))
+		i := d.waitFor(t, name, "VM running", func(i *pods.Info) bool {
+			v := i.Status.VMs[0]
+			return v.State.Running != nil && v.PID > 0
+		})
+		pids[name] = i.Status.VMs[0].PID
+	}
+	const line = "VM process killed by the sandbox (SIGSYS): syscall 59 (execve)"
+	sandboxKilled := func(i *pods.Info) bool {
+		term := vmStatus(t, i, "vm").State.Terminated
+		return i.Status.Phase == pods.Failed && term != nil && term.Message == line && term.ExitCode != nil && *term.ExitCode == 128+int(syscall.SIGSYS)
+	}
+
+	d.kill9(t)
+	syscall.Kill(pids["away"], syscall.SIGUSR2)
+	deadline := time.Now().Add(podWait)
+	for alive(pids["away"]) {
+		if time.Now().After(deadline) {
+			t.Fatalf("VM process %d still runs %v after SIGUSR2 asked it for execve", pids["away"], podWait)
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the process to end
+	}
+	d.start(t)
+	i := d.waitFor(t, "away", "the sandbox kill while the daemon was down", func(i *pods.Info) bool { return i.Status.Phase == pods.Failed })
+	if !sandboxKilled(i) {
+		t.Errorf("pod away: %+v, want Failed with %q, exit code 159", vmStatus(t, i, "vm").State.Terminated, line)
+	}
+	d.waitFor(t, "adopted", "the VM's Adopted event", func(*pods.Info) bool {
+		return slices.ContainsFunc(d.events(t, "adopted"), func(e pods.Event) bool { return e.Reason == "Adopted" })
+	})
+	syscall.Kill(pids["adopted"], syscall.SIGUSR2)
+	i = d.waitFor(t, "adopted", "the sandbox kill after adoption", func(i *pods.Info) bool { return i.Status.Phase == pods.Failed })
+	if !sandboxKilled(i) {
+		t.Errorf("pod adopted: %+v, want Failed with %q, exit code 159", vmStatus(t, i, "vm").State.Terminated, line)
+	}
+
+	// Stopping the daemon waits for its records.
+	d.proc.cmd.Process.Signal(syscall.SIGTERM)
+	d.proc.exited(t, "SIGTERM", time.Minute)
+	found := map[string]bool{}
+	for _, r := range auditRecords(t, d.h.state) {
+		if r.Action == audit.VMSandboxKill {
+			found[r.Object.Name] = true
+			if r.Level != audit.Critical || r.Result != line {
+				t.Errorf("vm.sandbox-kill record: %+v", r)
+			}
+		}
+	}
+	if !found["away.vm"] || !found["adopted.vm"] {
+		t.Errorf("vm.sandbox-kill records for %v, want away.vm and adopted.vm", found)
+	}
+}
+
+// startSeccaptestDaemon starts a daemon whose VM processes are a
+// seccaptest build asked for the forbidden call request (forbidden.Env).
+func startSeccaptestDaemon(t *testing.T, request string) *podDaemon {
+	t.Helper()
+	d := newPodDaemon(t, "")
+	d.bin = seccaptestRayvmm(t)
+	d.env = []string{forbidden.Env + "=" + request}
+	d.start(t)
+	return d
 }
 
 // userCLI copies the CLI where other users may run it, into a directory

@@ -314,6 +314,13 @@ func (d *Daemon) prevLogPath(pod, vm string) string {
 	return filepath.Join(d.podDir, pod, vm+".previous.log")
 }
 func (d *Daemon) exitPath(pod, vm string) string { return filepath.Join(d.podDir, pod, vm+".exit") }
+
+// reportPath is where a VM process's sandbox reports the call it refused
+// (strict mode), kept beside its outcome file for a daemon that re-adopts
+// it.
+func (d *Daemon) reportPath(pod, vm string) string {
+	return filepath.Join(d.podDir, pod, vm+".sandbox")
+}
 func (d *Daemon) apiSocket(uid string, i int) string {
 	return filepath.Join(d.runDir, fmt.Sprintf("%s-%d.api", uid, i))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"slices"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 	"github.com/rayvmm/rayvmm/network"
 	"github.com/rayvmm/rayvmm/pods"
 	"github.com/rayvmm/rayvmm/pods/cgroup"
+	"github.com/rayvmm/rayvmm/seccap/report"
 	"github.com/rayvmm/rayvmm/spec"
 	"github.com/rayvmm/rayvmm/storage/volume"
 	"github.com/rayvmm/rayvmm/vmproc"
@@ -405,7 +407,14 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		return nil, fmt.Errorf("outcome file: %w", oerr)
 	}
 	defer outf.Close()
-	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log, OutcomeFile: outf})
+	// So is the sandbox's report (strict mode makes it anew); a run in
+	// another mode must not leave an earlier run's report to be read.
+	reportPath := d.reportPath(pod, name)
+	if err := os.Remove(reportPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		<-cgc
+		return nil, fmt.Errorf("sandbox report file: %w", err)
+	}
+	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log, OutcomeFile: outf, SandboxReport: reportPath})
 	cg := <-cgc
 	if cg.err == nil {
 		defer func() {
@@ -670,6 +679,7 @@ func (d *Daemon) endedAway(v *vm) bool {
 	}
 	pod := v.p.name()
 	d.mu.Unlock()
+	var sandboxKill error
 	if rec := readOutcome(d.exitPath(pod, v.spec.Name)); rec != nil {
 		code := rec.Status
 		t.ExitCode, t.Message = &code, rec.Reason
@@ -677,6 +687,10 @@ func (d *Daemon) endedAway(v *vm) bool {
 		if code != 0 {
 			t.Reason = pods.ReasonError
 		}
+	} else if k := report.ReadFile(d.reportPath(pod, v.spec.Name)); k != nil {
+		sandboxKilled(&t, k)
+		t.Reason = pods.ReasonError
+		sandboxKill = k
 	} else {
 		t.Reason = pods.ReasonUnknown
 		t.Message = "the VM process ended while the daemon was down and left no outcome (killed by SIGKILL?): its status is lost"
@@ -688,7 +702,7 @@ func (d *Daemon) endedAway(v *vm) bool {
 		}
 		g.Delete()
 	}
-	d.audit(context.Background(), endEntries(pod, eff.Name, &t, nil, control.AttachEntries(eff.Name, eff, nil))...)
+	d.audit(context.Background(), endEntries(pod, eff.Name, &t, sandboxKill, control.AttachEntries(eff.Name, eff, nil))...)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v.p.event(v.spec.Name, pods.Warning, "ExitedWhileAway", "VM %s ended while the daemon was down: %s", v.spec.Name, describe(&t))
@@ -696,7 +710,8 @@ func (d *Daemon) endedAway(v *vm) bool {
 }
 
 // exitState is how a run ended: from the wait status for the daemon's
-// own child, else from the outcome file; its reason is the message.
+// own child, else from the outcome file or the sandbox's report file;
+// its reason is the message.
 func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 	t := pods.Terminated{StartedAt: in.started, FinishedAt: time.Now().UTC()}
 	rec := readOutcome(d.exitPath(v.p.name(), v.spec.Name))
@@ -721,6 +736,13 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 	case rec != nil:
 		code := rec.Status
 		t.ExitCode = &code
+	default:
+		// Not this daemon's child (it re-adopted the VM process) and no
+		// outcome: the sandbox's report file tells whether it killed it.
+		if k := report.ReadFile(d.reportPath(v.p.name(), v.spec.Name)); k != nil {
+			sandboxKilled(&t, k)
+			in.sandboxKill = k
+		}
 	}
 	if rec != nil && rec.Reason != "" && t.Message == "" {
 		t.Message = rec.Reason
@@ -740,6 +762,13 @@ func (d *Daemon) exitState(v *vm, in *instance) pods.Terminated {
 		}
 	}
 	return t
+}
+
+// sandboxKilled fills in a run the sandbox ended, known from its report
+// file rather than a wait status: death by SIGSYS, as the handler dies.
+func sandboxKilled(t *pods.Terminated, k *report.KilledError) {
+	code := 128 + int(syscall.SIGSYS)
+	t.ExitCode, t.Signal, t.Message = &code, int(syscall.SIGSYS), k.Error()
 }
 
 // readOutcome reads the outcome a VM process wrote to its file as it

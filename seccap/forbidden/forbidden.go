@@ -62,13 +62,22 @@ func Try(name string) error {
 // is applied, CALL@vcpu on vCPU 0's thread right before its first
 // KVM_RUN (where the vCPU filter is on too), and CALL@repeat every 100 ms
 // on an ordinary goroutine while the VM runs on (for log mode, whose
-// kernel log records are rate limited: the test waits until it sees one).
+// kernel log records are rate limited: the test waits until it sees one),
+// and CALL@sigusr2 on an ordinary goroutine once the VM process receives
+// SIGUSR2 (for a test that must first do something else, such as restart
+// the daemon that supervises the VM).
 const Env = "RAYVMM_SECCAPTEST_TRY"
 
 // Requested reads Env: the call, and whether a vCPU thread makes it.
 func Requested() (call string, onVCPU, ok bool) {
 	call, where, ok := request()
-	return call, where == "vcpu", ok && where != "repeat"
+	return call, where == "vcpu", ok && where != "repeat" && where != "sigusr2"
+}
+
+// Signalled reads Env: the call to make on SIGUSR2, if that is asked.
+func Signalled() (call string, ok bool) {
+	call, where, ok := request()
+	return call, ok && where == "sigusr2"
 }
 
 // Repeated reads Env: the call to make again and again, if that is asked.

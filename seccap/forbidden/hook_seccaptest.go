@@ -5,6 +5,8 @@ package forbidden
 import (
 	"fmt"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 )
 
@@ -16,10 +18,19 @@ const Enabled = true
 // applied: it makes the call Env asks for, unless it is for a vCPU
 // thread. A call that returns (refused with an error, as landlock does,
 // or allowed) ends the process with status 3 and one line saying so. A
-// call asked for with @repeat is made every 100 ms while the VM runs on.
+// call asked for with @repeat is made every 100 ms while the VM runs on,
+// one asked for with @sigusr2 when the process receives SIGUSR2.
 func AfterSandbox() {
 	if call, onVCPU, ok := Requested(); ok && !onVCPU {
 		returned(call, Try(call))
+	}
+	if call, ok := Signalled(); ok {
+		c := make(chan os.Signal, 1)
+		signal.Notify(c, syscall.SIGUSR2)
+		go func() {
+			<-c
+			returned(call, Try(call))
+		}()
 	}
 	if call, ok := Repeated(); ok {
 		go func() {

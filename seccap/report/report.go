@@ -22,7 +22,7 @@ import (
 )
 
 // Pipe carries strict mode's report of a refused call from the VM process
-// to the control plane. The control plane makes one per VM process, hands
+// to the control plane: a pipe (NewPipe), or a file (NewFile). The control plane makes one per VM process, hands
 // Writer over (its descriptor number there is seccap.Config.ReportFD),
 // calls Launched once the process runs, and Explain once it has exited.
 type Pipe struct {
@@ -43,6 +43,37 @@ func NewPipe() (*Pipe, error) {
 		return nil, fmt.Errorf("sandbox report pipe: %w", err)
 	}
 	return &Pipe{r: r, w: w}, nil
+}
+
+// NewFile makes the report a file at path (created, or truncated, with
+// mode 0600) instead of a pipe, for a VM process that may outlive its
+// control plane: a later one, such as a pods daemon that re-adopted the
+// VM process and so has no wait status, reads it with ReadFile. The
+// handler's write to a regular file cannot block either.
+func NewFile(path string) (*Pipe, error) {
+	w, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox report file: %w", err)
+	}
+	r, err := os.Open(path)
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("sandbox report file: %w", err)
+	}
+	return &Pipe{r: r, w: w}, nil
+}
+
+// ReadFile reads the report file at path (see NewFile) of a VM process
+// that is gone, for a control plane that has no wait status for it: a
+// *KilledError naming the refused call when the sandbox's handler wrote
+// its record (the handler writes it only on its way to death by SIGSYS),
+// else nil.
+func ReadFile(path string) *KilledError {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) < recordSize {
+		return nil
+	}
+	return killedError(b[:recordSize])
 }
 
 // Writer is the end to hand to the VM process.

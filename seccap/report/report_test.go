@@ -3,6 +3,7 @@ package report
 import (
 	"encoding/binary"
 	"errors"
+	"path/filepath"
 	"testing"
 
 	"github.com/elastic/go-seccomp-bpf/arch"
@@ -44,5 +45,42 @@ func TestNames(t *testing.T) {
 		if got := SyscallName(uint32(a.ID), 100000); got != "" {
 			t.Errorf("%s syscall 100000: %q", a.Name, got)
 		}
+	}
+}
+
+// TestFile: a report file is read back by a later reader that has no wait
+// status (ReadFile), and a new report file forgets an earlier run's record.
+func TestFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vm.sandbox")
+	p, err := NewFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := ReadFile(path); k != nil {
+		t.Fatalf("empty report file read as %v", k)
+	}
+	rec := make([]byte, recordSize)
+	binary.LittleEndian.PutUint32(rec, 59)
+	binary.LittleEndian.PutUint32(rec[4:], 0xc000003e)
+	if _, err := p.Writer().Write(rec); err != nil { // as the handler does
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	const want = "VM process killed by the sandbox (SIGSYS): syscall 59 (execve)"
+	if k := ReadFile(path); k == nil || k.Error() != want {
+		t.Fatalf("ReadFile = %v, want %q", k, want)
+	}
+	if k := ReadFile(path + ".missing"); k != nil {
+		t.Fatalf("missing report file read as %v", k)
+	}
+	p, err = NewFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if k := ReadFile(path); k != nil {
+		t.Fatalf("a new report file kept the earlier record: %v", k)
 	}
 }

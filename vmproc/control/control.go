@@ -47,6 +47,11 @@ type Options struct {
 	// whose outcome must outlive its launcher (the pods daemon reads it
 	// back from the path, also after a restart). The caller keeps it.
 	OutcomeFile *os.File
+	// SandboxReport, if set, is the path of the file strict mode's SIGSYS
+	// report goes to instead of a pipe (report.NewFile), for the same
+	// reason: a daemon that re-adopted the VM process reads it with
+	// report.ReadFile to name the call the sandbox refused.
+	SandboxReport string
 }
 
 // ShardedVolumes attaches sharded volumes for VM processes: rayvmm starts
@@ -153,7 +158,7 @@ func Open(ctx context.Context, s *spec.VM, o Options) (_ *Resources, err error) 
 			return nil, fmt.Errorf("vsock.uds: %w", err)
 		}
 	}
-	if err := r.openSandbox(eff); err != nil {
+	if err := r.openSandbox(eff, o.SandboxReport); err != nil {
 		return nil, err
 	}
 	if eff.MetricsFile != "" {

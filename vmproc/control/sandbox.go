@@ -27,7 +27,9 @@ var ErrSandbox = errors.New("sandbox")
 // the SIGSYS report pipe of strict mode (its write end handed over), the
 // directory of the vsock device's <uds>_<PORT> sockets as the one place it
 // may connect to, and the jail (made here, removed once the VM is gone).
-func (r *Resources) openSandbox(eff *spec.VM) error {
+// reportPath, if set, is the file the SIGSYS report goes to instead of a
+// pipe (Options.SandboxReport).
+func (r *Resources) openSandbox(eff *spec.VM, reportPath string) error {
 	mode := SandboxMode(eff)
 	eff.Sandbox.Mode = string(mode)
 	if mode == seccap.ModeOff {
@@ -45,7 +47,11 @@ func (r *Resources) openSandbox(eff *spec.VM) error {
 		binds = append(binds, seccap.Bind{Path: dir, ReadOnly: true})
 	}
 	if mode == seccap.ModeStrict {
-		rp, err := report.NewPipe()
+		newReport := report.NewPipe
+		if reportPath != "" {
+			newReport = func() (*report.Pipe, error) { return report.NewFile(reportPath) }
+		}
+		rp, err := newReport()
 		if err != nil {
 			return err
 		}
