@@ -1008,6 +1008,7 @@ func asUser(t *testing.T, cli, sock, uid string, groups []string, stdin string, 
 func TestPodPolicy(t *testing.T) {
 	t.Parallel()
 	requireTool(t, "setpriv")
+	requireTool(t, "curl")
 	const (
 		alice    = "64401" // confidential through group 64410
 		bob      = "64402" // internal
@@ -1131,6 +1132,28 @@ spec:
 	}
 	if r := as(stranger, []string{sockGrp}, "", "inspect", "a-ok"); r.code == 0 || !strings.Contains(r.stderr, "default deny") {
 		t.Errorf("inspect by a stranger: exit %d %s%s", r.code, r.stdout, r.stderr)
+	}
+	// So does /metrics: the samples of a pod only to a caller who may
+	// inspect it; what names no pod (pods by phase) to everyone.
+	metricsAs := func(uid string) string {
+		t.Helper()
+		r := runCommand(t, nil, podWait, func(ctx context.Context) *exec.Cmd {
+			return exec.CommandContext(ctx, "setpriv", "--reuid", uid, "--regid", uid, "--groups", sockGrp,
+				"curl", "-sS", "--fail", "--unix-socket", sock, "http://rayvmm/metrics")
+		})
+		if r.code != 0 || !strings.Contains(r.stdout, `rayvmm_pods{phase="Running"} 2`) {
+			t.Fatalf("GET /metrics as uid %s: exit %d, no pods by phase:\n%s%s", uid, r.code, r.stdout, r.stderr)
+		}
+		return r.stdout
+	}
+	for _, pod := range []string{"a-ok", "b-ok"} {
+		sample := `rayvmm_pod_vm_restarts_total{pod="` + pod + `",vm="vm"} 0`
+		if out := metricsAs(bob); !strings.Contains(out, sample) {
+			t.Errorf("/metrics for bob lacks %s:\n%s", sample, out)
+		}
+		if out := metricsAs(stranger); strings.Contains(out, `pod="`+pod+`"`) {
+			t.Errorf("/metrics for a stranger shows pod %s:\n%s", pod, out)
+		}
 	}
 
 	// SIGHUP: without the deny rule, bob may remove his pod.

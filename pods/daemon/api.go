@@ -31,7 +31,7 @@ import (
 //	GET    /v1/pods/{name}/wait          until ?for=Ready|Running|Ended|Removed (?timeout=)
 //	POST   /v1/pods/{name}/stop          stop every VM (?grace=SECONDS)
 //	DELETE /v1/pods/{name}               remove (?force=1 stops it first; ?grace=SECONDS)
-//	GET    /metrics                      Prometheus
+//	GET    /metrics                      Prometheus (the pods the caller may inspect)
 //	GET    /v1/version
 //
 // Errors are {"message": "...", "field": "..."} with 400 (a bad spec or
@@ -48,7 +48,7 @@ func (d *Daemon) handler() http.Handler {
 	mux.HandleFunc("GET /v1/pods/{name}/wait", d.handleWait)
 	mux.HandleFunc("POST /v1/pods/{name}/stop", d.onPod(ActRun, d.handleStop))
 	mux.HandleFunc("DELETE /v1/pods/{name}", d.onPod(ActDelete, d.handleRm))
-	mux.Handle("GET /metrics", d.metrics.handler())
+	mux.HandleFunc("GET /metrics", d.handleMetrics)
 	mux.HandleFunc("GET /v1/version", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"version": d.cfg.Version, "stateDir": d.st.Dir()})
 	})
@@ -464,6 +464,34 @@ func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 	}
 	d.mu.Unlock()
 	writeJSON(w, http.StatusOK, out)
+}
+
+// handleMetrics serves the Prometheus metrics the caller may see: the
+// samples of the pods it may inspect (each an inspect decision, recorded
+// as for a pod list) and those that name no pod.
+func (d *Daemon) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	d.mu.Lock()
+	var names []string
+	var reqs []request
+	for _, p := range d.pods {
+		names = append(names, p.name())
+		reqs = append(reqs, request{ActInspect, Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}})
+	}
+	d.mu.Unlock()
+	sort.Slice(reqs, func(i, j int) bool { return reqs[i].o.Name < reqs[j].o.Name })
+	sort.Strings(names)
+	denied, err := d.decideAll(r.Context(), reqs)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	visible := map[string]bool{}
+	for i, name := range names {
+		if denied[i] == nil {
+			visible[name] = true
+		}
+	}
+	d.metrics.handler(visible).ServeHTTP(w, r)
 }
 
 func (d *Daemon) handleGet(w http.ResponseWriter, r *http.Request, p *pod) {

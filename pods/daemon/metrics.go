@@ -33,6 +33,11 @@ import (
 //	                                                 its API's GET /metrics
 //
 // and the Go and process collectors of the daemon itself.
+//
+// A caller sees a sample labelled with a pod only when the access policy
+// lets it inspect that pod, as `pod ps` lists only those pods (see
+// handleMetrics); the samples without a pod label (pods by phase, the
+// daemon's own) are for every caller the socket lets in.
 
 type metrics struct {
 	d      *Daemon
@@ -68,8 +73,37 @@ func (m *metrics) probed(pod, vm, kind string, ok bool) {
 	m.probes.WithLabelValues(pod, vm, kind, result).Inc()
 }
 
-func (m *metrics) handler() http.Handler {
-	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+// handler serves the samples whose pod label, if they have one, names a
+// pod in visible.
+func (m *metrics) handler(visible map[string]bool) http.Handler {
+	g := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		mfs, err := m.reg.Gather() // built anew for each call: ours to change
+		out := mfs[:0]
+		for _, mf := range mfs {
+			kept := mf.Metric[:0]
+			for _, s := range mf.Metric {
+				if pod, ok := podLabel(s); !ok || visible[pod] {
+					kept = append(kept, s)
+				}
+			}
+			if len(kept) > 0 {
+				mf.Metric = kept
+				out = append(out, mf)
+			}
+		}
+		return out, err
+	})
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+// podLabel is a sample's pod label, if it has one.
+func podLabel(s *dto.Metric) (string, bool) {
+	for _, l := range s.GetLabel() {
+		if l.GetName() == "pod" {
+			return l.GetValue(), true
+		}
+	}
+	return "", false
 }
 
 // Describe is empty: the VM metrics scraped from the VMs are only known
