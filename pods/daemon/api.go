@@ -471,24 +471,21 @@ func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 // as for a pod list) and those that name no pod.
 func (d *Daemon) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	d.mu.Lock()
-	var names []string
 	var reqs []request
 	for _, p := range d.pods {
-		names = append(names, p.name())
 		reqs = append(reqs, request{ActInspect, Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}})
 	}
 	d.mu.Unlock()
 	sort.Slice(reqs, func(i, j int) bool { return reqs[i].o.Name < reqs[j].o.Name })
-	sort.Strings(names)
 	denied, err := d.decideAll(r.Context(), reqs)
 	if err != nil {
 		fail(w, err)
 		return
 	}
 	visible := map[string]bool{}
-	for i, name := range names {
+	for i, rq := range reqs {
 		if denied[i] == nil {
-			visible[name] = true
+			visible[rq.o.Name] = true
 		}
 	}
 	d.metrics.handler(visible).ServeHTTP(w, r)

@@ -22,9 +22,10 @@ import (
 )
 
 // Pipe carries strict mode's report of a refused call from the VM process
-// to the control plane: a pipe (NewPipe), or a file (NewFile). The control plane makes one per VM process, hands
-// Writer over (its descriptor number there is seccap.Config.ReportFD),
-// calls Launched once the process runs, and Explain once it has exited.
+// to the control plane: a pipe (NewPipe), or a file (NewFile). The
+// control plane makes one per VM process, hands Writer over (its
+// descriptor number there is seccap.Config.ReportFD), calls Launched once
+// the process runs, and Explain once it has exited.
 type Pipe struct {
 	r, w *os.File
 }

@@ -129,9 +129,9 @@ func (s *System) CreateVM() (*VM, error) {
 		return nil, fmt.Errorf("KVM_GET_VCPU_MMAP_SIZE: %w", err)
 	}
 	// The kernel gives up creating a VM with EINTR when a signal is
-	// pending while it takes the locks of every mapping (mm_take_all_locks,
-	// under mmu_notifier_register), and the Go runtime signals its threads
-	// all the time (SIGURG preemption). QEMU retries too.
+	// pending while it sets the VM up (the call is not restarted), and the
+	// Go runtime signals its threads all the time (SIGURG preemption).
+	// QEMU retries too (see TestCreateVMUnderSignals).
 	var fd uintptr
 	for {
 		fd, err = gokvm.CreateVM(s.fd())
