@@ -246,7 +246,15 @@ func (p *pod) superviseVM(v *vm, adopt bool, gate <-chan struct{}) {
 func (v *vm) supervise(adopt bool, gate <-chan struct{}, sup chan struct{}) {
 	d := v.p.d
 	defer d.wg.Done()
-	defer close(sup)
+	// A supervisor that ends changes what the API answers (a pod whose
+	// supervisors all ended may have Ended): wake the waiters, or a wait
+	// that checked just before the close sleeps until its deadline.
+	defer func() {
+		d.mu.Lock()
+		close(sup)
+		d.notify()
+		d.mu.Unlock()
+	}()
 	if gate != nil {
 		select {
 		case <-gate:
