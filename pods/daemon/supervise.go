@@ -391,6 +391,20 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		v.launching = false
 		d.mu.Unlock()
 	}()
+	// The VM process reports how it ended in a file (not control's pipe),
+	// which outlives this daemon. So is the sandbox's report (strict mode
+	// makes it anew); a run in another mode must not leave an earlier
+	// run's report to be read. Both come before the cgroup, so that a
+	// failure here leaves no cgroup behind.
+	outf, oerr := os.OpenFile(d.exitPath(pod, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if oerr != nil {
+		return nil, fmt.Errorf("outcome file: %w", oerr)
+	}
+	defer outf.Close()
+	reportPath := d.reportPath(pod, name)
+	if err := os.Remove(reportPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("sandbox report file: %w", err)
+	}
 	// The cgroup is made while the resources are opened.
 	type made struct {
 		g   *cgroup.Group
@@ -407,21 +421,6 @@ func (d *Daemon) launch(v *vm) (_ *instance, err error) {
 		}
 		cgc <- m
 	}()
-	// The VM process reports how it ended in a file (not control's pipe),
-	// which outlives this daemon.
-	outf, oerr := os.OpenFile(d.exitPath(pod, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if oerr != nil {
-		<-cgc
-		return nil, fmt.Errorf("outcome file: %w", oerr)
-	}
-	defer outf.Close()
-	// So is the sandbox's report (strict mode makes it anew); a run in
-	// another mode must not leave an earlier run's report to be read.
-	reportPath := d.reportPath(pod, name)
-	if err := os.Remove(reportPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		<-cgc
-		return nil, fmt.Errorf("sandbox report file: %w", err)
-	}
 	res, err := control.Open(d.ctx, eff, control.Options{StateDir: d.st.Dir(), KVMDevice: d.cfg.KVMDevice, BuiltinKernel: d.cfg.Kernel, Log: d.log, OutcomeFile: outf, SandboxReport: reportPath})
 	cg := <-cgc
 	if cg.err == nil {
