@@ -436,20 +436,26 @@ func (d *Daemon) infoOf(p *pod) *pods.Info {
 // handleList lists the pods the caller may inspect. Each pod is a
 // decision of its own, and each decision is recorded: they are decided
 // together, so that the audit log commits their records at once.
-func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
+// inspectAll is every pod, by name, and the inspect request for each:
+// what a caller may see of the pods is decided pod by pod (a list,
+// /metrics).
+func (d *Daemon) inspectAll() ([]*pod, []request) {
 	d.mu.Lock()
-	var ps []*pod
+	defer d.mu.Unlock()
+	ps := make([]*pod, 0, len(d.pods))
 	for _, p := range d.pods {
 		ps = append(ps, p)
 	}
-	d.mu.Unlock()
 	sort.Slice(ps, func(i, j int) bool { return ps[i].name() < ps[j].name() })
 	reqs := make([]request, len(ps))
-	d.mu.Lock()
 	for i, p := range ps {
 		reqs[i] = request{ActInspect, Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}}
 	}
-	d.mu.Unlock()
+	return ps, reqs
+}
+
+func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
+	ps, reqs := d.inspectAll()
 	denied, err := d.decideAll(r.Context(), reqs)
 	if err != nil {
 		fail(w, err)
@@ -470,13 +476,7 @@ func (d *Daemon) handleList(w http.ResponseWriter, r *http.Request) {
 // samples of the pods it may inspect (each an inspect decision, recorded
 // as for a pod list) and those that name no pod.
 func (d *Daemon) handleMetrics(w http.ResponseWriter, r *http.Request) {
-	d.mu.Lock()
-	var reqs []request
-	for _, p := range d.pods {
-		reqs = append(reqs, request{ActInspect, Object{Kind: "pod", Name: p.name(), Labels: p.rec.Pod.Metadata.Labels}})
-	}
-	d.mu.Unlock()
-	sort.Slice(reqs, func(i, j int) bool { return reqs[i].o.Name < reqs[j].o.Name })
+	_, reqs := d.inspectAll()
 	denied, err := d.decideAll(r.Context(), reqs)
 	if err != nil {
 		fail(w, err)
